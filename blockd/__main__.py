@@ -1,0 +1,56 @@
+"""The ``blockd`` command: parse options, configure logging, run the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import ConfigError, parse_command_line
+from .daemon import Daemon, StartupError
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config = parse_command_line(args)
+    except ConfigError as err:
+        print(f"blockd: {err}", file=sys.stderr)
+        return 1
+    except SystemExit as done:  # --help / --version
+        return int(done.code or 0)
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper(), logging.INFO),
+        format="blockd: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    daemon = Daemon(config)
+    try:
+        asyncio.run(_run(daemon, config.default_used))
+    except StartupError as err:
+        print(f"blockd: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _run(daemon: Daemon, default_used: bool) -> None:
+    try:
+        await daemon.start()
+        for where in daemon.listening:
+            # Printed (not only logged) so a new user sees where to connect.
+            print(f"blockd: QMP listening on {where}", file=sys.stderr, flush=True)
+        if default_used:
+            print("blockd: running the embedded default configuration "
+                  "(see `blockd --help`)", file=sys.stderr, flush=True)
+        await daemon.serve()
+    finally:
+        await daemon.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The composition root: builds every part of the daemon and runs it until told to stop.
+
+Start-up applies the configuration in order (nodes, then devices), opens the
+QMP listeners, writes the pid file and tells systemd it is ready.  Shutdown
+(SIGTERM, SIGINT or QMP ``quit``) runs in the reverse order: stop accepting,
+close sessions, let in-flight I/O finish, close devices and nodes, remove
+sockets and the pid file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+from . import __version__, sdnotify
+from .config import DaemonConfig, OptionSpec
+from .errors import BlockdError
+from .events import EventBus
+from .qmp.commands import CommandContext, build_table
+from .qmp.dispatch import Dispatcher
+from .qmp.schema import SchemaError
+from .qmp.server import QmpServer
+from .registry import Registry
+
+__all__ = ["QEMU_VERSION", "Daemon", "StartupError", "version_info"]
+
+log = logging.getLogger(__name__)
+
+# The QEMU release whose QMP blockd speaks (clients check this).
+QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
+DRAIN_TIMEOUT = 30.0
+EXECUTOR_THREADS = 16
+
+
+class StartupError(Exception):
+    """The configuration could not be applied; the message is one line for the user."""
+
+
+def version_info() -> dict[str, object]:
+    """QEMU's VersionInfo as blockd reports it (greeting and query-version)."""
+    return {"qemu": dict(QEMU_VERSION), "package": f"blockd {__version__}"}
+
+
+class Daemon:
+    """One blockd instance."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.executor = ThreadPoolExecutor(EXECUTOR_THREADS, thread_name_prefix="blockd-io")
+        self.bus = EventBus()
+        self.registry = Registry(executor=self.executor, bus=self.bus)
+        self.table = build_table()
+        self.context = CommandContext(
+            registry=self.registry,
+            version=version_info(),
+            request_quit=self.request_stop,
+            command_names=self.table.names,
+        )
+        self.dispatcher = Dispatcher(self.table, self.context)
+        self.qmp: QmpServer | None = None
+        self.listening: list[str] = []
+        self._stop: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        """Apply the configuration and open the listeners; raise StartupError on failure."""
+        self._stop = asyncio.Event()
+        self.qmp = QmpServer(self.dispatcher, self.bus, version_info())
+        if self.config.nbd_server is not None or self.config.exports:
+            raise StartupError("--nbd-server and --export are not supported yet")
+        for spec in self.config.blockdevs:
+            await self._apply("blockdev-add", "--blockdev", spec)
+        for spec in self.config.devices:
+            await self._apply("device_add", "--device", spec)
+        for listener in self.config.qmp:
+            try:
+                if listener.path is not None:
+                    directory = os.path.dirname(listener.path)
+                    if directory:
+                        os.makedirs(directory, exist_ok=True)
+                    await self.qmp.listen_unix(
+                        listener.path, self.config.socket_mode, self.config.socket_group
+                    )
+                    self.listening.append(listener.path)
+                else:
+                    assert listener.host is not None and listener.port is not None
+                    port = await self.qmp.listen_tcp(listener.host, listener.port)
+                    self.listening.append(f"tcp:{listener.host}:{port}")
+            except (OSError, KeyError) as err:
+                where = listener.path or f"{listener.host}:{listener.port}"
+                raise StartupError(f"cannot listen for QMP on {where}: {err}") from None
+        if self.config.pidfile:
+            _write_pidfile(self.config.pidfile)
+
+    async def _apply(self, command: str, option: str, spec: OptionSpec) -> None:
+        cmd = self.table.get(command)
+        assert cmd is not None
+        try:
+            args = cmd.check_args(dict(spec.args), keyval=spec.from_keyval)
+            await cmd.handler(self.context, args)
+        except (SchemaError, BlockdError) as err:
+            raise StartupError(f"{option}: {err}") from None
+
+    def request_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def serve(self) -> None:
+        """Run until a signal or QMP ``quit``."""
+        assert self.qmp is not None and self._stop is not None
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop)
+        sdnotify.notify("READY=1")
+        # The quit handler's reply is queued before this wakes up, and closing
+        # the sessions flushes it.
+        await self._stop.wait()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+    async def shutdown(self) -> None:
+        """Close sessions, drain I/O, close devices and nodes, remove files."""
+        sdnotify.notify("STOPPING=1")
+        if self.qmp is not None:
+            await self.qmp.close()
+        await self._drain()
+        await self.registry.close_all()
+        self.executor.shutdown(wait=True)
+        if self.config.pidfile:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.pidfile)
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT
+        while any(d.stats.in_flight() for d in self.registry.devices.values()):
+            if loop.time() > deadline:
+                log.warning("giving up waiting for in-flight I/O")
+                return
+            await asyncio.sleep(0.01)
+
+
+def _write_pidfile(path: str) -> None:
+    """Write our pid atomically (the file appears only once we are ready)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)

@@ -1,0 +1,172 @@
+"""The BlockDriver interface: what every kind of backing must offer.
+
+This mirrors QEMU's ``BlockDriver`` (``block_int.h``) in Python form.  A driver
+class opens one backing and the resulting object is the driver state of a node
+(a BlockDriverState).  Every method is synchronous and may block: the device
+layer calls them from an executor thread, never from the event loop.  Drivers
+know nothing of asyncio, QMP or NBD; they raise :class:`OSError` (with the
+errno the kernel gave) or :class:`~blockd.errors.BlockdError`.
+
+Optional capabilities are separate protocols, checked with ``isinstance``:
+:class:`Removable` for drives with a tray and a medium lock, and
+:class:`Passthrough` for drivers that can send raw SCSI commands.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "BlockDriver",
+    "DriverClass",
+    "DriverInfo",
+    "NodeOptions",
+    "Passthrough",
+    "Removable",
+    "ScsiResult",
+    "TrayState",
+]
+
+Buffer = memoryview | bytearray | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NodeOptions:
+    """The options a driver is opened with (QEMU's BlockdevOptions, flattened).
+
+    Only the members that apply to a driver are looked at by it; the QMP layer
+    has already rejected members a driver does not declare.
+    """
+
+    driver: str
+    node_name: str
+    filename: str | None = None
+    read_only: bool = False
+    auto_read_only: bool = False
+    cache_direct: bool = False
+    cache_no_flush: bool = False
+    discard: Literal["ignore", "unmap"] = "ignore"
+    detect_zeroes: Literal["off", "on", "unmap"] = "off"
+    aio: Literal["threads", "native", "io_uring"] = "threads"
+    locking: Literal["auto", "on", "off"] = "auto"
+    force_share: bool = False
+    # null-co
+    size: int = 1 << 30
+    read_zeroes: bool = False
+    latency_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DriverInfo:
+    """What a driver can tell about its backing (for query-named-block-nodes and NBD).
+
+    ``request_alignment`` is the granularity requests must respect (1 for
+    buffered I/O, the logical sector size with O_DIRECT); ``buffer_alignment``
+    is the memory alignment O_DIRECT needs for caller buffers.
+    """
+
+    filename: str
+    logical_block_size: int = 512
+    physical_block_size: int = 512
+    request_alignment: int = 1
+    buffer_alignment: int = 1
+    max_transfer: int = 32 * 1024 * 1024
+    actual_size: int = 0
+    can_discard: bool = False
+    can_write_zeroes: bool = True
+    read_only_medium: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class TrayState(enum.Enum):
+    """The state of a drive as CDROM_DRIVE_STATUS reports it."""
+
+    NO_INFO = "no-info"
+    NO_DISC = "no-disc"
+    TRAY_OPEN = "tray-open"
+    NOT_READY = "not-ready"
+    DISC_OK = "disc-ok"
+
+
+@dataclass(frozen=True, slots=True)
+class ScsiResult:
+    """The outcome of one raw SCSI command: status, sense and data in."""
+
+    status: int
+    sense: bytes
+    data: bytes
+    residual: int = 0
+
+
+@runtime_checkable
+class BlockDriver(Protocol):
+    """An opened backing: QEMU's BlockDriverState as seen by its driver.
+
+    Offsets and lengths are in bytes.  ``preadv``/``pwritev`` move data into or
+    out of caller buffers and return the byte count; a short count is only
+    allowed at the end of the medium.
+    """
+
+    format_name: ClassVar[str]
+    options: NodeOptions
+
+    def preadv(self, offset: int, buffers: Sequence[memoryview]) -> int: ...
+
+    def pwritev(self, offset: int, buffers: Sequence[Buffer], fua: bool = False) -> int: ...
+
+    def flush(self) -> None: ...
+
+    def discard(self, offset: int, length: int) -> None: ...
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None: ...
+
+    def getlength(self) -> int: ...
+
+    def get_info(self) -> DriverInfo: ...
+
+    def close(self) -> None: ...
+
+
+class DriverClass(Protocol):
+    """The class side of a driver: how a node gets opened and probed."""
+
+    format_name: ClassVar[str]
+
+    @classmethod
+    def open(cls, options: NodeOptions) -> BlockDriver:
+        """Open the backing; raise BlockdError with QEMU's text on failure."""
+        ...
+
+    @classmethod
+    def probe_device(cls, filename: str) -> int:
+        """Score (0-100) for how well this driver fits ``filename`` (QEMU's bdrv_probe_device)."""
+        ...
+
+
+@runtime_checkable
+class Removable(Protocol):
+    """A drive with removable media: a tray, a medium lock, media-change detection."""
+
+    def is_inserted(self) -> bool: ...
+
+    def tray_state(self) -> TrayState: ...
+
+    def media_changed(self) -> bool: ...
+
+    def eject(self, eject_flag: bool) -> None:
+        """Open the tray (``True``) or close it (``False``)."""
+        ...
+
+    def lock_medium(self, locked: bool) -> None: ...
+
+
+@runtime_checkable
+class Passthrough(Protocol):
+    """A driver that can send raw SCSI commands (SG_IO)."""
+
+    def scsi_command(
+        self, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0, timeout_ms: int = 30000
+    ) -> ScsiResult: ...

@@ -1,0 +1,133 @@
+"""Nodes: opened backings with a name (QEMU's BlockDriverState).
+
+A :class:`Node` wraps one driver object together with the options it was
+opened with, the size learnt at open time and the node-level statistics QEMU
+keeps per BlockDriverState (only ``wr_highest_offset`` carries data there).
+Nodes are created by ``blockdev-add``, the command line or (later) hotplug
+rules, and are attached to at most one user at a time: a device's medium or an
+export.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from .devices.base import BlockDriver, DriverInfo, NodeOptions
+from .errors import InvalidArgument
+
+__all__ = ["Node", "check_node_name"]
+
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+NODE_NAME_MAX = 31
+# Drivers for which QEMU reports a (always false) dirty flag in ImageInfo.
+_DIRTY_FLAG_DRIVERS = frozenset({"file", "host_device"})
+# Drivers that report discard counters as driver-specific stats.
+_DISCARD_STATS_DRIVERS = frozenset({"file", "host_device"})
+
+
+def check_node_name(name: str) -> None:
+    """Enforce QEMU's node-name rules; raise InvalidArgument with QEMU's text."""
+    if not _NAME.match(name):
+        raise InvalidArgument(f"Invalid node-name: '{name}'")
+    if len(name) > NODE_NAME_MAX:
+        raise InvalidArgument("Node name too long")
+
+
+@dataclass(eq=False)
+class Node:
+    """One opened backing with a node-name.
+
+    ``user`` names whoever holds the node (a device id, an export id), or is
+    ``None`` while the node is free.  ``size`` and ``info`` are read in the
+    executor at open time and on media change, so queries never touch the device.
+    """
+
+    name: str
+    driver: BlockDriver
+    options: NodeOptions
+    size: int
+    info: DriverInfo
+    monitor_owned: bool = True
+    user: str | None = None
+    wr_highest_offset: int = 0
+    discard_nb_ok: int = 0
+    discard_nb_failed: int = 0
+    discard_bytes_ok: int = 0
+
+    @property
+    def read_only(self) -> bool:
+        return self.options.read_only or self.info.read_only_medium
+
+    @property
+    def drv(self) -> str:
+        return self.driver.format_name
+
+    def note_write(self, offset: int, length: int) -> None:
+        """Record a successful write for ``wr_highest_offset``."""
+        end = offset + length
+        if end > self.wr_highest_offset:
+            self.wr_highest_offset = end
+
+    def note_discard(self, length: int, ok: bool) -> None:
+        """Count a discard for the driver-specific stats of file and host_device."""
+        if ok:
+            self.discard_nb_ok += 1
+            self.discard_bytes_ok += length
+        else:
+            self.discard_nb_failed += 1
+
+    def driver_specific_stats(self) -> dict[str, object] | None:
+        """QEMU's BlockStatsSpecific, or ``None`` for drivers that have none."""
+        if self.drv not in _DISCARD_STATS_DRIVERS:
+            return None
+        return {
+            "driver": self.drv,
+            "discard-nb-ok": self.discard_nb_ok,
+            "discard-nb-failed": self.discard_nb_failed,
+            "discard-bytes-ok": self.discard_bytes_ok,
+        }
+
+    def filename(self) -> str:
+        """The node's filename; a ``json:{...}`` pseudo-filename for drivers without one."""
+        if self.info.filename:
+            return self.info.filename
+        return "json:" + json.dumps({"driver": self.drv})
+
+    def image_info(self) -> dict[str, object]:
+        """QEMU's ImageInfo for this node."""
+        info: dict[str, object] = {
+            "virtual-size": self.size,
+            "filename": self.filename(),
+            "format": self.drv,
+            "actual-size": self.info.actual_size,
+        }
+        if self.drv in _DIRTY_FLAG_DRIVERS:
+            info["dirty-flag"] = False
+        return info
+
+    def device_info(self, writeback: bool = True) -> dict[str, object]:
+        """QEMU's BlockDeviceInfo (query-named-block-nodes, query-block ``inserted``)."""
+        return {
+            "file": self.filename(),
+            "node-name": self.name,
+            "ro": self.read_only,
+            "drv": self.drv,
+            "backing_file_depth": 0,
+            "encrypted": False,
+            "detect_zeroes": self.options.detect_zeroes,
+            "bps": 0,
+            "bps_rd": 0,
+            "bps_wr": 0,
+            "iops": 0,
+            "iops_rd": 0,
+            "iops_wr": 0,
+            "image": self.image_info(),
+            "cache": {
+                "writeback": writeback,
+                "direct": self.options.cache_direct,
+                "no-flush": self.options.cache_no_flush,
+            },
+            "write_threshold": 0,
+        }

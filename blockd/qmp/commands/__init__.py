@@ -1,0 +1,16 @@
+"""QMP commands, one module per area, gathered into one table."""
+
+from __future__ import annotations
+
+from . import block, control, devices, nodes
+from .base import Args, Command, CommandContext, CommandTable
+
+__all__ = ["Args", "Command", "CommandContext", "CommandTable", "build_table"]
+
+
+def build_table() -> CommandTable:
+    """The table of every command blockd implements."""
+    table = CommandTable()
+    for module in (control, nodes, devices, block):
+        module.register(table)
+    return table

@@ -1,0 +1,23 @@
+"""Control commands: query-version, query-commands, quit."""
+
+from __future__ import annotations
+
+from .base import Args, CommandContext, CommandTable
+
+__all__ = ["register"]
+
+
+def register(table: CommandTable) -> None:
+    @table.command("query-version")
+    async def query_version(ctx: CommandContext, args: Args) -> object:
+        return ctx.version
+
+    @table.command("query-commands")
+    async def query_commands(ctx: CommandContext, args: Args) -> object:
+        # qmp_capabilities is handled by the session but is a command all the same.
+        return [{"name": "qmp_capabilities"}] + [{"name": n} for n in ctx.command_names()]
+
+    @table.command("quit")
+    async def quit_(ctx: CommandContext, args: Args) -> object:
+        ctx.request_quit()
+        return {}

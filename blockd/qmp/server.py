@@ -1,0 +1,225 @@
+"""QMP over sockets: listeners, one thin adapter per connection, event fan-out.
+
+Each connection gets a sans-IO :class:`~blockd.qmp.protocol.QmpSession`, a
+reader task and a writer task.  The reader feeds bytes to the session and runs
+the commands it yields one after the other (QMP without OOB answers in request
+order); the writer drains a bounded queue of outgoing messages, so events can
+be interleaved between replies while a slow command runs.  A slow command in
+one session never delays another session.  Any failure of a connection ends
+in one place, :meth:`_Connection.run`, as a clean disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import stat
+import time
+from collections.abc import Mapping
+
+from ..events import Event, EventBus
+from .dispatch import CommandError, Dispatcher
+from .events import to_qmp
+from .protocol import Execute, QmpSession, Send
+
+__all__ = ["QmpServer"]
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 64 * 1024
+MAX_QUEUED_MESSAGES = 10_000
+DEFAULT_MAX_SESSIONS = 64
+
+
+class _Connection:
+    """One client: a session, a reader loop and a writer task."""
+
+    def __init__(
+        self,
+        server: QmpServer,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.session = QmpSession(
+            version=server.version,
+            is_command=server.dispatcher.is_command,
+            capabilities=(),
+        )
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(MAX_QUEUED_MESSAGES)
+        self.closing = False
+
+    def send(self, data: bytes) -> None:
+        """Queue ``data``; a client that stops reading is disconnected, not buffered forever."""
+        if self.closing:
+            return
+        try:
+            self.queue.put_nowait(data)
+        except asyncio.QueueFull:
+            log.warning("QMP client is not reading its messages; disconnecting it")
+            self.close()
+
+    def close(self) -> None:
+        """Ask the writer to flush what is queued and end the connection."""
+        if not self.closing:
+            self.closing = True
+            with contextlib.suppress(asyncio.QueueFull):
+                self.queue.put_nowait(None)
+            if self.queue.full():
+                # The client stopped reading: drop it without flushing.
+                self.writer.transport.abort()
+
+    async def run(self) -> None:
+        writer_task = asyncio.create_task(self._write_loop())
+        try:
+            self.send(self.session.greeting())
+            await self._read_loop()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception:
+            log.exception("QMP connection failed")
+        finally:
+            self.close()
+            with contextlib.suppress(Exception):
+                await writer_task
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+
+    async def _read_loop(self) -> None:
+        while not self.closing:
+            data = await self.reader.read(READ_CHUNK)
+            if not data:
+                return
+            for action in self.session.receive_data(data):
+                if isinstance(action, Send):
+                    self.send(action.data)
+                elif isinstance(action, Execute):
+                    await self._execute(action)
+                if self.closing:
+                    return
+
+    async def _execute(self, request: Execute) -> None:
+        try:
+            result = await self.server.dispatcher.execute(request.name, request.arguments)
+        except CommandError as err:
+            self.send(self.session.error(request, err.error_class, err.desc))
+            return
+        self.send(self.session.reply(request, result))
+
+    async def _write_loop(self) -> None:
+        while True:
+            data = await self.queue.get()
+            if data is None:
+                break
+            self.writer.write(data)
+            if self.queue.empty():
+                await self.writer.drain()
+        with contextlib.suppress(Exception):
+            await self.writer.drain()
+        # Closing the transport also ends a reader blocked in read().
+        self.writer.close()
+
+    def deliver(self, name: str, data: Mapping[str, object] | None, ts: tuple[int, int]) -> None:
+        message = self.session.event(name, data, ts[0], ts[1])
+        if message is not None:
+            self.send(message)
+
+
+class QmpServer:
+    """All QMP listeners and connections of a daemon."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        bus: EventBus,
+        version: Mapping[str, object],
+        *,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.version = version
+        self.max_sessions = max_sessions
+        self._servers: list[asyncio.Server] = []
+        self._paths: list[str] = []
+        self._connections: set[_Connection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unsubscribe = bus.subscribe(self._on_event)
+
+    @property
+    def session_count(self) -> int:
+        return len(self._connections)
+
+    async def listen_unix(self, path: str, mode: int = 0o600, group: str | None = None) -> None:
+        """Listen on a UNIX socket created with ``mode`` (and ``group``), replacing a stale one."""
+        with contextlib.suppress(FileNotFoundError):
+            if _is_socket(path):
+                os.unlink(path)
+        old_umask = os.umask(0o777 & ~mode)
+        try:
+            server = await asyncio.start_unix_server(self._accept, path=path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        if group is not None:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        self._servers.append(server)
+        self._paths.append(path)
+
+    async def listen_tcp(self, host: str, port: int) -> int:
+        """Listen on TCP; returns the bound port (useful with port 0)."""
+        server = await asyncio.start_server(self._accept, host=host, port=port)
+        self._servers.append(server)
+        sock = server.sockets[0]
+        return int(sock.getsockname()[1])
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._connections) >= self.max_sessions:
+            log.warning("refusing QMP connection: %d sessions open", len(self._connections))
+            writer.close()
+            return
+        conn = _Connection(self, reader, writer)
+        self._connections.add(conn)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)  # type: ignore[arg-type]
+        try:
+            await conn.run()
+        finally:
+            self._connections.discard(conn)
+            if task is not None:
+                self._tasks.discard(task)  # type: ignore[arg-type]
+
+    def _on_event(self, event: Event) -> None:
+        name, data = to_qmp(event)
+        now = time.time()
+        ts = (int(now), int((now % 1) * 1_000_000))
+        for conn in list(self._connections):
+            conn.deliver(name, data, ts)
+
+    async def close(self) -> None:
+        """Stop listening, flush and close every session, remove socket files."""
+        self._unsubscribe()
+        for server in self._servers:
+            server.close()
+        for conn in list(self._connections):
+            conn.close()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 5)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+        for path in self._paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._servers.clear()
+        self._paths.clear()
+
+
+def _is_socket(path: str) -> bool:
+    return stat.S_ISSOCK(os.stat(path).st_mode)

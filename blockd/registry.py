@@ -1,0 +1,166 @@
+"""Nodes and devices by name, with QEMU's naming and ownership rules.
+
+The registry is the one place that knows every node and device.  It opens
+nodes in the executor (opening may touch slow hardware), enforces unique
+names (a node-name may not clash with a device id and vice versa), refuses to
+delete what is in use, and publishes the events that follow from its changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import re
+from concurrent.futures import Executor
+
+from .block import Device, DeviceKind, ErrorAction
+from .devices import open_driver
+from .devices.base import BlockDriver, NodeOptions
+from .errors import BlockdError, DeviceNotFound, InUse, InvalidArgument, NotFound
+from .events import DeviceDeleted, EventBus
+from .node import Node, check_node_name
+
+__all__ = ["Registry", "check_device_id"]
+
+_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+_QOM_PREFIX = "/machine/peripheral/"
+
+
+def check_device_id(value: str) -> None:
+    """QEMU's id rules for devices (qdev ids)."""
+    if not _ID.match(value):
+        raise InvalidArgument("Parameter 'id' expects an identifier")
+
+
+class Registry:
+    """All nodes and devices of one daemon."""
+
+    def __init__(self, *, executor: Executor | None, bus: EventBus) -> None:
+        self.executor = executor
+        self.bus = bus
+        self.nodes: dict[str, Node] = {}
+        self.devices: dict[str, Device] = {}
+
+    # -- nodes ----------------------------------------------------------------
+
+    async def add_node(self, options: NodeOptions, *, monitor_owned: bool = True) -> Node:
+        """Open a node; raise BlockdError with QEMU's text on any failure."""
+        name = options.node_name
+        check_node_name(name)
+        if name in self.nodes:
+            raise InUse(f"Duplicate nodes with node-name='{name}'")
+        if name in self.devices:
+            raise InUse(f"node-name={name} is conflicting with a device id")
+        loop = asyncio.get_running_loop()
+        node = await loop.run_in_executor(self.executor, _open_node, options, monitor_owned)
+        if name in self.nodes or name in self.devices:  # lost a race with a concurrent add
+            await loop.run_in_executor(self.executor, node.driver.close)
+            raise InUse(f"Duplicate nodes with node-name='{name}'")
+        self.nodes[name] = node
+        return node
+
+    def find_node(self, name: str) -> Node:
+        node = self.nodes.get(name)
+        if node is None:
+            raise NotFound(f"Cannot find device='' nor node-name='{name}'")
+        return node
+
+    async def del_node(self, name: str) -> None:
+        """blockdev-del: close and forget a free, monitor-owned node."""
+        node = self.nodes.get(name)
+        if node is None:
+            raise NotFound(f"Failed to find node with node-name='{name}'")
+        if node.user is not None:
+            raise InUse(f"Node {name} is in use")
+        if not node.monitor_owned:
+            raise InUse(f"Node {name} is not owned by the monitor")
+        del self.nodes[name]
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, node.driver.close)
+
+    # -- devices ----------------------------------------------------------------
+
+    def add_device(
+        self,
+        kind: DeviceKind,
+        id: str,
+        drive: str | None,
+        *,
+        rerror: ErrorAction = "auto",
+        werror: ErrorAction = "auto",
+    ) -> Device:
+        """device_add: create a ``cd`` or ``hd`` device, optionally on a node."""
+        check_device_id(id)
+        if id in self.devices:
+            raise InUse(f"Duplicate device ID '{id}'")
+        if id in self.nodes:
+            raise InUse(f"Device name '{id}' conflicts with an existing node name")
+        node = None
+        if drive is not None:
+            node = self.nodes.get(drive)
+            if node is None:
+                raise NotFound(f"Property '{kind}.drive' can't find value '{drive}'")
+            if node.user is not None:
+                raise InUse(f"Property '{kind}.drive' can't take value '{drive}', it's in use")
+        elif kind == "hd":
+            raise InvalidArgument("No drive specified")
+        device = Device(id, kind, node, executor=self.executor, bus=self.bus,
+                        rerror=rerror, werror=werror)
+        if node is not None:
+            node.user = id
+        self.devices[id] = device
+        return device
+
+    def del_device(self, id: str) -> None:
+        """device_del: remove a device; its medium node stays, free again."""
+        device = self.find_device(id=id)
+        del self.devices[device.id]
+        if device.node is not None:
+            device.node.user = None
+            device.node = None
+        self.bus.publish(DeviceDeleted(device=device.id, path=device.qom_path))
+
+    def find_device(self, *, id: str | None = None, device: str | None = None) -> Device:
+        """Look a device up by ``id`` (or QOM path) or by legacy ``device`` name.
+
+        Exactly one must be given (QEMU's rule for the tray commands).
+        """
+        if (id is None) == (device is None):
+            raise InvalidArgument("Need exactly one of 'device' and 'id'")
+        name = id if id is not None else device
+        assert name is not None
+        key = name[len(_QOM_PREFIX):] if id is not None and name.startswith(_QOM_PREFIX) else name
+        found = self.devices.get(key)
+        if found is None:
+            raise DeviceNotFound(f"Device '{name}' not found")
+        return found
+
+    # -- shutdown -------------------------------------------------------------------
+
+    async def close_all(self) -> None:
+        """Detach every device and close every node (used at exit)."""
+        for device in self.devices.values():
+            device.node = None
+        self.devices.clear()
+        loop = asyncio.get_running_loop()
+        nodes, self.nodes = list(self.nodes.values()), {}
+        for node in nodes:
+            with contextlib.suppress(OSError):
+                await loop.run_in_executor(self.executor, node.driver.close)
+
+
+def _open_node(options: NodeOptions, monitor_owned: bool) -> Node:
+    """Open a driver and read its size and info (runs in the executor)."""
+    driver: BlockDriver = open_driver(options)
+    try:
+        size = driver.getlength()
+        info = driver.get_info()
+    except OSError as err:
+        driver.close()
+        raise BlockdError(
+            f"Could not open '{options.filename}': {os.strerror(err.errno or errno.EIO)}",
+            err.errno,
+        ) from err
+    return Node(options.node_name, driver, options, size, info, monitor_owned=monitor_owned)

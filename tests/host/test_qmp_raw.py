@@ -1,0 +1,130 @@
+"""Bad input over a raw socket against a running blockd: exact replies, no crash, no hang."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from conftest import DaemonProcess
+
+
+class RawQmp:
+    """A byte-level QMP peer: what a broken or hostile client would send."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, path: str) -> RawQmp:
+        reader, writer = await asyncio.open_unix_connection(path, limit=1 << 20)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv(self) -> dict[str, object]:
+        line = await asyncio.wait_for(self.reader.readline(), 10)
+        assert line.endswith(b"\r\n"), line
+        value = json.loads(line)
+        assert isinstance(value, dict)
+        return value
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+def generic(desc: str, **extra: object) -> dict[str, object]:
+    return {"error": {"class": "GenericError", "desc": desc}, **extra}
+
+
+async def negotiated(d: DaemonProcess) -> RawQmp:
+    raw = await RawQmp.connect(d.qmp_path)
+    assert "QMP" in await raw.recv()
+    await raw.send(b'{"execute":"qmp_capabilities"}')  # no newline, as qemu.qmp sends
+    assert await raw.recv() == {"return": {}}
+    return raw
+
+
+async def test_bad_json_gets_exact_errors_and_session_survives(blockd: DaemonProcess) -> None:
+    raw = await negotiated(blockd)
+    cases = [
+        (b"[1, 2]", generic("QMP input must be a JSON object")),
+        (b'{"execute": }', generic("JSON parse error, expecting value")),
+        (b'{"execute": "query-version" "id": 22}',
+         generic("JSON parse error, expected separator in dict")),
+        (b'{"execute": tru}', generic("JSON parse error, invalid keyword 'tru'")),
+        (b'{"execute": "query-version", "id": 23, "id": 24}',
+         generic("JSON parse error, duplicate key")),
+        (b'{"execute": 1, "id": 5}', generic("QMP input member 'execute' must be a string", id=5)),
+        (b'{"execute": "query-block", "arguments": [], "id": 6}',
+         generic("QMP input member 'arguments' must be an object", id=6)),
+        (b'{"exec-oob": "query-version", "id": 25}',
+         generic("QMP input member 'exec-oob' is unexpected", id=25)),
+        (b'{"id": 7}', generic("QMP input lacks member 'execute'", id=7)),
+        (b'{"execute": "blockdev-del", "arguments": {"node-name": "x"}, "id": {"a": [1]}}',
+         generic("Failed to find node with node-name='x'", id={"a": [1]})),
+    ]
+    for request, reply in cases:
+        await raw.send(request + b"\n")
+        assert await raw.recv() == reply, request
+    await raw.send(b'{"execute": "query-version", "id": 26')
+    await raw.send(b"\x01")
+    assert await raw.recv() == generic("JSON parse error, stray '\x01'")
+    await raw.send(b"{'execute': 'query-block', 'id': 'single'}")
+    assert await raw.recv() == {"return": [], "id": "single"}
+    await raw.close()
+
+
+async def test_two_commands_in_one_write(blockd: DaemonProcess) -> None:
+    raw = await negotiated(blockd)
+    await raw.send(b'{"execute":"query-block","id":1}{"execute":"query-version","id":2}')
+    first, second = await raw.recv(), await raw.recv()
+    assert first == {"return": [], "id": 1}
+    assert second["id"] == 2 and "qemu" in second["return"]  # type: ignore[operator]
+    await raw.close()
+
+
+async def test_deep_nesting_and_huge_message(blockd: DaemonProcess) -> None:
+    raw = await negotiated(blockd)
+    await raw.send(b"[" * 1025 + b"]" * 1025)
+    assert await raw.recv() == generic("JSON nesting depth limit exceeded")
+    huge = b'{"execute": "query-block", "arguments": {"x": "' + b"a" * (64 << 20) + b'"}}'
+    await raw.send(huge)
+    assert await raw.recv() == generic("JSON token size limit exceeded")
+    await raw.send(b'{"execute": "query-block", "id": "after"}')
+    assert await raw.recv() == {"return": [], "id": "after"}
+    await raw.close()
+
+
+async def test_commands_before_negotiation(blockd: DaemonProcess) -> None:
+    raw = await RawQmp.connect(blockd.qmp_path)
+    greeting = await raw.recv()
+    assert greeting["QMP"]["capabilities"] == []  # type: ignore[index]
+    expect = {"class": "CommandNotFound",
+              "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}
+    for name in (b"query-version", b"no-such-command"):
+        await raw.send(b'{"execute": "' + name + b'", "id": 1}')
+        assert await raw.recv() == {"error": expect, "id": 1}
+    await raw.send(b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}, "id": 2}')
+    assert await raw.recv() == generic("Capability oob not available", id=2)
+    await raw.send(b'{"execute": "qmp_capabilities", "id": 3}')
+    assert await raw.recv() == {"return": {}, "id": 3}
+    await raw.send(b'{"execute": "qmp_capabilities", "id": 4}')
+    assert await raw.recv() == {"id": 4, "error": {
+        "class": "CommandNotFound",
+        "desc": "Capabilities negotiation is already complete, command ignored"}}
+    await raw.close()
+
+
+async def test_abrupt_disconnects_do_not_hurt_the_daemon(blockd: DaemonProcess) -> None:
+    for _ in range(20):
+        raw = await RawQmp.connect(blockd.qmp_path)
+        await raw.send(b'{"execute": "qmp_capabilities"}{"execute": "query-blo')
+        raw.writer.transport.abort()
+    raw = await negotiated(blockd)
+    await raw.send(b'{"execute": "query-block", "id": 1}')
+    assert await raw.recv() == {"return": [], "id": 1}
+    await raw.close()
