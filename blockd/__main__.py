@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .config import ConfigError, parse_command_line
+from .config import ConfigError, InfoRequested, parse_command_line
 from .daemon import Daemon, StartupError
 
 __all__ = ["main"]
@@ -20,8 +20,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"blockd: {err}", file=sys.stderr)
         return 1
-    except SystemExit as done:  # --help / --version
-        return int(done.code or 0)
+    except InfoRequested as info:  # --help / --version
+        print(info.text)
+        return 0
     logging.basicConfig(
         level=getattr(logging, config.log_level.upper(), logging.INFO),
         format="blockd: %(levelname)s: %(message)s",

@@ -8,9 +8,8 @@ import stat
 from pathlib import Path
 
 import pytest
+from daemons import BlockdFactory, DaemonProcess
 from qemu.qmp import ExecuteError, QMPClient
-
-from conftest import DaemonProcess
 
 ALL_COMMANDS = {
     "qmp_capabilities", "query-version", "query-commands", "quit", "blockdev-add",
@@ -193,8 +192,8 @@ async def test_concurrent_clients(blockd: DaemonProcess) -> None:
     assert final == {f"d{i}" for i in range(16)}
 
 
-async def test_quit_exits_cleanly(blockd_factory: object) -> None:
-    d: DaemonProcess = blockd_factory()  # type: ignore[operator]
+async def test_quit_exits_cleanly(blockd_factory: BlockdFactory) -> None:
+    d = blockd_factory()
     qmp = await d.client()
     assert await qmp.execute("quit") == {}
     await qmp.disconnect()
@@ -203,8 +202,8 @@ async def test_quit_exits_cleanly(blockd_factory: object) -> None:
     assert not os.path.exists(d.pidfile)
 
 
-async def test_sigterm_exits_cleanly(blockd_factory: object) -> None:
-    d: DaemonProcess = blockd_factory()  # type: ignore[operator]
+async def test_sigterm_exits_cleanly(blockd_factory: BlockdFactory) -> None:
+    d = blockd_factory()
     qmp = await d.client()
     await qmp.execute("query-block")
     assert d.stop() == 0

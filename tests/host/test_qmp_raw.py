@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from conftest import DaemonProcess
+from daemons import DaemonProcess
 
 
 class RawQmp:

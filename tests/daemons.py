@@ -1,0 +1,75 @@
+"""Real daemon processes for tests: blockd and qemu-storage-daemon, with QMP clients."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+
+@dataclass
+class DaemonProcess:
+    """A blockd (or qemu-storage-daemon) started by a test, with its QMP socket."""
+
+    proc: subprocess.Popen[bytes]
+    qmp_path: str
+    pidfile: str
+    stderr_path: Path
+    clients: list[QMPClient] = field(default_factory=list)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    async def client(self, name: str = "test") -> QMPClient:
+        qmp = QMPClient(name)
+        await qmp.connect(self.qmp_path)
+        self.clients.append(qmp)
+        return qmp
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def start_daemon(argv: list[str], tmp: Path, name: str, timeout: float = 20) -> DaemonProcess:
+    """Start ``argv`` (which must write ``--pidfile``) and wait until it is ready."""
+    pidfile = str(tmp / f"{name}.pid")
+    stderr_path = tmp / f"{name}.stderr"
+    with open(stderr_path, "wb") as err:
+        proc = subprocess.Popen([*argv, "--pidfile", pidfile], stderr=err, stdout=err,
+                                cwd=tmp)
+    qmp_path = ""
+    for i, arg in enumerate(argv):
+        if arg == "--qmp":
+            qmp_path = argv[i + 1]
+        elif arg.startswith("socket,") and "path=" in arg:
+            qmp_path = arg.split("path=", 1)[1].split(",", 1)[0]
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(pidfile):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited {proc.returncode}: {stderr_path.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{name} did not become ready: {stderr_path.read_text()}")
+        time.sleep(0.02)
+    return DaemonProcess(proc, qmp_path, pidfile, stderr_path)
+
+
+def blockd_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "blockd", *args]
+
+
+BlockdFactory = Callable[..., DaemonProcess]
