@@ -58,7 +58,7 @@ class Node:
 
     @property
     def read_only(self) -> bool:
-        return self.options.read_only or self.info.read_only_medium
+        return self.driver.read_only or self.info.read_only_medium
 
     @property
     def drv(self) -> str:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from qemu.qmp import QMPClient
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 @dataclass
 class DaemonProcess:
@@ -49,8 +51,9 @@ def start_daemon(argv: list[str], tmp: Path, name: str, timeout: float = 20) -> 
     pidfile = str(tmp / f"{name}.pid")
     stderr_path = tmp / f"{name}.stderr"
     with open(stderr_path, "wb") as err:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))  # the blockd under test, installed or not
         proc = subprocess.Popen([*argv, "--pidfile", pidfile], stderr=err, stdout=err,
-                                cwd=tmp)
+                                cwd=tmp, env=env)
     qmp_path = ""
     for i, arg in enumerate(argv):
         if arg == "--qmp":

@@ -57,6 +57,9 @@ class NodeOptions:
     size: int = 1 << 30
     read_zeroes: bool = False
     latency_ns: int = 0
+    # The QMP members the user gave explicitly (QEMU shows only those in
+    # pseudo-filenames such as null-co's ``json:{...}``).
+    given: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +115,7 @@ class BlockDriver(Protocol):
 
     format_name: ClassVar[str]
     options: NodeOptions
+    read_only: bool  # true also after an auto-read-only fallback
 
     def preadv(self, offset: int, buffers: Sequence[memoryview]) -> int: ...
 
@@ -133,7 +137,7 @@ class BlockDriver(Protocol):
 class DriverClass(Protocol):
     """The class side of a driver: how a node gets opened and probed."""
 
-    format_name: ClassVar[str]
+    format_name: str
 
     @classmethod
     def open(cls, options: NodeOptions) -> BlockDriver:

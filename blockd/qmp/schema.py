@@ -179,7 +179,8 @@ class Enum(Type):
         if not isinstance(value, str):
             raise self._wrong_type(path)
         if value not in self.values:
-            bare = path.rsplit(".", 1)[-1] if path else "null"
+            # QEMU names the bare member here; list elements have no name at all.
+            bare = "null" if not path or path.endswith("]") else path.rsplit(".", 1)[-1]
             raise SchemaError(f"Parameter '{bare}' does not accept value '{value}'")
         return value
 
@@ -193,7 +194,7 @@ class Array(Type):
     def check(self, value: object, path: str, keyval: bool = False) -> object:
         if not isinstance(value, list):
             raise self._wrong_type(path)
-        return [self.element.check(item, "", keyval) for item in value]
+        return [self.element.check(item, f"{path}[{i}]", keyval) for i, item in enumerate(value)]
 
 
 @dataclass(frozen=True)

@@ -187,13 +187,13 @@ class QmpServer:
         self._connections.add(conn)
         task = asyncio.current_task()
         if task is not None:
-            self._tasks.add(task)  # type: ignore[arg-type]
+            self._tasks.add(task)
         try:
             await conn.run()
         finally:
             self._connections.discard(conn)
             if task is not None:
-                self._tasks.discard(task)  # type: ignore[arg-type]
+                self._tasks.discard(task)
 
     def _on_event(self, event: Event) -> None:
         name, data = to_qmp(event)

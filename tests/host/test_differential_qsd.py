@@ -24,8 +24,10 @@ pytestmark = pytest.mark.skipif(
 
 # Paths (dotted, '*' for any list index) whose values may differ, and why.
 DELIBERATE = {
-    "query-version": {"qemu.micro", "package"},  # blockd reports 7.2.0 and its own package
-    "query-named-block-nodes": {"*.image.actual-size"},  # allocation depends on the fs state
+    # blockd reports 7.2.0 and its own package name.
+    "query-version": {"return.qemu.micro", "return.package"},
+    # Allocation depends on the file system's state, not on the daemon.
+    "query-named-block-nodes": {"return.*.image.actual-size"},
 }
 
 SCRIPT: list[tuple[str, bytes]] = [
@@ -153,9 +155,10 @@ async def test_same_script_same_replies(tmp_path: Path) -> None:
         ["qemu-storage-daemon", *common,
          "--chardev", f"socket,id=mon0,path={tmp_path / 'qsd.sock'},server=on,wait=off",
          "--monitor", "chardev=mon0"], tmp_path, "qsd")
+    blockd_sock = tmp_path / "blockd.sock"
     ours = start_daemon(
         blockd_argv(*common,
-                    "--chardev", f"socket,id=mon0,path={tmp_path / 'blockd.sock'},server=on,wait=off",
+                    "--chardev", f"socket,id=mon0,path={blockd_sock},server=on,wait=off",
                     "--monitor", "chardev=mon0"), tmp_path, "blockd")
     try:
         expected = await run_script(qsd)

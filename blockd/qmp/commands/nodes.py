@@ -89,6 +89,7 @@ def node_options(args: Args) -> NodeOptions:
         size=int(size),  # type: ignore[call-overload]
         read_zeroes=bool(args.get("read-zeroes", False)),
         latency_ns=int(args.get("latency-ns", 0)),  # type: ignore[call-overload]
+        given=frozenset(args),
     )
 
 

@@ -1,0 +1,47 @@
+"""Block drivers: the code that talks to a node's backing (files, host devices, null).
+
+:data:`DRIVERS` maps QEMU's driver names to driver classes and
+:func:`open_driver` opens a node with the right one.  Nothing in this package
+imports asyncio, the QMP layer or the NBD layer; every call may block.
+
+Raises InvalidArgument (``Parameter 'driver' does not accept value 'X'``) for
+an unknown driver, and whatever the driver's ``open`` raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from blockd.devices.base import BlockDriver, DriverClass, NodeOptions
+from blockd.devices.file import FileDriver
+from blockd.devices.host_device import HostDeviceDriver
+from blockd.devices.null import NullDriver
+from blockd.errors import InvalidArgument
+
+__all__ = [
+    "DRIVERS",
+    "FileDriver",
+    "HostDeviceDriver",
+    "NullDriver",
+    "open_driver",
+]
+
+DRIVERS: Mapping[str, DriverClass] = MappingProxyType(
+    {
+        FileDriver.format_name: FileDriver,
+        HostDeviceDriver.format_name: HostDeviceDriver,
+        NullDriver.format_name: NullDriver,
+    }
+)
+
+
+def open_driver(options: NodeOptions) -> BlockDriver:
+    """Open ``options.driver`` on the backing the options name."""
+    try:
+        driver_class = DRIVERS[options.driver]
+    except KeyError:
+        raise InvalidArgument(
+            f"Parameter 'driver' does not accept value '{options.driver}'"
+        ) from None
+    return driver_class.open(options)
