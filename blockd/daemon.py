@@ -71,6 +71,9 @@ class Daemon:
         self.qmp = QmpServer(self.dispatcher, self.bus, version_info())
         if self.config.nbd_server is not None or self.config.exports:
             raise StartupError("--nbd-server and --export are not supported yet")
+        if self.config.objects:
+            # No object type (TLS credentials, secrets, iothreads) is implemented yet.
+            raise StartupError(f"--object {self.config.objects[0]}: object types are not supported")
         for spec in self.config.blockdevs:
             await self._apply("blockdev-add", "--blockdev", spec)
         for spec in self.config.devices:

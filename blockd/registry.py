@@ -21,6 +21,7 @@ from .devices.base import BlockDriver, NodeOptions
 from .errors import BlockdError, DeviceNotFound, InUse, InvalidArgument, NotFound
 from .events import DeviceDeleted, EventBus
 from .node import Node, check_node_name
+from .stats import BlockAcctStats
 
 __all__ = ["Registry", "check_device_id"]
 
@@ -90,6 +91,7 @@ class Registry:
         *,
         rerror: ErrorAction = "auto",
         werror: ErrorAction = "auto",
+        stats: BlockAcctStats | None = None,
     ) -> Device:
         """device_add: create a ``cd`` or ``hd`` device, optionally on a node."""
         check_device_id(id)
@@ -107,7 +109,7 @@ class Registry:
         elif kind == "hd":
             raise InvalidArgument("No drive specified")
         device = Device(id, kind, node, executor=self.executor, bus=self.bus,
-                        rerror=rerror, werror=werror)
+                        rerror=rerror, werror=werror, stats=stats)
         if node is not None:
             node.user = id
         self.devices[id] = device

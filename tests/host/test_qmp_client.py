@@ -145,11 +145,14 @@ async def test_devices_and_events(blockd: DaemonProcess) -> None:
 
 async def test_blockstats_and_histograms(qmp: QMPClient) -> None:
     await qmp.execute("blockdev-add", {"driver": "null-co", "node-name": "n0"})
-    await qmp.execute("device_add", {"driver": "hd", "id": "hd0", "drive": "n0"})
+    await qmp.execute("device_add", {"driver": "hd", "id": "hd0", "drive": "n0",
+                                     "stats-intervals": [60, 3600]})
     [entry] = await qmp.execute("query-blockstats")
     assert entry["device"] == "hd0" and entry["qdev"] == "hd0" and entry["node-name"] == "n0"
     assert entry["stats"]["account_failed"] is True and entry["stats"]["rd_operations"] == 0
     assert "idle_time_ns" not in entry["stats"]
+    assert [t["interval_length"] for t in entry["stats"]["timed_stats"]] == [60, 3600]
+    assert entry["stats"]["timed_stats"][0]["avg_rd_queue_depth"] == 0
     [node] = await qmp.execute("query-blockstats", {"query-nodes": True})
     assert node["node-name"] == "n0" and node["stats"]["account_invalid"] is False
 

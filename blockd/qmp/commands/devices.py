@@ -8,7 +8,8 @@ Property errors use QEMU's texts with the model name in place of QEMU's.
 from __future__ import annotations
 
 from ...block import ERROR_ACTIONS
-from ..schema import STR, Enum, Member, SchemaError, Struct
+from ...stats import BlockAcctStats
+from ..schema import BOOL, STR, UINT32, Array, Enum, Member, SchemaError, Struct
 from .base import Args, CommandContext, CommandTable
 
 __all__ = ["DEVICE_ADD", "register"]
@@ -21,6 +22,10 @@ DEVICE_ADD = Struct({
     "drive": Member(STR, optional=True),
     "rerror": Member(Enum(*ERROR_ACTIONS), optional=True),
     "werror": Member(Enum(*ERROR_ACTIONS), optional=True),
+    # QEMU's -drive accounting options, as device properties.
+    "stats-intervals": Member(Array(UINT32), optional=True),
+    "account-invalid": Member(BOOL, optional=True),
+    "account-failed": Member(BOOL, optional=True),
 })
 
 
@@ -39,12 +44,21 @@ def check_device_args(arguments: dict[str, object], keyval: bool = False) -> Arg
 def register(table: CommandTable) -> None:
     @table.command("device_add", check_device_args)
     async def device_add(ctx: CommandContext, args: Args) -> object:
+        intervals = args.get("stats-intervals", [])
+        assert isinstance(intervals, list)
+        if 0 in intervals:
+            raise SchemaError("Invalid interval length: 0")
         ctx.registry.add_device(
             args["driver"],  # type: ignore[arg-type]
             str(args["id"]),
             args.get("drive"),  # type: ignore[arg-type]
             rerror=args.get("rerror", "auto"),  # type: ignore[arg-type]
             werror=args.get("werror", "auto"),  # type: ignore[arg-type]
+            stats=BlockAcctStats(
+                account_invalid=bool(args.get("account-invalid", True)),
+                account_failed=bool(args.get("account-failed", True)),
+                intervals=intervals,
+            ),
         )
         return {}
 
