@@ -7,9 +7,13 @@ belongs to the front end rather than the backing: the tray and the medium lock
 the I/O accounting.
 
 Every data request goes through a device.  The device checks it (medium
-present, tray closed, in range, writable), accounts it, runs the driver call in
-the executor so the event loop never blocks on disk, and applies the error
-policy to failures.
+present, tray closed, in range, writable), accounts it, runs the driver call
+where it cannot block the event loop (on the loop thread only for memory-backed
+drivers and page-cache hits, otherwise on the I/O workers), and applies the
+error policy to failures: ``report`` returns the error, ``ignore`` hides it,
+``stop`` (or ``enospc`` on ENOSPC) pauses the device and holds the request
+until ``cont`` or ``blockd-device-resume`` retries it.  Each policy publishes
+BLOCK_IO_ERROR; pausing also publishes STOP, resuming RESUME.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ import asyncio
 import errno
 import os
 from collections.abc import Callable
-from concurrent.futures import Executor
-from typing import Literal, TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal
 
+from .devices.base import Buffer
 from .errors import InvalidArgument, NoMedium, ReadOnly
-from .events import BlockIoError, EventBus
+from .events import BlockIoError, EventBus, Resume, Stop
+from .iothread import IoWorkers
 from .node import Node
-from .stats import BlockAcctStats, IoKind
+from .stats import AcctCookie, BlockAcctStats, IoKind
 
 __all__ = ["ERROR_ACTIONS", "Device", "DeviceKind", "ErrorAction"]
 
@@ -32,7 +38,20 @@ DeviceKind = Literal["cd", "hd"]
 ErrorAction = Literal["report", "ignore", "stop", "enospc", "auto"]
 ERROR_ACTIONS = ("auto", "report", "ignore", "enospc", "stop")
 
-T = TypeVar("T")
+Done = Callable[[Any, BaseException | None], None]
+
+
+@dataclass(slots=True)
+class _Request:
+    """One data request as the device runs it (and holds it while paused)."""
+
+    kind: IoKind
+    nbytes: int
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    done: Done
+    inline: bool = False  # the driver never blocks: call it on the loop thread
+    nowait: Callable[..., Any] | None = None  # try this on the loop thread first
 
 
 class Device:
@@ -44,7 +63,7 @@ class Device:
         kind: DeviceKind,
         node: Node | None,
         *,
-        executor: Executor | None,
+        workers: IoWorkers,
         bus: EventBus,
         rerror: ErrorAction = "auto",
         werror: ErrorAction = "auto",
@@ -58,8 +77,10 @@ class Device:
         self.tray_open = False
         self.locked = False
         self.iostatus: Literal["ok", "failed", "nospace"] = "ok"
+        self.paused = False
+        self._held: list[_Request] = []
         self.stats = stats if stats is not None else BlockAcctStats()
-        self._executor = executor
+        self._workers = workers
         self._bus = bus
 
     # -- identity -----------------------------------------------------------
@@ -140,38 +161,68 @@ class Device:
             self.stats.invalid(kind)
             raise ReadOnly(f"{self.id}: device is read-only", errno.EPERM)
 
-    async def _call(self, fn: Callable[..., T], *args: object) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+    def _submit(self, request: _Request) -> None:
+        """Run one accounted request by the cheapest safe route.
 
-    async def _accounted(
-        self, kind: IoKind, nbytes: int, fn: Callable[..., T], *args: object
-    ) -> T | None:
-        """Run one driver call with accounting and the error policy applied."""
-        cookie = self.stats.start(kind, nbytes)
-        try:
-            result = await self._call(fn, *args)
-        except OSError as err:
-            self.stats.failed(cookie)
-            if self._on_error(kind, err) == "ignore":
-                return None
-            raise
-        self.stats.done(cookie)
-        return result
-
-    def _on_error(self, kind: IoKind, err: OSError) -> str:
-        """Apply rerror/werror to a failed request; publish BLOCK_IO_ERROR.
-
-        ``report`` and ``ignore`` are handled here; pausing the device on
-        ``stop``/``enospc`` belongs to the data-path work and reports for now.
+        Memory-backed drivers run on the loop thread; reads that the page
+        cache can serve run there too (RWF_NOWAIT); everything else goes to the
+        I/O workers.  While the device is paused, requests are held, not failed.
         """
-        policy = self.rerror if kind is IoKind.READ else self.werror
-        code = err.errno or errno.EIO
-        action = policy
-        if policy == "enospc":
-            action = "stop" if code == errno.ENOSPC else "report"
+        if self.paused:
+            self._held.append(request)
+            return
+        cookie = self.stats.start(request.kind, request.nbytes)
+        if request.inline or request.nowait is not None:
+            call = request.fn if request.inline else request.nowait
+            assert call is not None
+            try:
+                result = call(*request.args)
+            except BlockingIOError:
+                pass  # not cached: the worker does the blocking version
+            except OSError as exc:
+                self._complete(request, cookie, None, exc)
+                return
+            else:
+                self._complete(request, cookie, result, None)
+                return
+        self._workers.submit(
+            request.fn, request.args,
+            lambda result, exc: self._complete(request, cookie, result, exc),
+        )
+
+    def _complete(
+        self, request: _Request, cookie: AcctCookie, result: object, exc: BaseException | None
+    ) -> None:
+        """Account the outcome, apply the error policy, and tell the requester."""
+        if exc is None:
+            self.stats.done(cookie)
+            request.done(result, None)
+            return
+        if not isinstance(exc, OSError):
+            self.stats.failed(cookie)
+            request.done(None, exc)
+            return
+        action = self._error_action(request.kind, exc)
         if action == "stop":
-            action = "report"
+            # Not a failure: the request waits and is tried again on resume.
+            self.stats.retry(cookie)
+            self._publish_error(request.kind, exc, "stop")
+            self._stop_on_error(exc)
+            self._held.append(request)
+            return
+        self.stats.failed(cookie)
+        self._publish_error(request.kind, exc, action)
+        request.done(None, None if action == "ignore" else exc)
+
+    def _error_action(self, kind: IoKind, err: OSError) -> str:
+        """What rerror/werror say to do with this error: report, ignore or stop."""
+        policy = self.rerror if kind is IoKind.READ else self.werror
+        if policy == "enospc":
+            return "stop" if err.errno == errno.ENOSPC else "report"
+        return policy
+
+    def _publish_error(self, kind: IoKind, err: OSError, action: str) -> None:
+        code = err.errno or errno.EIO
         self._bus.publish(
             BlockIoError(
                 device=self.id,
@@ -182,51 +233,144 @@ class Device:
                 reason=os.strerror(code),
             )
         )
-        return action
 
-    async def pread(self, offset: int, length: int) -> bytearray:
-        """Read ``length`` bytes at ``offset``."""
+    def _stop_on_error(self, err: OSError) -> None:
+        """The first stopping error sets the I/O status; it sticks until resumed."""
+        if self.iostatus == "ok":
+            self.iostatus = "nospace" if err.errno == errno.ENOSPC else "failed"
+        self.pause()
+
+    # -- request entry points (callback style, for the NBD server's hot path) -------
+    #
+    # Each checks the request synchronously (raising NoMedium, InvalidArgument
+    # or ReadOnly, already accounted) and later calls ``done(result, exc)`` on
+    # the loop thread, possibly before returning.
+
+    def submit_read(self, offset: int, length: int, done: Done) -> None:
+        """Read ``length`` bytes at ``offset``; ``done`` gets a bytearray."""
         node = self._medium(IoKind.READ)
         self._check_range(node, IoKind.READ, offset, length)
         buf = bytearray(length)
-        await self._accounted(IoKind.READ, length, node.driver.preadv, offset, [memoryview(buf)])
-        return buf
+        views = [memoryview(buf)]
+        driver = node.driver
+        self._submit(_Request(
+            IoKind.READ, length, driver.preadv, (offset, views),
+            lambda result, exc: done(buf if exc is None else None, exc),
+            driver.memory_backed, node.nowait_read,
+        ))
 
-    async def pwrite(
-        self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False
-    ) -> None:
-        """Write ``data`` at ``offset`` (``fua``: on stable storage before returning)."""
+    def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> None:
+        """Write ``data`` at ``offset`` (``fua``: durable before ``done``)."""
         node = self._medium(IoKind.WRITE)
         length = len(data)
         self._check_range(node, IoKind.WRITE, offset, length)
         self._check_writable(node, IoKind.WRITE)
-        view = memoryview(data)
-        await self._accounted(IoKind.WRITE, length, node.driver.pwritev, offset, [view], fua)
-        node.note_write(offset, length)
 
-    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        def written(result: object, exc: BaseException | None) -> None:
+            if exc is None:
+                node.note_write(offset, length)
+            done(result, exc)
+
+        self._submit(_Request(
+            IoKind.WRITE, length, node.driver.pwritev, (offset, [data], fua), written,
+            node.driver.memory_backed,
+        ))
+
+    def submit_write_zeroes(self, offset: int, length: int, may_unmap: bool, done: Done) -> None:
         """Zero a range (accounted as a write, like QEMU)."""
         node = self._medium(IoKind.WRITE)
         self._check_range(node, IoKind.WRITE, offset, length)
         self._check_writable(node, IoKind.WRITE)
-        await self._accounted(
-            IoKind.WRITE, length, node.driver.write_zeroes, offset, length, may_unmap
-        )
-        node.note_write(offset, length)
 
-    async def discard(self, offset: int, length: int) -> None:
+        def zeroed(result: object, exc: BaseException | None) -> None:
+            if exc is None:
+                node.note_write(offset, length)
+            done(result, exc)
+
+        self._submit(_Request(
+            IoKind.WRITE, length, node.driver.write_zeroes, (offset, length, may_unmap), zeroed,
+            node.driver.memory_backed,
+        ))
+
+    def submit_discard(self, offset: int, length: int, done: Done) -> None:
         """Discard a range (a hint: drivers may ignore it)."""
         node = self._medium(IoKind.UNMAP)
         self._check_range(node, IoKind.UNMAP, offset, length)
         self._check_writable(node, IoKind.UNMAP)
-        try:
-            await self._accounted(IoKind.UNMAP, length, node.driver.discard, offset, length)
-        except OSError:
-            node.note_discard(length, ok=False)
-            raise
-        node.note_discard(length, ok=True)
+
+        def discarded(result: object, exc: BaseException | None) -> None:
+            node.note_discard(length, ok=exc is None)
+            done(result, exc)
+
+        self._submit(_Request(
+            IoKind.UNMAP, length, node.driver.discard, (offset, length), discarded,
+            node.driver.memory_backed,
+        ))
+
+    def submit_flush(self, done: Done) -> None:
+        """Make completed writes durable."""
+        node = self._medium(IoKind.FLUSH)
+        self._submit(_Request(
+            IoKind.FLUSH, 0, node.driver.flush, (), done, node.driver.memory_backed,
+        ))
+
+    # -- pausing --------------------------------------------------------------------
+
+    def pause(self, *, publish: bool = True) -> bool:
+        """Hold new and retried requests; publish STOP if the device was running."""
+        if self.paused:
+            return False
+        self.paused = True
+        if publish:
+            self._bus.publish(Stop())
+        return True
+
+    def resume(self, *, publish: bool = True) -> bool:
+        """Reset the I/O status and release held requests (RESUME if it was paused)."""
+        self.iostatus = "ok"
+        if not self.paused:
+            return False
+        self.paused = False
+        held, self._held = self._held, []
+        for request in held:
+            self._submit(request)
+        if publish:
+            self._bus.publish(Resume())
+        return True
+
+    # -- awaitable forms (QMP handlers, tests) ------------------------------------
+
+    async def _wait(self, submit: Callable[..., None], *args: object) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def done(result: object, exc: BaseException | None) -> None:
+            if future.done():
+                return
+            if exc is None:
+                future.set_result(result)
+            else:
+                future.set_exception(exc)
+
+        submit(*args, done)
+        return await future
+
+    async def pread(self, offset: int, length: int) -> bytearray:
+        """Read ``length`` bytes at ``offset``."""
+        buf: bytearray = await self._wait(self.submit_read, offset, length)
+        return buf
+
+    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        """Write ``data`` at ``offset`` (``fua``: on stable storage before returning)."""
+        await self._wait(self.submit_write, offset, data, fua)
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        """Zero a range (accounted as a write, like QEMU)."""
+        await self._wait(self.submit_write_zeroes, offset, length, may_unmap)
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Discard a range."""
+        await self._wait(self.submit_discard, offset, length)
 
     async def flush(self) -> None:
         """Make completed writes durable."""
-        node = self._medium(IoKind.FLUSH)
-        await self._accounted(IoKind.FLUSH, 0, node.driver.flush)
+        await self._wait(self.submit_flush)

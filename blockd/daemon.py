@@ -20,6 +20,7 @@ from . import __version__, sdnotify
 from .config import DaemonConfig, OptionSpec
 from .errors import BlockdError
 from .events import EventBus
+from .iothread import IoWorkers
 from .qmp.commands import CommandContext, build_table
 from .qmp.dispatch import Dispatcher
 from .qmp.schema import SchemaError
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 # The QEMU release whose QMP blockd speaks (clients check this).
 QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
 DRAIN_TIMEOUT = 30.0
-EXECUTOR_THREADS = 16
+EXECUTOR_THREADS = 8  # control operations (open, close, tray)
+IO_THREADS = 4  # data requests that may block
 
 
 class StartupError(Exception):
@@ -50,9 +52,10 @@ class Daemon:
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self.executor = ThreadPoolExecutor(EXECUTOR_THREADS, thread_name_prefix="blockd-io")
+        self.executor = ThreadPoolExecutor(EXECUTOR_THREADS, thread_name_prefix="blockd-ctl")
+        self.workers = IoWorkers(IO_THREADS)
         self.bus = EventBus()
-        self.registry = Registry(executor=self.executor, bus=self.bus)
+        self.registry = Registry(executor=self.executor, bus=self.bus, workers=self.workers)
         self.table = build_table()
         self.context = CommandContext(
             registry=self.registry,
@@ -131,6 +134,7 @@ class Daemon:
             await self.qmp.close()
         await self._drain()
         await self.registry.close_all()
+        self.workers.close()
         self.executor.shutdown(wait=True)
         if self.config.pidfile:
             with contextlib.suppress(FileNotFoundError):

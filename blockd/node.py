@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
-from .devices.base import BlockDriver, DriverInfo, NodeOptions
+from .devices.base import BlockDriver, DriverInfo, NodeOptions, NowaitReader
 from .errors import InvalidArgument
 
 __all__ = ["Node", "check_node_name"]
@@ -55,6 +56,13 @@ class Node:
     discard_nb_ok: int = 0
     discard_nb_failed: int = 0
     discard_bytes_ok: int = 0
+    # The driver's non-blocking read, if it has one (called on the loop thread).
+    nowait_read: Callable[[int, Sequence[memoryview]], int] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nowait_read = (
+            self.driver.preadv_nowait if isinstance(self.driver, NowaitReader) else None
+        )
 
     @property
     def read_only(self) -> bool:

@@ -18,8 +18,10 @@ from concurrent.futures import Executor
 from .block import Device, DeviceKind, ErrorAction
 from .devices import open_driver
 from .devices.base import BlockDriver, NodeOptions
-from .errors import BlockdError, DeviceNotFound, InUse, InvalidArgument, NotFound
-from .events import DeviceDeleted, EventBus
+from .errors import BlockdError, DeviceNotFound, InUse, InvalidArgument, NotFound, ReadOnly
+from .events import BlockExportDeleted, DeviceDeleted, EventBus
+from .exports import MAX_NBD_STRING, Export, check_export_id
+from .iothread import IoWorkers
 from .node import Node, check_node_name
 from .stats import BlockAcctStats
 
@@ -38,11 +40,15 @@ def check_device_id(value: str) -> None:
 class Registry:
     """All nodes and devices of one daemon."""
 
-    def __init__(self, *, executor: Executor | None, bus: EventBus) -> None:
-        self.executor = executor
+    def __init__(
+        self, *, executor: Executor | None, bus: EventBus, workers: IoWorkers | None = None
+    ) -> None:
+        self.executor = executor  # control operations: open, close, tray
+        self.workers = workers if workers is not None else IoWorkers()  # data requests
         self.bus = bus
         self.nodes: dict[str, Node] = {}
         self.devices: dict[str, Device] = {}
+        self.exports: dict[str, Export] = {}
 
     # -- nodes ----------------------------------------------------------------
 
@@ -108,7 +114,7 @@ class Registry:
                 raise InUse(f"Property '{kind}.drive' can't take value '{drive}', it's in use")
         elif kind == "hd":
             raise InvalidArgument("No drive specified")
-        device = Device(id, kind, node, executor=self.executor, bus=self.bus,
+        device = Device(id, kind, node, workers=self.workers, bus=self.bus,
                         rerror=rerror, werror=werror, stats=stats)
         if node is not None:
             node.user = id
@@ -118,6 +124,9 @@ class Registry:
     def del_device(self, id: str) -> None:
         """device_del: remove a device; its medium node stays, free again."""
         device = self.find_device(id=id)
+        for export in self.exports.values():
+            if export.device is device:
+                raise InUse(f"Device '{id}' is in use by export '{export.id}'")
         del self.devices[device.id]
         if device.node is not None:
             device.node.user = None
@@ -138,6 +147,79 @@ class Registry:
         if found is None:
             raise DeviceNotFound(f"Device '{name}' not found")
         return found
+
+    # -- exports ------------------------------------------------------------------
+
+    def add_export(
+        self,
+        id: str,
+        node_name: str,
+        *,
+        name: str | None = None,
+        description: str = "",
+        writable: bool = False,
+        writethrough: bool = False,
+        nbd_running: bool = True,
+    ) -> Export:
+        """block-export-add (type nbd), with QEMU's checks in QEMU's order."""
+        if not check_export_id(id):
+            raise InvalidArgument("Invalid block export id")
+        if id in self.exports:
+            raise InUse(f"Block export id '{id}' is already in use")
+        node = self.nodes.get(node_name)
+        if node is None:
+            raise NotFound(f"Cannot find device='' nor node-name='{node_name}'")
+        if writable and node.read_only:
+            raise ReadOnly("Cannot export read-only node as writable")
+        if not nbd_running:
+            raise InvalidArgument("NBD server not running")
+        export_name = node_name if name is None else name
+        if len(export_name.encode()) > MAX_NBD_STRING:
+            raise InvalidArgument(f"export name '{export_name}' too long")
+        if len(description.encode()) > MAX_NBD_STRING:
+            raise InvalidArgument(f"description '{description}' too long")
+        if any(e.name == export_name for e in self.exports.values()):
+            raise InUse(f"NBD server already has export named '{export_name}'")
+        holder = self.devices.get(node.user) if node.user is not None else None
+        implicit = holder is None
+        if holder is None:
+            if node.user is not None:  # held by something that is not a device
+                raise InUse(f"Node {node_name} is in use")
+            if id in self.devices:  # the implicit device takes the export's id
+                raise InUse(f"Duplicate device ID '{id}'")
+            holder = Device(id, "hd", node, workers=self.workers, bus=self.bus)
+            node.user = id
+            self.devices[id] = holder
+        export = Export(id, export_name, description, holder, node_name, writable,
+                        writethrough, implicit_device=implicit)
+        self.exports[id] = export
+        return export
+
+    def find_export(self, id: str) -> Export:
+        export = self.exports.get(id)
+        if export is None:
+            raise NotFound(f"Export '{id}' is not found")
+        return export
+
+    def export_by_name(self, name: str) -> Export | None:
+        """The export an NBD client asks for by name (shutting-down ones are gone)."""
+        for export in self.exports.values():
+            if export.name == name and not export.shutting_down:
+                return export
+        return None
+
+    def remove_export(self, export: Export) -> None:
+        """Forget a fully shut-down export (and its implicit device); BLOCK_EXPORT_DELETED."""
+        if self.exports.get(export.id) is not export:
+            return
+        del self.exports[export.id]
+        if export.implicit_device:
+            device = export.device
+            self.devices.pop(device.id, None)
+            if device.node is not None:
+                device.node.user = None
+                device.node = None
+        self.bus.publish(BlockExportDeleted(export.id))
 
     # -- shutdown -------------------------------------------------------------------
 

@@ -545,6 +545,17 @@ class BlockAcctStats:
             for average in c.timed:
                 average.account(now, latency)
 
+    def retry(self, cookie: AcctCookie) -> None:
+        """Take back a request whose error paused its device: it will be tried again.
+
+        QEMU does not count such an attempt at all (a request that stopped the
+        VM and later succeeds is not a failure), so only the in-flight count moves.
+        """
+        if cookie.completed:
+            return
+        cookie.completed = True
+        self._counters[cookie.kind].in_flight -= 1
+
     def invalid(self, kind: IoKind) -> None:
         """Account a request rejected before submission (it was never started)."""
         self._counters[kind].invalid += 1

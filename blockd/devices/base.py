@@ -24,6 +24,7 @@ __all__ = [
     "DriverClass",
     "DriverInfo",
     "NodeOptions",
+    "NowaitReader",
     "Passthrough",
     "Removable",
     "ScsiResult",
@@ -116,6 +117,9 @@ class BlockDriver(Protocol):
     format_name: ClassVar[str]
     options: NodeOptions
     read_only: bool  # true also after an auto-read-only fallback
+    # True when no method ever waits for a device (tmpfs without swap, null-co):
+    # the device layer then calls the driver on the event loop thread.
+    memory_backed: bool
 
     def preadv(self, offset: int, buffers: Sequence[memoryview]) -> int: ...
 
@@ -147,6 +151,15 @@ class DriverClass(Protocol):
     @classmethod
     def probe_device(cls, filename: str) -> int:
         """Score (0-100) for how well this driver fits ``filename`` (QEMU's bdrv_probe_device)."""
+        ...
+
+
+@runtime_checkable
+class NowaitReader(Protocol):
+    """A driver that can try a read without blocking (served from a cache)."""
+
+    def preadv_nowait(self, offset: int, buffers: Sequence[memoryview]) -> int:
+        """Like preadv, but raise BlockingIOError instead of waiting for a device."""
         ...
 
 

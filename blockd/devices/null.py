@@ -78,6 +78,8 @@ class NullDriver:
             raise InvalidArgument(f"Invalid latency-ns {options.latency_ns}")
         self.options = options
         self.read_only = options.read_only
+        # Without a simulated latency nothing here can wait: serve on the loop thread.
+        self.memory_backed = options.latency_ns == 0
         given = options.given
         self.filename = null_pseudo_filename(
             options.size if "size" in given else None,

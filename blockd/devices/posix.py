@@ -63,6 +63,33 @@ _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 _fallocate.restype = ctypes.c_int
 
 
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
+_fstatfs.restype = ctypes.c_int
+
+# statfs(2) f_type values of file systems that keep their data in memory.
+TMPFS_MAGIC = 0x01021994
+RAMFS_MAGIC = 0x858458F6
+
+
+def filesystem_type(fd: int) -> int:
+    """The ``f_type`` magic of the file system ``fd`` lives on (statfs(2)); raise OSError."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if _fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], "little", signed=True)
+
+
+def swap_active() -> bool:
+    """Whether any swap is on (then memory-backed pages may need disk I/O)."""
+    try:
+        with open("/proc/swaps") as f:
+            return len(f.read().splitlines()) > 1
+    except OSError:
+        return True
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """Linux fallocate(2) with ``mode`` flags (Python's os module has none); raise OSError."""
     if _fallocate(fd, mode, offset, length) != 0:
@@ -188,6 +215,17 @@ class PosixDriver:
         self._discard_supported = True
         self._zero_supported = True
         self._dsync_supported = hasattr(os, "RWF_DSYNC")
+        self._nowait_supported = hasattr(os, "RWF_NOWAIT") and not options.cache_direct
+        self.memory_backed = self._memory_backed(fd)
+
+    def _memory_backed(self, fd: int) -> bool:
+        """True for regular files on tmpfs/ramfs with no swap: no call ever waits for a disk."""
+        if not self._regular_file or self.options.cache_direct or swap_active():
+            return False
+        try:
+            return filesystem_type(fd) in (TMPFS_MAGIC, RAMFS_MAGIC)
+        except OSError:
+            return False
 
     # -- subclass hooks ---------------------------------------------------
 
@@ -276,6 +314,28 @@ class PosixDriver:
         was there, and the caller decides what to do with the rest.
         """
         return self._io.read(offset, buffers)
+
+    def preadv_nowait(self, offset: int, buffers: Sequence[memoryview]) -> int:
+        """Read only if the data is already in the page cache (preadv2 with RWF_NOWAIT).
+
+        Safe to call on the event loop thread: it never waits for a disk.
+        Raises BlockingIOError when the caller must use :meth:`preadv` from a
+        worker instead: data not cached, a partial result, or a backing that
+        does not support RWF_NOWAIT (tmpfs; then it stops trying).
+        """
+        if not self._nowait_supported:
+            raise BlockingIOError(errno.EAGAIN, "non-blocking reads are not supported")
+        wanted = sum(len(b) for b in buffers)
+        try:
+            count = os.preadv(self._fd, buffers, offset, os.RWF_NOWAIT)
+        except OSError as exc:
+            if exc.errno in UNSUPPORTED_ERRNOS:
+                self._nowait_supported = False
+                raise BlockingIOError(errno.EAGAIN, "non-blocking reads are not supported") from exc
+            raise
+        if count != wanted:
+            raise BlockingIOError(errno.EAGAIN, "partly cached")
+        return count
 
     def pwritev(self, offset: int, buffers: Sequence[Buffer], fua: bool = False) -> int:
         """Write all of ``buffers`` at ``offset``; with ``fua`` the data is durable on return.

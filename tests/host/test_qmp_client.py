@@ -16,6 +16,7 @@ ALL_COMMANDS = {
     "qmp_capabilities", "query-version", "query-commands", "quit", "blockdev-add",
     "blockdev-del", "query-named-block-nodes", "query-block", "query-blockstats",
     "block-latency-histogram-set", "device_add", "device_del",
+    "stop", "cont", "query-status", "blockd-device-resume",
 }
 
 

@@ -671,3 +671,16 @@ def test_io_kind_values_are_qmp_prefixes() -> None:
     assert [k.value for k in IoKind] == ["rd", "wr", "flush", "unmap"]
     assert IoKind("flush") is IoKind.FLUSH
     assert {IoKind.READ: 1}[IoKind("rd")] == 1
+
+
+def test_retry_counts_nothing_but_leaves_flight() -> None:
+    clock = iter(range(0, 10_000, 100)).__next__
+    stats = BlockAcctStats(clock=clock)
+    cookie = stats.start(IoKind.WRITE, 512)
+    assert stats.in_flight(IoKind.WRITE) == 1
+    stats.retry(cookie)
+    stats.retry(cookie)  # idempotent, like done/failed
+    assert stats.in_flight() == 0
+    qmp = stats.to_qmp()
+    assert (qmp["wr_operations"], qmp["failed_wr_operations"], qmp["wr_total_time_ns"]) == (0, 0, 0)
+    assert "idle_time_ns" not in qmp
