@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from .config import ConfigError, InfoRequested, parse_command_line
 from .daemon import Daemon, StartupError
@@ -30,13 +32,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     daemon = Daemon(config)
     try:
-        asyncio.run(_run(daemon, config.default_used))
+        _event_loop_runner()(_run(daemon, config.default_used))
     except StartupError as err:
         print(f"blockd: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
+    """uvloop's runner when uvloop is installed (much less overhead per request), else asyncio's."""
+    if os.environ.get("BLOCKD_EVENT_LOOP") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run
+    return asyncio.run
 
 
 async def _run(daemon: Daemon, default_used: bool) -> None:

@@ -50,6 +50,7 @@ class _Request:
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     done: Done
+    node: Node
     inline: bool = False  # the driver never blocks: call it on the loop thread
     nowait: Callable[..., Any] | None = None  # try this on the loop thread first
 
@@ -171,6 +172,7 @@ class Device:
         if self.paused:
             self._held.append(request)
             return
+        request.node.in_flight += 1
         cookie = self.stats.start(request.kind, request.nbytes)
         if request.inline or request.nowait is not None:
             call = request.fn if request.inline else request.nowait
@@ -194,6 +196,7 @@ class Device:
         self, request: _Request, cookie: AcctCookie, result: object, exc: BaseException | None
     ) -> None:
         """Account the outcome, apply the error policy, and tell the requester."""
+        request.node.in_flight -= 1
         if exc is None:
             self.stats.done(cookie)
             request.done(result, None)
@@ -256,7 +259,7 @@ class Device:
         self._submit(_Request(
             IoKind.READ, length, driver.preadv, (offset, views),
             lambda result, exc: done(buf if exc is None else None, exc),
-            driver.memory_backed, node.nowait_read,
+            node, driver.memory_backed, node.nowait_read,
         ))
 
     def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> None:
@@ -273,7 +276,7 @@ class Device:
 
         self._submit(_Request(
             IoKind.WRITE, length, node.driver.pwritev, (offset, [data], fua), written,
-            node.driver.memory_backed,
+            node, node.driver.memory_backed,
         ))
 
     def submit_write_zeroes(self, offset: int, length: int, may_unmap: bool, done: Done) -> None:
@@ -289,7 +292,7 @@ class Device:
 
         self._submit(_Request(
             IoKind.WRITE, length, node.driver.write_zeroes, (offset, length, may_unmap), zeroed,
-            node.driver.memory_backed,
+            node, node.driver.memory_backed,
         ))
 
     def submit_discard(self, offset: int, length: int, done: Done) -> None:
@@ -304,14 +307,14 @@ class Device:
 
         self._submit(_Request(
             IoKind.UNMAP, length, node.driver.discard, (offset, length), discarded,
-            node.driver.memory_backed,
+            node, node.driver.memory_backed,
         ))
 
     def submit_flush(self, done: Done) -> None:
         """Make completed writes durable."""
         node = self._medium(IoKind.FLUSH)
         self._submit(_Request(
-            IoKind.FLUSH, 0, node.driver.flush, (), done, node.driver.memory_backed,
+            IoKind.FLUSH, 0, node.driver.flush, (), done, node, node.driver.memory_backed,
         ))
 
     # -- pausing --------------------------------------------------------------------

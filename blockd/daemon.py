@@ -21,11 +21,14 @@ from .config import DaemonConfig, OptionSpec
 from .errors import BlockdError
 from .events import EventBus
 from .iothread import IoWorkers
+from .nbd.server import NbdServer
 from .qmp.commands import CommandContext, build_table
+from .qmp.commands.exports import NBD_SERVER_OPTIONS, address_from_args, start_server
 from .qmp.dispatch import Dispatcher
 from .qmp.schema import SchemaError
 from .qmp.server import QmpServer
 from .registry import Registry
+from .stats import NoAccounting
 
 __all__ = ["QEMU_VERSION", "Daemon", "StartupError", "version_info"]
 
@@ -56,9 +59,14 @@ class Daemon:
         self.workers = IoWorkers(IO_THREADS)
         self.bus = EventBus()
         self.registry = Registry(executor=self.executor, bus=self.bus, workers=self.workers)
+        if os.environ.get("BLOCKD_NO_ACCOUNTING") == "1":
+            log.warning("BLOCKD_NO_ACCOUNTING=1: I/O statistics are off (benchmarking only)")
+            self.registry.stats_class = NoAccounting
         self.table = build_table()
+        self.nbd = NbdServer(self.registry)
         self.context = CommandContext(
             registry=self.registry,
+            nbd=self.nbd,
             version=version_info(),
             request_quit=self.request_stop,
             command_names=self.table.names,
@@ -72,8 +80,6 @@ class Daemon:
         """Apply the configuration and open the listeners; raise StartupError on failure."""
         self._stop = asyncio.Event()
         self.qmp = QmpServer(self.dispatcher, self.bus, version_info())
-        if self.config.nbd_server is not None or self.config.exports:
-            raise StartupError("--nbd-server and --export are not supported yet")
         if self.config.objects:
             # No object type (TLS credentials, secrets, iothreads) is implemented yet.
             raise StartupError(f"--object {self.config.objects[0]}: object types are not supported")
@@ -81,6 +87,10 @@ class Daemon:
             await self._apply("blockdev-add", "--blockdev", spec)
         for spec in self.config.devices:
             await self._apply("device_add", "--device", spec)
+        if self.config.nbd_server is not None:
+            await self._start_nbd(self.config.nbd_server)
+        for spec in self.config.exports:
+            await self._apply("block-export-add", "--export", spec)
         for listener in self.config.qmp:
             try:
                 if listener.path is not None:
@@ -110,6 +120,16 @@ class Daemon:
         except (SchemaError, BlockdError) as err:
             raise StartupError(f"{option}: {err}") from None
 
+    async def _start_nbd(self, spec: OptionSpec) -> None:
+        """--nbd-server: qemu-storage-daemon's flat socket address form."""
+        try:
+            args = NBD_SERVER_OPTIONS.check(dict(spec.args), "", spec.from_keyval)
+            addr = args["addr"]
+            assert isinstance(addr, dict)
+            await start_server(self.context, args, address_from_args(addr))
+        except (SchemaError, BlockdError) as err:
+            raise StartupError(f"--nbd-server: {err}") from None
+
     def request_stop(self) -> None:
         if self._stop is not None:
             self._stop.set()
@@ -130,6 +150,7 @@ class Daemon:
     async def shutdown(self) -> None:
         """Close sessions, drain I/O, close devices and nodes, remove files."""
         sdnotify.notify("STOPPING=1")
+        await self.nbd.stop(missing_ok=True)
         if self.qmp is not None:
             await self.qmp.close()
         await self._drain()
@@ -143,7 +164,7 @@ class Daemon:
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DRAIN_TIMEOUT
-        while any(d.stats.in_flight() for d in self.registry.devices.values()):
+        while any(n.in_flight for n in self.registry.nodes.values()):
             if loop.time() > deadline:
                 log.warning("giving up waiting for in-flight I/O")
                 return

@@ -56,6 +56,7 @@ class Node:
     discard_nb_ok: int = 0
     discard_nb_failed: int = 0
     discard_bytes_ok: int = 0
+    in_flight: int = 0  # requests running in the driver now (it must not close under them)
     # The driver's non-blocking read, if it has one (called on the loop thread).
     nowait_read: Callable[[int, Sequence[memoryview]], int] | None = field(init=False)
 

@@ -44,6 +44,7 @@ class Registry:
         self, *, executor: Executor | None, bus: EventBus, workers: IoWorkers | None = None
     ) -> None:
         self.executor = executor  # control operations: open, close, tray
+        self.stats_class: type[BlockAcctStats] = BlockAcctStats
         self.workers = workers if workers is not None else IoWorkers()  # data requests
         self.bus = bus
         self.nodes: dict[str, Node] = {}
@@ -84,6 +85,7 @@ class Registry:
         if not node.monitor_owned:
             raise InUse(f"Node {name} is not owned by the monitor")
         del self.nodes[name]
+        await _quiesce(node)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, node.driver.close)
 
@@ -115,7 +117,7 @@ class Registry:
         elif kind == "hd":
             raise InvalidArgument("No drive specified")
         device = Device(id, kind, node, workers=self.workers, bus=self.bus,
-                        rerror=rerror, werror=werror, stats=stats)
+                        rerror=rerror, werror=werror, stats=stats or self.stats_class())
         if node is not None:
             node.user = id
         self.devices[id] = device
@@ -187,7 +189,8 @@ class Registry:
                 raise InUse(f"Node {node_name} is in use")
             if id in self.devices:  # the implicit device takes the export's id
                 raise InUse(f"Duplicate device ID '{id}'")
-            holder = Device(id, "hd", node, workers=self.workers, bus=self.bus)
+            holder = Device(id, "hd", node, workers=self.workers, bus=self.bus,
+                            stats=self.stats_class())
             node.user = id
             self.devices[id] = holder
         export = Export(id, export_name, description, holder, node_name, writable,
@@ -208,8 +211,8 @@ class Registry:
                 return export
         return None
 
-    def remove_export(self, export: Export) -> None:
-        """Forget a fully shut-down export (and its implicit device); BLOCK_EXPORT_DELETED."""
+    def remove_export(self, export: Export, *, announce: bool = True) -> None:
+        """Forget a shut-down export and its implicit device; announce BLOCK_EXPORT_DELETED."""
         if self.exports.get(export.id) is not export:
             return
         del self.exports[export.id]
@@ -219,7 +222,8 @@ class Registry:
             if device.node is not None:
                 device.node.user = None
                 device.node = None
-        self.bus.publish(BlockExportDeleted(export.id))
+        if announce:
+            self.bus.publish(BlockExportDeleted(export.id))
 
     # -- shutdown -------------------------------------------------------------------
 
@@ -231,8 +235,17 @@ class Registry:
         loop = asyncio.get_running_loop()
         nodes, self.nodes = list(self.nodes.values()), {}
         for node in nodes:
+            await _quiesce(node)
             with contextlib.suppress(OSError):
                 await loop.run_in_executor(self.executor, node.driver.close)
+
+
+async def _quiesce(node: Node, timeout: float = 30.0) -> None:
+    """Wait until no request is running in ``node``'s driver (so its fd can be closed)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while node.in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.005)
 
 
 def _open_node(options: NodeOptions, monitor_owned: bool) -> Node:

@@ -639,3 +639,22 @@ class BlockAcctStats:
         checked = _check_boundaries(boundaries)
         c.boundaries = checked
         c.bins = [0] * (len(checked) + 1)
+
+
+class NoAccounting(BlockAcctStats):
+    """Counts nothing.  Only for measuring what accounting costs (``BLOCKD_NO_ACCOUNTING=1``)."""
+
+    def start(self, kind: IoKind, nbytes: int) -> AcctCookie:
+        return AcctCookie(kind, nbytes, 0)
+
+    def done(self, cookie: AcctCookie) -> None:
+        pass
+
+    def failed(self, cookie: AcctCookie) -> None:
+        pass
+
+    def retry(self, cookie: AcctCookie) -> None:
+        pass
+
+    def invalid(self, kind: IoKind) -> None:
+        pass

@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 __all__ = [
+    "EXTENT_HOLE",
+    "EXTENT_ZERO",
+    "AllocationReporter",
     "BlockDriver",
     "DriverClass",
     "DriverInfo",
@@ -160,6 +163,20 @@ class NowaitReader(Protocol):
 
     def preadv_nowait(self, offset: int, buffers: Sequence[memoryview]) -> int:
         """Like preadv, but raise BlockingIOError instead of waiting for a device."""
+        ...
+
+
+# Extent flags for block status, as NBD's base:allocation context defines them.
+EXTENT_HOLE = 1  # not allocated: reads as zeroes and takes no space
+EXTENT_ZERO = 2  # reads as zeroes
+
+
+@runtime_checkable
+class AllocationReporter(Protocol):
+    """A driver that can tell allocated ranges from holes (SEEK_DATA/SEEK_HOLE)."""
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Extents ``(length, flags)`` covering at least the start of the range, in order."""
         ...
 
 

@@ -21,9 +21,11 @@ Raises what PosixDriver raises (see there).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
+from blockd.devices.base import EXTENT_HOLE, EXTENT_ZERO
 from blockd.devices.posix import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -60,6 +62,28 @@ class FileDriver(PosixDriver):
 
     def getlength(self) -> int:
         return os.fstat(self.fd).st_size
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Data and holes from SEEK_DATA/SEEK_HOLE (holes read as zeroes)."""
+        end = min(offset + length, self.getlength())
+        extents: list[tuple[int, int]] = []
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: no data after pos
+                    raise
+                data = end
+            if data > pos:
+                hole_end = min(data, end)
+                extents.append((hole_end - pos, EXTENT_HOLE | EXTENT_ZERO))
+                pos = hole_end
+                continue
+            hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
+            extents.append((hole - pos, 0))
+            pos = hole
+        return extents
 
     def _discard(self, offset: int, length: int) -> None:
         fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)

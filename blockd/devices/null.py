@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import ClassVar, Self
 
-from blockd.devices.base import Buffer, DriverInfo, NodeOptions
+from blockd.devices.base import EXTENT_HOLE, EXTENT_ZERO, Buffer, DriverInfo, NodeOptions
 from blockd.errors import InvalidArgument, ReadOnly
 
 __all__ = ["NullDriver", "null_pseudo_filename"]
@@ -142,6 +142,11 @@ class NullDriver:
 
     def getlength(self) -> int:
         return self.options.size
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """All zeroes with read-zeroes (nothing is stored), else unknown data."""
+        length = self._clamp(offset, length)
+        return [(length, EXTENT_HOLE | EXTENT_ZERO if self.options.read_zeroes else 0)]
 
     def get_info(self) -> DriverInfo:
         return DriverInfo(

@@ -32,6 +32,7 @@ __all__ = [
     "Enum",
     "Member",
     "SchemaError",
+    "SimpleUnion",
     "Struct",
     "Type",
     "Union",
@@ -275,6 +276,27 @@ class Union(Type):
         branch.check_members(value, path, keyval, out)
         Struct.check_unexpected(value, path, {**self.base.members, **branch.members})
         return out
+
+
+@dataclass
+class SimpleUnion(Type):
+    """A legacy ("simple") union: ``{"type": T, "data": {...}}`` with one struct per type."""
+
+    branches: dict[str, Struct]
+    json_name: str = "object"
+
+    def check(self, value: object, path: str, keyval: bool = False) -> dict[str, object]:
+        if not isinstance(value, Mapping):
+            raise self._wrong_type(path)
+        kind = Enum(*self.branches).check(value.get("type"), _join(path, "type"), keyval) \
+            if "type" in value else None
+        if kind is None:
+            raise SchemaError(f"Parameter '{_join(path, 'type')}' is missing")
+        if "data" not in value:
+            raise SchemaError(f"Parameter '{_join(path, 'data')}' is missing")
+        data = self.branches[str(kind)].check(value["data"], _join(path, "data"), keyval)
+        Struct.check_unexpected(value, path, {"type": Member(STR), "data": Member(ANY)})
+        return {"type": kind, "data": data}
 
 
 def struct(**members: Member) -> Struct:

@@ -87,3 +87,70 @@ def loop_device(tmp_path: Path) -> Iterator[LoopFactory]:
     finally:
         for path in reversed(attached):
             _detach(path)
+
+
+@dataclass
+class FailingFile:
+    """A file whose reads and writes fail with a real EIO from the kernel while ``failing``.
+
+    nbdkit's memory plugin behind its error filter, mounted as a file with
+    nbdfuse: the kernel's FUSE layer returns EIO to the reader when nbdkit
+    injects the error, which it does while the trigger file exists.
+    """
+
+    path: Path
+    trigger: Path
+
+    def fail(self, on: bool = True) -> None:
+        if on:
+            self.trigger.touch()
+        else:
+            self.trigger.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def failing_file(tmp_path: Path) -> Iterator[FailingFile]:
+    """A 16 MiB FUSE file that returns EIO on demand (needs root, nbdkit and nbdfuse)."""
+    if os.geteuid() != 0:
+        pytest.skip("FUSE mounts need root")
+    for tool in ("nbdkit", "nbdfuse"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (Debian packages nbdkit, libnbd-bin)")
+    mountpoint = tmp_path / "fuse"
+    mountpoint.mkdir()
+    trigger = tmp_path / "inject-eio"
+    proc = subprocess.Popen(
+        ["nbdfuse", str(mountpoint / "disk"), "--command", "nbdkit", "-s", "--filter=error",
+         "memory", "size=16M", "error-rate=100%", f"error-file={trigger}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path = mountpoint / "disk"
+    deadline = time.monotonic() + 20
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("nbdfuse did not mount")
+        time.sleep(0.05)
+    try:
+        yield FailingFile(path, trigger)
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=False, capture_output=True)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs mount (writes beyond its space fail with a real ENOSPC)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting tmpfs needs root")
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mountpoint)],
+                   check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)

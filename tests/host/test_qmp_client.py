@@ -17,6 +17,8 @@ ALL_COMMANDS = {
     "blockdev-del", "query-named-block-nodes", "query-block", "query-blockstats",
     "block-latency-histogram-set", "device_add", "device_del",
     "stop", "cont", "query-status", "blockd-device-resume",
+    "nbd-server-start", "nbd-server-stop", "block-export-add", "block-export-del",
+    "query-block-exports", "nbd-server-add", "nbd-server-remove",
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
+from ...nbd.server import NbdServer
 from ...registry import Registry
 from ..schema import Struct, Type, Union
 
@@ -25,6 +26,7 @@ class CommandContext:
     """What handlers may touch: the registry and daemon-level hooks."""
 
     registry: Registry
+    nbd: NbdServer
     version: dict[str, object]
     request_quit: Callable[[], None]
     command_names: Callable[[], Iterable[str]] = lambda: ()

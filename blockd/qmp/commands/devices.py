@@ -8,7 +8,6 @@ Property errors use QEMU's texts with the model name in place of QEMU's.
 from __future__ import annotations
 
 from ...block import ERROR_ACTIONS
-from ...stats import BlockAcctStats
 from ..schema import BOOL, STR, UINT32, Array, Enum, Member, SchemaError, Struct
 from .base import Args, CommandContext, CommandTable
 
@@ -54,7 +53,7 @@ def register(table: CommandTable) -> None:
             args.get("drive"),  # type: ignore[arg-type]
             rerror=args.get("rerror", "auto"),  # type: ignore[arg-type]
             werror=args.get("werror", "auto"),  # type: ignore[arg-type]
-            stats=BlockAcctStats(
+            stats=ctx.registry.stats_class(
                 account_invalid=bool(args.get("account-invalid", True)),
                 account_failed=bool(args.get("account-failed", True)),
                 intervals=intervals,

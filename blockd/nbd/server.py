@@ -1,0 +1,439 @@
+"""The NBD server: listeners, one asyncio protocol per client, export lifecycle.
+
+Each client connection is an :class:`asyncio.Protocol` around a sans-IO
+:class:`~blockd.nbd.protocol.NbdServerConnection`.  No coroutine or task is
+created per request: ``data_received`` parses what arrived and hands each
+request to the export's device with a completion callback, which writes the
+reply.  Replies may go out in any order (NBD allows it).  Requests a device can
+serve without blocking complete before ``data_received`` returns; the rest
+complete when the I/O workers are done.
+
+Back-pressure: a client may have at most ``MAX_IN_FLIGHT`` requests in flight;
+beyond that, and while the transport's write buffer is full, the server stops
+reading from it.  A client that breaks the protocol is disconnected; requests
+it left in flight still complete (acknowledged writes are never lost), their
+replies dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable, Sequence
+from typing import cast
+
+from ..block import Device
+from ..devices.base import AllocationReporter
+from ..errors import BlockdError, InUse, InvalidArgument, NotFound, Unsupported
+from ..exports import Export
+from ..registry import Registry
+from .address import NbdAddress
+from .constants import CommandFlag
+from .errors import NbdProtocolError, errno_to_nbd
+from .protocol import (
+    NEED_DATA,
+    BlockStatus,
+    Closed,
+    Disconnect,
+    ExportInfo,
+    Flush,
+    NbdServerConnection,
+    Read,
+    Ready,
+    Rejected,
+    Send,
+    Trim,
+    Write,
+    WriteZeroes,
+)
+
+__all__ = ["NbdServer"]
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 128
+MAX_BLOCK = 32 << 20
+PREFERRED_BLOCK = 4096
+
+
+class _Catalog:
+    """What the sans-IO connection may see: the registry's exports, described for NBD."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self._server = server
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        export = self._server.registry.export_by_name(name)
+        if export is None:
+            return None
+        try:
+            return self._server.describe(export)
+        except BlockdError:  # no medium right now: the export cannot be opened
+            return None
+
+    def names(self) -> Sequence[tuple[str, str]]:
+        return [
+            (e.name, e.description)
+            for e in self._server.registry.exports.values()
+            if not e.shutting_down
+        ]
+
+
+class _Client(asyncio.Protocol):
+    """One NBD client connection."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.conn = NbdServerConnection(server.catalog)
+        self.transport: asyncio.Transport | None = None
+        self.export: Export | None = None
+        self.in_flight = 0
+        self.closed = False
+        self._reading_paused = False
+        self._writing_paused = False
+        self._disconnecting = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not derive from asyncio.Transport, but behave like one.
+        self.transport = cast(asyncio.Transport, transport)
+        self.server.clients.add(self)
+        if 0 < self.server.max_connections < len(self.server.clients):
+            log.warning("NBD: refusing a client: %d connections", len(self.server.clients) - 1)
+            self.close()
+            return
+        self.transport.write(self.conn.initial_data())
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        self.conn.receive_data(b"")
+        self._process()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.clients.discard(self)
+        if self.export is not None:
+            self.export.clients.discard(self)
+            self.server.client_gone(self.export)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        conn = self.conn
+        while not self.closed and not self._disconnecting:
+            try:
+                event = conn.next_event()
+            except NbdProtocolError as exc:
+                log.info("NBD client broke the protocol: %s", exc)
+                self.close()
+                return
+            if event is NEED_DATA:
+                break
+            self._handle(event)
+        self._update_reading()
+
+    def _handle(self, event: object) -> None:
+        match event:
+            case Read():
+                self._start()
+                self._submit_read(event)
+            case Write():
+                self._start()
+                self._submit(event.cookie, self._device().submit_write, event.offset,
+                             event.data, event.fua)
+            case Flush():
+                self._start()
+                self._submit(event.cookie, self._device().submit_flush)
+            case Trim():
+                self._start()
+                self._submit(event.cookie, self._device().submit_discard, event.offset,
+                             event.length, fua=bool(event.flags & CommandFlag.FUA))
+            case WriteZeroes():
+                self._start()
+                self._submit(event.cookie, self._device().submit_write_zeroes, event.offset,
+                             event.length, not event.flags & CommandFlag.NO_HOLE,
+                             fua=bool(event.flags & CommandFlag.FUA))
+            case BlockStatus():
+                self._start()
+                self._block_status(event)
+            case Rejected():
+                self._write(self.conn.reply_error(event.cookie, event.error))
+            case Send():
+                self._write(event.data)
+            case Ready():
+                export = event.export.handle
+                assert isinstance(export, Export)
+                self.export = export
+                export.clients.add(self)
+            case Disconnect() | Closed():
+                # Finish what is in flight, then close (the spec's NBD_CMD_DISC).
+                self._disconnecting = True
+                self._close_when_idle()
+            case _:
+                log.error("NBD: unexpected event %r", event)
+                self.close()
+
+    def _device(self) -> Device:
+        assert self.export is not None
+        return self.export.device
+
+    def _close_when_idle(self) -> None:
+        if self._disconnecting and self.in_flight == 0:
+            self.close()
+
+    def _start(self) -> None:
+        self.in_flight += 1
+
+    def _finish(self, data: bytes | None) -> None:
+        self.in_flight -= 1
+        if data is not None:
+            self._write(data)
+        self._update_reading()
+        self._close_when_idle()
+
+    def _submit(
+        self, cookie: int, submit: Callable[..., None], *args: object, fua: bool = False
+    ) -> None:
+        """Start one request; its reply is written when the device calls back.
+
+        ``fua`` on commands without their own FUA (trim, write-zeroes) is honoured
+        with a flush after the command.
+        """
+        conn = self.conn
+        device = self._device()
+
+        def done(result: object, exc: BaseException | None) -> None:
+            if exc is not None:
+                self._finish(conn.reply_error(cookie, _nbd_error(exc)))
+            elif fua:
+                self.in_flight -= 1  # the flush takes over this request's slot
+                self._start()
+                self._submit(cookie, device.submit_flush)
+            else:
+                self._finish(conn.reply_ok(cookie))
+
+        try:
+            submit(*args, done)
+        except (BlockdError, OSError) as exc:
+            self._finish(conn.reply_error(cookie, _nbd_error(exc)))
+
+    def _submit_read(self, event: Read) -> None:
+        conn = self.conn
+        cookie, offset, length = event.cookie, event.offset, event.length
+
+        def done(buf: bytearray | None, exc: BaseException | None) -> None:
+            self.in_flight -= 1
+            if exc is None and buf is not None:
+                self._write_data(conn.reply_read_header(cookie, offset, length), buf)
+            else:
+                self._write(conn.reply_error(cookie, _nbd_error(exc)))
+            self._update_reading()
+            self._close_when_idle()
+
+        assert self.export is not None
+        try:
+            self.export.device.submit_read(offset, length, done)
+        except (BlockdError, OSError) as exc:
+            self._finish(conn.reply_error(cookie, _nbd_error(exc)))
+
+    def _block_status(self, event: BlockStatus) -> None:
+        assert self.export is not None
+        node = self.export.device.node
+        driver = node.driver if node is not None else None
+        try:
+            if not isinstance(driver, AllocationReporter):
+                raise Unsupported("block status is not supported", errno.ENOTSUP)
+            extents = driver.block_status(event.offset, event.length)
+        except (BlockdError, OSError) as exc:
+            self._finish(self.conn.reply_error(event.cookie, _nbd_error(exc)))
+            return
+        if event.flags & CommandFlag.REQ_ONE:
+            extents = extents[:1]
+        self._finish(self.conn.reply_block_status(event.cookie, extents))
+
+    # -- output and flow control ---------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def _write_data(self, header: bytes, data: bytearray) -> None:
+        if self.closed or self.transport is None:
+            return
+        if len(data) <= 65536:
+            self.transport.write(header + data)
+        else:
+            self.transport.writelines((header, data))
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self.closed:
+            return
+        want_pause = self.in_flight >= MAX_IN_FLIGHT or self._writing_paused
+        if want_pause and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        elif not want_pause and self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def close(self, hard: bool = False) -> None:
+        """End the connection (``hard``: drop unsent replies too)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if hard:
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+
+def _nbd_error(exc: BaseException | None) -> int:
+    err = getattr(exc, "errno", None)
+    return errno_to_nbd(err if isinstance(err, int) else errno.EIO)
+
+
+class NbdServer:
+    """The daemon's NBD server: at most one set of listeners, many exports."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.catalog = _Catalog(self)
+        self.clients: set[_Client] = set()
+        self.max_connections = 100
+        self.address: NbdAddress | None = None
+        self._server: asyncio.AbstractServer | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def describe(self, export: Export) -> ExportInfo:
+        """The export as NBD negotiation shows it, from its device's current medium."""
+        device = export.device
+        node = device.node
+        if node is None or not device.is_available():
+            raise BlockdError("No medium found", errno.ENOMEDIUM)
+        info = node.info
+        writable = export.writable and not node.read_only
+        minimum = max(1, info.request_alignment)
+        return ExportInfo(
+            name=export.name,
+            description=export.description,
+            size=node.size,
+            read_only=not writable,
+            can_flush=True,
+            can_fua=writable,
+            can_trim=writable,
+            can_write_zeroes=writable,
+            can_fast_zero=False,
+            can_multi_conn=self.max_connections != 1,
+            can_allocation=isinstance(node.driver, AllocationReporter),
+            min_block=minimum,
+            preferred_block=max(PREFERRED_BLOCK, minimum),
+            max_block=MAX_BLOCK,
+            handle=export,
+        )
+
+    async def start(self, address: NbdAddress, max_connections: int) -> None:
+        """nbd-server-start; raise BlockdError with QEMU's texts."""
+        if self._server is not None:
+            raise InUse("NBD server already running")
+        if not address.is_loopback:
+            raise InvalidArgument(
+                f"NBD on non-loopback address {address.host} needs TLS, which blockd does not "
+                "support yet; listen on a UNIX socket or a loopback address"
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            if address.path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    if stat.S_ISSOCK(os.stat(address.path).st_mode):
+                        os.unlink(address.path)
+                old_umask = os.umask(0o177)
+                try:
+                    self._server = await loop.create_unix_server(
+                        lambda: _Client(self), address.path
+                    )
+                finally:
+                    os.umask(old_umask)
+            else:
+                assert address.port is not None
+                self._server = await loop.create_server(
+                    lambda: _Client(self), address.host, address.port
+                )
+        except OSError as exc:
+            raise BlockdError(f"Failed to bind socket: {exc.strerror}", exc.errno) from None
+        self.address = address
+        self.max_connections = max_connections
+
+    def bound_port(self) -> int | None:
+        """The TCP port actually bound (useful with port 0)."""
+        if self._server is None or self.address is None or self.address.path is not None:
+            return None
+        sockets = getattr(self._server, "sockets", ())
+        return int(sockets[0].getsockname()[1]) if sockets else None
+
+    def export_added(self, export: Export) -> None:
+        """Check that a new export can be served now (QEMU checks the length at once)."""
+        try:
+            self.describe(export)
+        except BlockdError as exc:
+            raise BlockdError(
+                f"Failed to determine the NBD export's length: {os.strerror(exc.errno)}",
+                exc.errno,
+            ) from None
+
+    async def delete_export(self, export: Export, *, hard: bool) -> None:
+        """block-export-del: refuse in safe mode while clients are connected."""
+        if export.shutting_down:
+            raise InUse(f"Export '{export.id}' is already shutting down")
+        if export.clients and not hard:
+            raise InUse(f"export '{export.id}' still in use")
+        export.shutting_down = True
+        if not export.clients:
+            self.registry.remove_export(export)
+            return
+        for client in list(export.clients):
+            assert isinstance(client, _Client)
+            client.close(hard=True)
+
+    def client_gone(self, export: Export) -> None:
+        """A client of ``export`` disconnected: finish a pending deletion."""
+        if export.shutting_down and not export.clients:
+            self.registry.remove_export(export)
+
+    async def stop(self, *, missing_ok: bool = False) -> None:
+        """nbd-server-stop: close the listener and remove every NBD export (hard)."""
+        if self._server is None:
+            if missing_ok:
+                return
+            raise NotFound("NBD server not running")
+        server, self._server = self._server, None
+        server.close()
+        for export in list(self.registry.exports.values()):
+            if not export.shutting_down:
+                await self.delete_export(export, hard=True)
+        for client in list(self.clients):
+            client.close(hard=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 5)
+        if self.address is not None and self.address.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.address.path)
+        self.address = None
