@@ -96,6 +96,9 @@ class _Client(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._disconnecting = False
+        self._out: list[bytes | bytearray] = []
+        self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -270,17 +273,33 @@ class _Client(asyncio.Protocol):
 
     # -- output and flow control ---------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(data)
+    # Replies are gathered and written once per turn of the event loop: with many
+    # requests in flight that is one system call (and one wake-up of the client)
+    # for a whole batch of replies instead of one per reply.
+
+    def _write(self, data: bytes | bytearray) -> None:
+        if self.closed:
+            return
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
     def _write_data(self, header: bytes, data: bytearray) -> None:
-        if self.closed or self.transport is None:
+        if self.closed:
             return
-        if len(data) <= 65536:
-            self.transport.write(header + data)
+        self._out.append(header)
+        self._write(data)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if self.transport is None or self.transport.is_closing() or not out:
+            return
+        if len(out) == 1:
+            self.transport.write(out[0])
         else:
-            self.transport.writelines((header, data))
+            self.transport.writelines(out)
 
     def _update_reading(self) -> None:
         if self.transport is None or self.closed:
@@ -300,6 +319,7 @@ class _Client(asyncio.Protocol):
         if hard:
             self.transport.abort()
         else:
+            self._flush()
             self.transport.close()
 
 
