@@ -216,6 +216,8 @@ class PosixDriver:
         self._zero_supported = True
         self._dsync_supported = hasattr(os, "RWF_DSYNC")
         self._nowait_supported = hasattr(os, "RWF_NOWAIT") and not options.cache_direct
+        # Without O_DIRECT any buffer, offset and length will do.
+        self._unaligned_ok = alignment.request == 1 and alignment.memory == 1
         self.memory_backed = self._memory_backed(fd)
 
     def _memory_backed(self, fd: int) -> bool:
@@ -313,6 +315,13 @@ class PosixDriver:
         A file that shrank underneath is not an error: the count says how much
         was there, and the caller decides what to do with the rest.
         """
+        if self._unaligned_ok and len(buffers) == 1:
+            # Buffered I/O takes any buffer and offset: one system call, usually complete.
+            view = memoryview(buffers[0]).cast("B")
+            count = os.preadv(self._fd, buffers, offset)
+            if count == len(view) or count == 0:
+                return count
+            return count + self._io.read(offset + count, [view[count:]])
         return self._io.read(offset, buffers)
 
     def preadv_nowait(self, offset: int, buffers: Sequence[memoryview]) -> int:
@@ -351,7 +360,13 @@ class PosixDriver:
                 if exc.errno not in UNSUPPORTED_ERRNOS:
                     raise
                 self._dsync_supported = False
-        count = self._io.write(offset, buffers)
+        if self._unaligned_ok and len(buffers) == 1:
+            view = memoryview(buffers[0]).cast("B")
+            count = os.pwritev(self._fd, buffers, offset)
+            if count < len(view):  # short write: the careful path writes the rest
+                count += self._io.write(offset + count, [view[count:]])
+        else:
+            count = self._io.write(offset, buffers)
         if fua:
             self.flush()
         return count

@@ -1,0 +1,218 @@
+"""Bad NBD input against a running blockd: the spec's answer, no crash, no hang, no leak."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from pathlib import Path
+
+from daemons import BlockdFactory, DaemonProcess
+from nbdclients import libnbd
+
+MiB = 1 << 20
+IHAVEOPT = b"IHAVEOPT"
+OPT_REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+OPT_GO, OPT_LIST = 7, 3
+REP_ACK, REP_INFO, REP_ERR_UNSUP = 1, 3, (1 << 31) + 1
+CMD_READ, CMD_WRITE, CMD_DISC = 0, 1, 2
+NBD_EINVAL, NBD_ENOSPC, NBD_EOVERFLOW = 22, 28, 75
+
+
+class RawNbd:
+    """A byte-level NBD client that can send anything."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, path: str) -> RawNbd:
+        reader, writer = await asyncio.open_unix_connection(path)
+        client = cls(reader, writer)
+        greeting = await client.read(18)
+        assert greeting[:16] == b"NBDMAGIC" + IHAVEOPT
+        assert struct.unpack(">H", greeting[16:])[0] & 1  # fixed newstyle
+        return client
+
+    async def read(self, n: int) -> bytes:
+        return await asyncio.wait_for(self.reader.readexactly(n), 10)
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def option(self, opt: int, data: bytes = b"") -> tuple[int, bytes]:
+        self.send(IHAVEOPT + struct.pack(">II", opt, len(data)) + data)
+        magic, echoed, reply, length = struct.unpack(">QIII", await self.read(20))
+        assert (magic, echoed) == (OPT_REPLY_MAGIC, opt)
+        return reply, await self.read(length)
+
+    async def go(self, name: bytes) -> int:
+        """NBD_OPT_GO; returns the export size."""
+        reply, data = await self.option(OPT_GO, struct.pack(">I", len(name)) + name +
+                                        struct.pack(">H", 0))
+        size = 0
+        while reply == REP_INFO:
+            if struct.unpack(">H", data[:2])[0] == 0:  # NBD_INFO_EXPORT
+                size = struct.unpack(">Q", data[2:10])[0]
+            reply, data = await self.option_reply(OPT_GO)
+        assert reply == REP_ACK, reply
+        return size
+
+    async def option_reply(self, opt: int) -> tuple[int, bytes]:
+        magic, echoed, reply, length = struct.unpack(">QIII", await self.read(20))
+        assert (magic, echoed) == (OPT_REPLY_MAGIC, opt)
+        return reply, await self.read(length)
+
+    def request(self, cmd: int, cookie: int, offset: int, length: int, flags: int = 0,
+                magic: int = REQUEST_MAGIC) -> None:
+        self.send(struct.pack(">IHHQQI", magic, flags, cmd, cookie, offset, length))
+
+    async def simple_reply(self) -> tuple[int, int]:
+        magic, error, cookie = struct.unpack(">IIQ", await self.read(16))
+        assert magic == SIMPLE_REPLY_MAGIC
+        return error, cookie
+
+    async def closed(self) -> bool:
+        try:
+            return await asyncio.wait_for(self.reader.read(1), 10) == b""
+        except ConnectionError:
+            return True
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except ConnectionError:
+            pass
+
+
+async def exported(blockd_factory: BlockdFactory, tmp_path: Path) -> tuple[DaemonProcess, str]:
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(MiB))
+    sock = str(tmp_path / "nbd.sock")
+    d = blockd_factory("--blockdev", f"driver=file,node-name=f0,filename={img}",
+                       "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                       "--export", "type=nbd,id=e0,node-name=f0,name=disk,writable=on")
+    return d, sock
+
+
+async def serving(sock: str) -> bool:
+    """A well-behaved client still gets served."""
+    c = await RawNbd.connect(sock)
+    c.send(struct.pack(">I", 3))
+    assert await c.go(b"disk") == MiB
+    c.request(CMD_READ, 99, 0, 512)
+    error, cookie = await c.simple_reply()
+    data = await c.read(512)
+    await c.close()
+    return (error, cookie, len(data)) == (0, 99, 512)
+
+
+async def test_options_and_requests_get_the_specs_answers(blockd_factory: BlockdFactory,
+                                                          tmp_path: Path) -> None:
+    d, sock = await exported(blockd_factory, tmp_path)
+    c = await RawNbd.connect(sock)
+    c.send(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+    reply, _ = await c.option(12345, b"junk")
+    assert reply == REP_ERR_UNSUP  # unknown option: refused, the connection goes on
+    reply, data = await c.option(OPT_LIST)
+    assert reply == 2  # NBD_REP_SERVER
+    assert data[4:] == b"disk"
+    assert (await c.option_reply(OPT_LIST))[0] == REP_ACK
+    assert await c.go(b"disk") == MiB
+    c.request(CMD_READ, 1, MiB - 512, 1024)  # past the end
+    assert await c.simple_reply() == (NBD_EINVAL, 1)
+    c.request(CMD_WRITE, 2, MiB, 512)  # a write past the end carries its payload
+    c.send(b"\0" * 512)
+    assert (await c.simple_reply())[1] == 2
+    c.request(99, 3, 0, 0)  # unknown command
+    assert await c.simple_reply() == (NBD_EINVAL, 3)
+    c.request(CMD_READ, 4, 0, 0)  # zero length
+    error, cookie = await c.simple_reply()
+    assert cookie == 4 and error in (0, NBD_EINVAL)
+    c.request(CMD_READ, 5, 0, 64 * MiB)  # over the advertised maximum
+    assert (await c.simple_reply())[0] in (NBD_EINVAL, NBD_EOVERFLOW)
+    c.request(CMD_READ, 6, 4096, 4096)  # and it still works
+    assert await c.simple_reply() == (0, 6)
+    assert len(await c.read(4096)) == 4096
+    c.request(CMD_DISC, 7, 0, 0)
+    assert await c.closed()
+    assert await serving(sock)
+
+
+async def test_bad_magics_and_truncation_disconnect_only_that_client(
+        blockd_factory: BlockdFactory, tmp_path: Path) -> None:
+    d, sock = await exported(blockd_factory, tmp_path)
+    # Bad option magic.
+    c = await RawNbd.connect(sock)
+    c.send(struct.pack(">I", 3) + b"NOTAMAGC" + struct.pack(">II", OPT_GO, 0))
+    assert await c.closed()
+    # Bad request magic in transmission.
+    c = await RawNbd.connect(sock)
+    c.send(struct.pack(">I", 3))
+    await c.go(b"disk")
+    c.request(CMD_READ, 1, 0, 512, magic=0xDEADBEEF)
+    assert await c.closed()
+    # Truncated request header, then a hang-up.
+    c = await RawNbd.connect(sock)
+    c.send(struct.pack(">I", 3))
+    await c.go(b"disk")
+    c.send(struct.pack(">IHH", REQUEST_MAGIC, 0, CMD_READ))
+    await c.close()
+    # A client that hangs up in the middle of a write payload.
+    c = await RawNbd.connect(sock)
+    c.send(struct.pack(">I", 3))
+    await c.go(b"disk")
+    c.request(CMD_WRITE, 1, 0, 65536)
+    c.send(b"\xff" * 1000)
+    await c.close()
+    # Unknown export name with GO: an error reply, not a disconnect.
+    c = await RawNbd.connect(sock)
+    c.send(struct.pack(">I", 3))
+    reply, _ = await c.option(OPT_GO, struct.pack(">I", 4) + b"nope" + struct.pack(">H", 0))
+    assert reply == (1 << 31) + 6  # NBD_REP_ERR_UNKNOWN
+    await c.close()
+    assert await serving(sock)
+    assert d.proc.poll() is None
+
+
+async def test_a_thousand_short_connections_leak_nothing(blockd_factory: BlockdFactory,
+                                                         tmp_path: Path) -> None:
+    d, sock = await exported(blockd_factory, tmp_path)
+    fd_dir = f"/proc/{d.proc.pid}/fd"
+    assert await serving(sock)
+    before = len(os.listdir(fd_dir))
+
+    async def one(i: int) -> None:
+        c = await RawNbd.connect(sock)
+        if i % 3 == 0:
+            c.send(struct.pack(">I", 3))
+            await c.go(b"disk")
+            c.request(CMD_READ, i, 0, 512)
+        await c.close()
+
+    for batch in range(10):
+        await asyncio.gather(*(one(batch * 100 + i) for i in range(100)))
+    assert await serving(sock)
+    for _ in range(50):  # closing is asynchronous on the server side
+        if len(os.listdir(fd_dir)) <= before:
+            break
+        await asyncio.sleep(0.1)
+    assert len(os.listdir(fd_dir)) <= before
+
+
+async def test_acknowledged_writes_survive_a_kill(blockd_factory: BlockdFactory,
+                                                  tmp_path: Path) -> None:
+    nbd = libnbd()
+    d, sock = await exported(blockd_factory, tmp_path)
+    h = nbd.NBD()
+    h.set_export_name("disk")
+    await asyncio.to_thread(h.connect_unix, sock)
+    payload = os.urandom(256 * 1024)
+    await asyncio.to_thread(h.pwrite, payload, 4096)
+    await asyncio.to_thread(h.flush)
+    d.proc.kill()  # no clean shutdown at all
+    d.proc.wait()
+    assert (tmp_path / "disk.img").read_bytes()[4096:4096 + len(payload)] == payload
