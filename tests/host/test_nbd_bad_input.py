@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import struct
 from pathlib import Path
@@ -82,10 +83,8 @@ class RawNbd:
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError):
             await self.writer.wait_closed()
-        except ConnectionError:
-            pass
 
 
 async def exported(blockd_factory: BlockdFactory, tmp_path: Path) -> tuple[DaemonProcess, str]:
@@ -112,7 +111,7 @@ async def serving(sock: str) -> bool:
 
 async def test_options_and_requests_get_the_specs_answers(blockd_factory: BlockdFactory,
                                                           tmp_path: Path) -> None:
-    d, sock = await exported(blockd_factory, tmp_path)
+    _d, sock = await exported(blockd_factory, tmp_path)
     c = await RawNbd.connect(sock)
     c.send(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
     reply, _ = await c.option(12345, b"junk")
