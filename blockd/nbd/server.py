@@ -32,7 +32,7 @@ from ..errors import BlockdError, InUse, InvalidArgument, NotFound, Unsupported
 from ..exports import Export
 from ..registry import Registry
 from .address import NbdAddress
-from .constants import CommandFlag
+from .constants import CommandFlag, ErrorCode
 from .errors import NbdProtocolError, errno_to_nbd
 from .protocol import (
     NEED_DATA,
@@ -60,6 +60,7 @@ MAX_IN_FLIGHT = 128
 _FUA = int(CommandFlag.FUA)
 _NO_HOLE = int(CommandFlag.NO_HOLE)
 _REQ_ONE = int(CommandFlag.REQ_ONE)
+_MAX_EXTENT = (1 << 32) - 4096
 MAX_BLOCK = 32 << 20
 PREFERRED_BLOCK = 4096
 
@@ -181,7 +182,7 @@ class _Client(asyncio.Protocol):
                 self._start()
                 self._block_status(event)
             case Rejected():
-                self._write(self.conn.reply_error(event.cookie, event.error))
+                self._write(self.conn.reply_error(event.cookie, event.error, event.reason))
             case Send():
                 self._write(event.data)
             case Ready():
@@ -272,7 +273,12 @@ class _Client(asyncio.Protocol):
             self._finish(self.conn.reply_error(event.cookie, _nbd_error(exc)))
             return
         if event.flags & _REQ_ONE:
-            extents = extents[:1]
+            extents = [(min(extents[0][0], event.length), extents[0][1])] if extents else []
+        # Extent lengths are 32-bit on the wire; a longer one is cut (the client asks again).
+        extents = [(min(length, _MAX_EXTENT), flags) for length, flags in extents]
+        if not extents:
+            self._finish(self.conn.reply_error(event.cookie, ErrorCode.EINVAL))
+            return
         self._finish(self.conn.reply_block_status(event.cookie, extents))
 
     # -- output and flow control ---------------------------------------------------------
