@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from daemons import BlockdFactory, DaemonProcess
@@ -201,3 +202,44 @@ async def test_export_qmp_commands(blockd_factory: BlockdFactory, tmp_path: Path
     await qmp.execute("nbd-server-stop")
     assert await error("nbd-server-stop", {}) == "NBD server not running"
     assert not os.path.exists(sock)
+
+
+async def test_loop_device_discard_zero_and_flush(blockd_factory: BlockdFactory,
+                                                  tmp_path: Path, loop_device: Any) -> None:
+    """On a real loop device: trim deallocates the backing, zero zeroes, flush fdatasyncs."""
+    nbd = libnbd()
+    need("strace")
+    loop = loop_device(16 * MiB)
+    sock = str(tmp_path / "nbd.sock")
+    d = blockd_factory(
+        "--blockdev", f"driver=host_device,node-name=l0,filename={loop.path},discard=unmap",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "type=nbd,id=e0,node-name=l0,name=loop,writable=on")
+    h = nbd.NBD()
+    h.set_export_name("loop")
+    await asyncio.to_thread(h.connect_unix, sock)
+    assert h.can_trim() and h.can_zero() and h.can_flush()
+    await asyncio.to_thread(h.pwrite, os.urandom(8 * MiB), 0)
+    await asyncio.to_thread(h.flush)
+    allocated = os.stat(loop.image).st_blocks
+
+    # Watch blockd's own system calls while the client flushes.
+    tracer = subprocess.Popen(["strace", "-f", "-e", "trace=fdatasync,fsync", "-p",
+                               str(d.proc.pid)], stderr=subprocess.PIPE, text=True)
+    await asyncio.sleep(1.0)  # strace attaches to every thread
+    await asyncio.to_thread(h.flush)
+    await asyncio.sleep(0.2)
+    tracer.terminate()
+    trace = tracer.communicate(timeout=10)[1]
+    assert "fdatasync(" in trace, trace
+
+    await asyncio.to_thread(h.trim, 4 * MiB, 0)
+    await asyncio.to_thread(h.zero, MiB, 6 * MiB)
+    await asyncio.to_thread(h.flush)
+    assert await asyncio.to_thread(h.pread, 4096, MiB) == b"\0" * 4096
+    assert await asyncio.to_thread(h.pread, 4096, 6 * MiB) == b"\0" * 4096
+    assert os.stat(loop.image).st_blocks < allocated  # the backing file really shrank
+    with open(loop.image, "rb") as f:
+        f.seek(6 * MiB)
+        assert f.read(MiB) == b"\0" * MiB
+    await asyncio.to_thread(h.shutdown)
