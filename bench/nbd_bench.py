@@ -1,0 +1,882 @@
+#!/usr/bin/env python3
+"""NBD benchmark: blockd against qemu-storage-daemon (or any peers), side by side.
+
+Every peer is started with the same qemu-storage-daemon-style command line
+(``--blockdev``, ``--nbd-server``, ``--export``, ``--pidfile``) on its own UNIX
+socket, all peers are up at once, and each round runs every workload on every
+peer back to back (peer order alternates between rounds), so drift on a noisy
+VM hits all peers alike.  Ratios are taken within a round; the table shows
+their median, min and max.  See bench/README.md and
+/work/shared/notes/perf-baseline.md for the method.
+
+Stdlib only; the clients are qemu-img bench, fio (nbd engine) and nbdcopy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Literal
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+GiB = 1 << 30
+# qemu-img bench has no random mode: it adds the step to the offset modulo the
+# image size.  An odd number of 4 KiB blocks walks every block of a power-of-two
+# sized image once, in scattered order (perf-baseline §1).
+STEP_BLOCKS = 40009
+
+Metric = Literal["IOPS", "MB/s"]
+Tool = Literal["qemu-img", "fio", "nbdcopy"]
+
+# --------------------------------------------------------------------------------------
+# Statistics and the table (pure functions; tests/unit/test_bench_table.py)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median, minimum and maximum of a set of samples."""
+
+    median: float
+    lo: float
+    hi: float
+
+
+def spread(values: Sequence[float | None]) -> Spread | None:
+    """The median (min, max) of the values that are present; None if there are none."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    return Spread(statistics.median(present), min(present), max(present))
+
+
+def round_ratios(cand: Sequence[float | None], ref: Sequence[float | None]) -> list[float]:
+    """Per-round ratios cand[i] / ref[i], for rounds where both have a positive value."""
+    return [c / r for c, r in zip(cand, ref, strict=True)
+            if c is not None and r is not None and r > 0]
+
+
+def fmt_quantity(value: float, metric: str) -> str:
+    """IOPS as 8,714 / 64.3k / 1.87M; MB/s with thousands separators; ratios as 1.52x."""
+    if metric == "IOPS":
+        if value >= 999_500:
+            return f"{value / 1e6:.2f}M"
+        if value >= 9_995:
+            return f"{value / 1e3:.1f}k"
+        return f"{value:,.0f}"
+    if metric == "ratio":
+        return f"{value:.2f}x"
+    if value < 10:
+        return f"{value:.1f}"
+    return f"{value:,.0f}"
+
+
+def fmt_spread(value: Spread | None, metric: str) -> str:
+    """``median (min-max)``, or ``-`` when there is no value."""
+    if value is None:
+        return "-"
+    return (f"{fmt_quantity(value.median, metric)} "
+            f"({fmt_quantity(value.lo, metric)}-{fmt_quantity(value.hi, metric)})")
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One line of the result table: a backing, a workload and its headline metric."""
+
+    backing: str
+    workload: str
+    metric: Metric
+    values: Mapping[str, Spread | None]  # by peer label
+    ratios: Mapping[str, Spread | None]  # by ratio label ("blockd/qsd")
+    target: float | None = None  # minimum median ratio for the target ratio column
+
+
+def target_mark(ratio: Spread | None, target: float | None) -> str:
+    """``>=1.5x ok`` / ``>=1.5x MISS`` judged on the median ratio; ``-`` without a target."""
+    if target is None:
+        return "-"
+    if ratio is None:
+        return f">={target:g}x ?"
+    return f">={target:g}x {'ok' if ratio.median >= target else 'MISS'}"
+
+
+def format_table(rows: Sequence[TableRow], peers: Sequence[str], ratio_labels: Sequence[str],
+                 target_ratio: str | None = None) -> str:
+    """A Markdown table, padded so it also reads well in a terminal.
+
+    Columns: backing, workload, metric, each peer's median (min-max), each ratio's
+    median (min-max) over rounds and, when ``target_ratio`` names one of the ratio
+    columns, whether its median meets the row's target.
+    """
+    header = ["backing", "workload", "metric", *peers, *ratio_labels]
+    if target_ratio is not None:
+        header.append(f"target ({target_ratio})")
+    right = [False, False, False] + [True] * (len(peers) + len(ratio_labels))
+    if target_ratio is not None:
+        right.append(False)
+    lines: list[list[str]] = []
+    for row in rows:
+        cells = [row.backing, row.workload, row.metric]
+        cells += [fmt_spread(row.values.get(p), row.metric) for p in peers]
+        cells += [fmt_spread(row.ratios.get(r), "ratio") for r in ratio_labels]
+        if target_ratio is not None:
+            cells.append(target_mark(row.ratios.get(target_ratio), row.target))
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h)
+              for i, h in enumerate(header)]
+
+    def render(cells: Sequence[str]) -> str:
+        padded = [c.rjust(w) if r else c.ljust(w)
+                  for c, w, r in zip(cells, widths, right, strict=True)]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2))
+                          for w, r in zip(widths, right, strict=True)) + "|"
+    return "\n".join([render(header), rule, *(render(c) for c in lines)]) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# Workloads
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str
+    label: str
+    tool: Tool
+    metric: Metric
+    bs: int = 4096
+    qd: int = 1
+    write: bool = False
+    random: bool = False
+    target: float | None = None  # blockd/qsd median ratio the issue asks for (not null-co)
+    start_count: int = 1000  # qemu-img bench: first calibration count
+
+
+WORKLOADS: dict[str, Workload] = {w.key: w for w in [
+    Workload("rr4k-qd1", "4K rand read QD1 (qemu-img)", "qemu-img", "IOPS", qd=1,
+             random=True, target=1.0, start_count=3000),
+    Workload("rr4k-qd32", "4K rand read QD32 (qemu-img)", "qemu-img", "IOPS", qd=32,
+             random=True, target=1.5, start_count=20000),
+    Workload("rw4k-qd32", "4K rand write QD32 (qemu-img)", "qemu-img", "IOPS", qd=32,
+             write=True, random=True, target=1.5, start_count=20000),
+    Workload("sr64k-qd8", "64K seq read QD8 (qemu-img)", "qemu-img", "MB/s", bs=64 << 10,
+             qd=8, start_count=5000),
+    Workload("sr1m-qd4", "1M seq read QD4 (qemu-img)", "qemu-img", "MB/s", bs=MiB, qd=4,
+             target=1.0, start_count=500),
+    Workload("fio-rr4k-qd1", "4K rand read QD1 (fio nbd)", "fio", "IOPS", qd=1,
+             random=True, target=1.0),
+    Workload("fio-rr4k-qd32", "4K rand read QD32 (fio nbd)", "fio", "IOPS", qd=32,
+             random=True, target=1.5),
+    Workload("fio-rw4k-qd32", "4K rand write QD32 (fio nbd)", "fio", "IOPS", qd=32,
+             write=True, random=True, target=1.5),
+    Workload("nbdcopy", "nbdcopy -> null:", "nbdcopy", "MB/s", bs=0, target=1.0),
+]}
+DEFAULT_WORKLOADS = ["rr4k-qd1", "rr4k-qd32", "rw4k-qd32", "sr1m-qd4",
+                     "fio-rr4k-qd32", "fio-rw4k-qd32", "nbdcopy"]
+BACKINGS = ["file", "tmpfs", "loop", "null"]
+BACKING_LABELS = {"file": "file (ext4)", "tmpfs": "file (tmpfs)",
+                  "loop": "loop (warm bdev cache)", "null": "null-co"}
+
+
+@dataclass
+class Result:
+    """One client run: what it reports."""
+
+    seconds: float  # the run time the rates are computed from
+    iops: float | None
+    mbps: float
+    wall: float  # wall time of the client process(es), start to exit
+
+
+class BenchError(RuntimeError):
+    """Stops the run (a peer died or could not start, bad options)."""
+
+
+class ClientError(BenchError):
+    """One client run failed; the sample is left out and the run goes on."""
+
+
+def _run_client(argv: Sequence[str], timeout: float = 300) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired as err:
+        raise ClientError(f"{shlex.join(argv)} did not finish in {timeout:g} s") from err
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise ClientError(f"{shlex.join(argv)} failed ({proc.returncode}):\n"
+                          f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return proc.stdout, wall
+
+
+_QEMU_IMG_DONE = re.compile(r"Run completed in ([0-9.]+) seconds")
+
+
+def run_qemu_img(uri: str, wl: Workload, count: int, size: int) -> Result:
+    argv = ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", str(wl.qd),
+            "-s", str(wl.bs)]
+    if wl.random:
+        argv += ["-S", str((wl.bs * STEP_BLOCKS) % size)]
+    if wl.write:
+        argv.append("-w")
+    argv.append(uri)
+    out, wall = _run_client(argv)
+    m = _QEMU_IMG_DONE.search(out)
+    if m is None:
+        raise ClientError(f"no 'Run completed' line from {shlex.join(argv)}:\n{out[-1000:]}")
+    secs = max(float(m.group(1)), 1e-3)
+    return Result(secs, count / secs, count * wl.bs / secs / 1e6, wall)
+
+
+def run_fio(uri: str, wl: Workload, runtime: float, size: int, outdir: Path) -> Result:
+    out_path = outdir / "fio.json"
+    argv = ["fio", "--name=nbdbench", "--ioengine=nbd", f"--uri={uri}",
+            f"--rw={'randwrite' if wl.write else 'randread'}", f"--bs={wl.bs}",
+            f"--iodepth={wl.qd}", f"--size={size}", f"--runtime={round(runtime * 1000)}ms",
+            "--time_based", "--output-format=json", f"--output={out_path}"]
+    _, wall = _run_client(argv)
+    try:
+        data = json.loads(out_path.read_text())
+        job = data["jobs"][0]["write" if wl.write else "read"]
+        secs = job["runtime"] / 1e3  # ms
+    except (OSError, ValueError, LookupError, TypeError) as err:
+        raise ClientError(f"unreadable fio output {out_path}: {err!r}") from err
+    if secs <= 0:
+        raise ClientError(f"fio ran for 0 ms: {shlex.join(argv)}")
+    return Result(secs, float(job["iops"]), float(job["bw_bytes"]) / 1e6, wall)
+
+
+def run_nbdcopy(uri: str, copies: int, size: int) -> Result:
+    t0 = time.perf_counter()
+    for _ in range(copies):
+        _run_client(["nbdcopy", "--no-extents", uri, "null:"])
+    secs = time.perf_counter() - t0
+    return Result(secs, None, copies * size / secs / 1e6, secs)
+
+
+# --------------------------------------------------------------------------------------
+# Peers
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """How to start a peer: argv before the QSD-style options, extra environment."""
+
+    label: str
+    name: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+def builtin_peer(name: str) -> tuple[tuple[str, ...], dict[str, str]] | None:
+    blockd = (sys.executable, "-m", "blockd")
+    match name:
+        case "qsd":
+            return ("qemu-storage-daemon",), {}
+        case "blockd":
+            return blockd, {}
+        case "blockd-noacct":
+            return blockd, {"BLOCKD_NO_ACCOUNTING": "1"}
+    return None
+
+
+def parse_peer_definition(text: str) -> tuple[str, tuple[str, ...], dict[str, str]]:
+    """``NAME=[VAR=value ...] COMMAND [ARGS...]`` -> name, argv, env."""
+    name, sep, command = text.partition("=")
+    if not sep or not name or not command.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=COMMAND, got {text!r}")
+    words = shlex.split(command)
+    env: dict[str, str] = {}
+    while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+        var, _, value = words.pop(0).partition("=")
+        env[var] = value
+    if not words:
+        raise argparse.ArgumentTypeError(f"no command in {text!r}")
+    return name, tuple(words), env
+
+
+def resolve_peers(names: Sequence[str],
+                  defined: Mapping[str, tuple[tuple[str, ...], dict[str, str]]]
+                  ) -> list[PeerSpec]:
+    """Peer specs with unique labels (``qsd,qsd`` -> ``qsd``, ``qsd#2``)."""
+    specs: list[PeerSpec] = []
+    seen: dict[str, int] = {}
+    for name in names:
+        found = defined.get(name) or builtin_peer(name)
+        if found is None:
+            raise BenchError(f"unknown peer {name!r}: use qsd, blockd, blockd-noacct or "
+                             "define it with --peer NAME=COMMAND")
+        seen[name] = seen.get(name, 0) + 1
+        label = name if seen[name] == 1 else f"{name}#{seen[name]}"
+        specs.append(PeerSpec(label, name, found[0], found[1]))
+    return specs
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process (all its threads) from /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Peer:
+    """A running peer exporting node ``n0`` as ``e0`` on its own UNIX socket."""
+
+    def __init__(self, spec: PeerSpec, blockdev: str, workdir: Path, tag: str) -> None:
+        self.spec = spec
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", spec.label)
+        self.sock = workdir / f"{tag}-{safe}.sock"
+        self.qmp = workdir / f"{tag}-{safe}.qmp"
+        self.pidfile = workdir / f"{tag}-{safe}.pid"
+        self.log = workdir / f"{tag}-{safe}.log"
+        self.argv = [
+            *spec.argv,
+            "--blockdev", f"node-name=n0,{blockdev}",
+            "--nbd-server", f"addr.type=unix,addr.path={self.sock}",
+            "--export", "type=nbd,id=e0,node-name=n0,name=e0,writable=on",
+            "--chardev", f"socket,id=m0,path={self.qmp},server=on,wait=off",
+            "--monitor", "chardev=m0",
+            "--pidfile", str(self.pidfile),
+        ]
+        self.uri = f"nbd+unix:///e0?socket={self.sock}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> None:
+        for p in (self.sock, self.qmp, self.pidfile):
+            p.unlink(missing_ok=True)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+        env.update(self.spec.env)
+        with open(self.log, "wb") as log:
+            # Own session: a Ctrl-C in the terminal reaches only this script, which
+            # then stops the peer itself.
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log, env=env,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not (self.pidfile.exists() and self.sock.exists()):
+            if self.proc.poll() is not None:
+                raise BenchError(f"peer {self.spec.label} exited with {self.proc.returncode} "
+                                 f"while starting:\n  {shlex.join(self.argv)}\n"
+                                 f"{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"peer {self.spec.label} not ready after {timeout:g} s "
+                                 f"(no pidfile or socket):\n{self.log_tail()}")
+            time.sleep(0.02)
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def check_alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            code = None if self.proc is None else self.proc.returncode
+            raise BenchError(f"peer {self.spec.label} is gone (exit {code}):\n{self.log_tail()}")
+
+    def cpu_seconds(self) -> float | None:
+        return None if self.proc is None else _cpu_seconds(self.proc.pid)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for p in (self.sock, self.qmp, self.pidfile):
+            p.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------
+# Backings
+# --------------------------------------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+    print(f"[nbd_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _fill_random(path: Path, size: int) -> None:
+    """Write random data (so every block is allocated), fsync, then read it back (warm)."""
+    chunk = 4 * MiB
+    with open(path, "wb") as f:
+        left = size
+        while left > 0:
+            n = min(chunk, left)
+            f.write(os.urandom(n))
+            left -= n
+        f.flush()
+        os.fsync(f.fileno())
+    _prewarm(str(path))
+
+
+def _prewarm(path: str) -> None:
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(4 * MiB)
+        while f.readinto(buf):
+            pass
+
+
+class Shielded:
+    """Run cleanup steps with SIGINT/SIGTERM blocked, so a second Ctrl-C cannot cut one short.
+
+    A signal that arrives meanwhile is delivered once the step is done.
+    """
+
+    SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        self.stack = stack
+
+    def callback(self, fn: Callable[[], object]) -> None:
+        def run() -> None:
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+            try:
+                fn()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        self.stack.callback(run)
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def _stop_holder(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait()
+
+
+def _detach_loop(dev: str) -> None:
+    subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@contextlib.contextmanager
+def backing(kind: str, size: int) -> Iterator[str]:
+    """Set up one backing; yield its --blockdev options (without node-name); clean up."""
+    with contextlib.ExitStack() as stack:
+        clean = Shielded(stack)
+        if kind == "null":
+            yield f"driver=null-co,size={size},read-zeroes=on"
+            return
+        directory = "/var/tmp" if kind == "file" else "/dev/shm"
+        fd, name = tempfile.mkstemp(prefix="nbd-bench-", suffix=".img", dir=directory)
+        os.close(fd)
+        path = Path(name)
+        clean.callback(lambda: _unlink(path))
+        _log(f"{kind}: writing {size // MiB} MiB of random data to {path}")
+        _fill_random(path, size)
+        # locking=off: all peers open the backing at once (QEMU would refuse the second
+        # writer); locks are taken at open only, so this does not change the I/O path.
+        if kind in ("file", "tmpfs"):
+            yield f"driver=file,filename={path},locking=off"
+            return
+        if kind != "loop":
+            raise BenchError(f"unknown backing {kind!r}")
+        dev = subprocess.run(["losetup", "--direct-io=off", "-f", "--show", str(path)],
+                             check=True, capture_output=True, text=True).stdout.strip()
+        clean.callback(lambda: _detach_loop(dev))
+        # The kernel drops a block device's page cache when its last opener closes it
+        # (perf-baseline §1): a holder keeps it open, then we pre-warm the cache.
+        with open(dev, "rb") as f:
+            holder = subprocess.Popen(["sleep", "infinity"], stdin=f,
+                                      start_new_session=True)
+        clean.callback(lambda: _stop_holder(holder))
+        _log(f"loop: {dev} over {path}, holder pid {holder.pid}; pre-warming")
+        _prewarm(dev)
+        yield f"driver=host_device,filename={dev},locking=off"
+
+
+# --------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    peer: str
+    backing: str
+    workload: str
+    round: int
+    iops: float | None
+    mbps: float
+    seconds: float
+    wall: float
+    param: int | float  # qemu-img count, nbdcopy copies, fio runtime
+    server_cpu_s: float | None
+
+    def value(self, metric: Metric) -> float | None:
+        return self.iops if metric == "IOPS" else self.mbps
+
+
+@dataclass
+class Options:
+    backings: list[str]
+    workloads: list[Workload]
+    peers: list[PeerSpec]
+    reference: str
+    repeats: int
+    size: int
+    target_s: float
+
+
+class Runner:
+    def __init__(self, opts: Options, workdir: Path) -> None:
+        self.opts = opts
+        self.workdir = workdir
+        self.samples: list[Sample] = []
+        self.params: dict[tuple[str, str, str], int | float] = {}
+        self.failures: list[str] = []
+
+    def one(self, peer: Peer, wl: Workload, param: int | float) -> Result:
+        peer.check_alive()
+        size = self.opts.size
+        if wl.tool == "qemu-img":
+            return run_qemu_img(peer.uri, wl, int(param), size)
+        if wl.tool == "fio":
+            return run_fio(peer.uri, wl, float(param), size, self.workdir)
+        return run_nbdcopy(peer.uri, int(param), size)
+
+    def calibrate(self, peer: Peer, wl: Workload) -> int | float:
+        """Pick the count (qemu-img) or copies (nbdcopy) for a run of about target_s.
+
+        The calibration runs also warm the peer up.  fio is time-based: it gets a
+        short warm-up run only.
+        """
+        target = self.opts.target_s
+        if wl.tool == "fio":
+            self.one(peer, wl, min(1.0, target))
+            return target
+        if wl.tool == "nbdcopy":
+            res = self.one(peer, wl, 1)
+            return max(1, math.ceil(target / res.seconds))
+        count = wl.start_count
+        for _ in range(8):
+            res = self.one(peer, wl, count)
+            if res.seconds >= 0.3:
+                break
+            count = int(count * min(10.0, 0.5 / res.seconds))
+        return max(100, round(count * target / res.seconds))
+
+    def run_backing(self, kind: str) -> None:
+        opts = self.opts
+        with contextlib.ExitStack() as stack:
+            blockdev = stack.enter_context(backing(kind, opts.size))
+            clean = Shielded(stack)
+            peers: list[Peer] = []
+            for spec in opts.peers:
+                peer = Peer(spec, blockdev, self.workdir, kind)
+                clean.callback(peer.stop)
+                _log(f"{kind}: starting {spec.label}: {shlex.join(peer.argv)}")
+                peer.start()
+                peers.append(peer)
+            for wl in opts.workloads:
+                for peer in peers:
+                    try:
+                        param = self.calibrate(peer, wl)
+                    except ClientError as err:
+                        peer.check_alive()
+                        _log(f"{kind}/{wl.key}/{peer.spec.label}: calibration failed, "
+                             f"skipping this workload for this peer: {err}")
+                        self.failures.append(f"{kind}/{wl.key}/{peer.spec.label} "
+                                             f"calibration: {err}")
+                        continue
+                    self.params[(kind, wl.key, peer.spec.label)] = param
+                    what = {"fio": "runtime (s)", "nbdcopy": "copies"}.get(wl.tool, "count")
+                    _log(f"{kind}/{wl.key}/{peer.spec.label}: {what} {param}")
+            for rnd in range(opts.repeats):
+                order = peers if rnd % 2 == 0 else peers[::-1]
+                for wl in opts.workloads:
+                    for peer in order:
+                        key = (kind, wl.key, peer.spec.label)
+                        if key not in self.params:
+                            continue
+                        param = self.params[key]
+                        cpu0 = peer.cpu_seconds()
+                        try:
+                            res = self.one(peer, wl, param)
+                        except ClientError as err:
+                            peer.check_alive()  # a dead peer stops the run
+                            _log(f"round {rnd + 1}/{opts.repeats} {kind}/{wl.key}/"
+                                 f"{peer.spec.label}: FAILED, sample left out: {err}")
+                            self.failures.append(f"{kind}/{wl.key}/{peer.spec.label} "
+                                                 f"round {rnd + 1}: {err}")
+                            continue
+                        cpu1 = peer.cpu_seconds()
+                        cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+                        s = Sample(peer.spec.label, kind, wl.key, rnd, res.iops, res.mbps,
+                                   res.seconds, res.wall, param, cpu)
+                        self.samples.append(s)
+                        value = s.value(wl.metric)
+                        _log(f"round {rnd + 1}/{opts.repeats} {kind}/{wl.key}/"
+                             f"{peer.spec.label}: {fmt_quantity(value or 0, wl.metric)} "
+                             f"{wl.metric} in {res.seconds:.2f} s")
+                        if res.seconds < 0.5 * opts.target_s:
+                            _log(f"  note: run shorter than half the target "
+                                 f"({res.seconds:.2f} s < {opts.target_s / 2:.2f} s)")
+                        self.params[(kind, wl.key, peer.spec.label)] = self.adjust(
+                            wl, param, res.seconds)
+
+    def adjust(self, wl: Workload, param: int | float, seconds: float) -> int | float:
+        """Re-aim the next run of this peer and workload at target_s (the VM drifts).
+
+        Rates are per run, so a changed count does not bias the ratios; the change is
+        limited to a factor of 2 per round so one odd run cannot swing it far.
+        """
+        if wl.tool == "fio":
+            return param
+        want = param * self.opts.target_s / max(seconds, 1e-3)
+        want = min(max(want, param / 2), param * 2)
+        return max(1, round(want)) if wl.tool == "nbdcopy" else max(100, round(want))
+
+
+def ratio_pairs(opts: Options) -> list[tuple[str, str]]:
+    """(candidate, reference) pairs: every peer against the reference, plus blockd
+    against blockd-noacct (the cost of accounting) when both run."""
+    labels = [p.label for p in opts.peers]
+    pairs = [(label, opts.reference) for label in labels if label != opts.reference]
+    if "blockd" in labels and "blockd-noacct" in labels:
+        pairs.append(("blockd", "blockd-noacct"))
+    return list(dict.fromkeys(pairs))
+
+
+def build_rows(opts: Options, samples: Sequence[Sample]
+               ) -> tuple[list[TableRow], list[str], str | None]:
+    labels = [p.label for p in opts.peers]
+    pairs = ratio_pairs(opts)
+    ratio_labels = [f"{a}/{b}" for a, b in pairs]
+    target_ratio = next((f"{a}/{b}" for a, b in pairs
+                         if b == opts.reference and a.startswith("blockd")
+                         and not opts.reference.startswith("blockd")), None)
+    rows: list[TableRow] = []
+    for kind in opts.backings:
+        for wl in opts.workloads:
+            per_peer: dict[str, list[float | None]] = {}
+            for label in labels:
+                by_round: list[float | None] = [None] * opts.repeats
+                for s in samples:
+                    if (s.backing, s.workload, s.peer) == (kind, wl.key, label):
+                        by_round[s.round] = s.value(wl.metric)
+                per_peer[label] = by_round
+            if all(v is None for vals in per_peer.values() for v in vals):
+                continue
+            ratios = {f"{a}/{b}": spread(round_ratios(per_peer[a], per_peer[b]))
+                      for a, b in pairs}
+            rows.append(TableRow(
+                BACKING_LABELS.get(kind, kind), wl.label, wl.metric,
+                {label: spread(per_peer[label]) for label in labels}, ratios,
+                None if kind == "null" else wl.target))
+    return rows, ratio_labels, target_ratio
+
+
+def _version(argv: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(list(argv), capture_output=True, text=True, timeout=10,
+                             check=False).stdout
+    except OSError:
+        return "missing"
+    return out.strip().splitlines()[0] if out.strip() else "?"
+
+
+def _module_version(name: str) -> str | None:
+    """The installed version of a distribution for this interpreter (blockd's), or None."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog=f"workloads: {', '.join(WORKLOADS)}; default: {','.join(DEFAULT_WORKLOADS)}")
+    ap.add_argument("--quick", action="store_true",
+                    help="256 MiB backings, ~1 s runs, 3 repeats (a smoke test)")
+    ap.add_argument("--backings", default=",".join(BACKINGS),
+                    help=f"comma-separated subset of {','.join(BACKINGS)}")
+    ap.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
+                    help="comma-separated workload keys, or 'all'")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="rounds per backing (default 5; 3 with --quick)")
+    ap.add_argument("--peers", default="blockd,qsd",
+                    help="comma-separated peers: qsd, blockd, blockd-noacct or names from "
+                         "--peer (default blockd,qsd; qsd,qsd is a smoke test)")
+    ap.add_argument("--peer", action="append", default=[], metavar="NAME=COMMAND",
+                    type=parse_peer_definition,
+                    help="define a peer: leading VAR=value words are its environment, the "
+                         "QSD-style options are appended to COMMAND")
+    ap.add_argument("--reference", default=None,
+                    help="peer label the ratios are taken against (default: qsd if it "
+                         "runs, else the last peer)")
+    ap.add_argument("--accounting-off", action="store_true",
+                    help="also run blockd-noacct (BLOCKD_NO_ACCOUNTING=1) and report "
+                         "blockd/blockd-noacct")
+    ap.add_argument("--size-mib", type=int, default=None,
+                    help="backing size in MiB, a power of two (default 1024; 256 with "
+                         "--quick)")
+    ap.add_argument("--seconds", type=float, default=None,
+                    help="target length of one run (default 2.5; 1 with --quick)")
+    ap.add_argument("--json", metavar="FILE", help="write config, samples and summary")
+    return ap.parse_args(argv)
+
+
+def make_options(ns: argparse.Namespace) -> Options:
+    backings = [b for b in ns.backings.split(",") if b]
+    for b in backings:
+        if b not in BACKINGS:
+            raise BenchError(f"unknown backing {b!r} (choose from {', '.join(BACKINGS)})")
+    keys = list(WORKLOADS) if ns.workloads == "all" else [
+        w for w in ns.workloads.split(",") if w]
+    for k in keys:
+        if k not in WORKLOADS:
+            raise BenchError(f"unknown workload {k!r} (choose from {', '.join(WORKLOADS)})")
+    names = [p for p in ns.peers.split(",") if p]
+    if ns.accounting_off and "blockd-noacct" not in names:
+        if "blockd" not in names:
+            raise BenchError("--accounting-off needs blockd among --peers")
+        names.insert(names.index("blockd") + 1, "blockd-noacct")
+    defined = {name: (argv, env) for name, argv, env in ns.peer}
+    peers = resolve_peers(names, defined)
+    if len(peers) < 1:
+        raise BenchError("no peers")
+    labels = [p.label for p in peers]
+    reference = ns.reference or ("qsd" if "qsd" in labels else labels[-1])
+    if reference not in labels:
+        raise BenchError(f"--reference {reference!r} is not one of {', '.join(labels)}")
+    size_mib = ns.size_mib or (256 if ns.quick else 1024)
+    if size_mib < 16 or size_mib & (size_mib - 1):
+        raise BenchError("--size-mib must be a power of two >= 16")
+    repeats = ns.repeats or (3 if ns.quick else 5)
+    if repeats < 1:
+        raise BenchError("--repeats must be >= 1")
+    return Options(backings, [WORKLOADS[k] for k in keys], peers, reference, repeats,
+                   size_mib * MiB, ns.seconds or (1.0 if ns.quick else 2.5))
+
+
+def check_tools(opts: Options) -> None:
+    needed: set[str] = {wl.tool for wl in opts.workloads}
+    if "loop" in opts.backings:
+        needed.add("losetup")
+        if os.geteuid() != 0:
+            raise BenchError("the loop backing needs root (or drop it: --backings "
+                             "file,tmpfs,null)")
+    needed |= {p.argv[0] for p in opts.peers}
+    missing = [t for t in sorted(needed) if shutil.which(t) is None]
+    if missing:
+        raise BenchError(f"missing tools: {', '.join(missing)} (Debian: qemu-utils, "
+                         "qemu-system-common, libnbd-bin, fio, util-linux)")
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = parse_args(argv)
+    try:
+        opts = make_options(ns)
+        check_tools(opts)
+    except BenchError as err:
+        print(f"nbd_bench: {err}", file=sys.stderr)
+        return 2
+    # Also when started in the background by a shell, which ignores SIGINT there.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+    workdir = Path(tempfile.mkdtemp(prefix="nbd-bench-"))
+    runner = Runner(opts, workdir)
+    started = time.time()
+    failed: str | None = None
+    try:
+        for kind in opts.backings:
+            runner.run_backing(kind)
+    except BenchError as err:
+        failed = str(err)
+        print(f"nbd_bench: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        failed = "interrupted"
+        print("nbd_bench: interrupted; cleaned up", file=sys.stderr)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    rows, ratio_labels, target_ratio = build_rows(opts, runner.samples)
+    print(f"\n{opts.repeats} rounds per backing, ~{opts.target_s:g} s per run, "
+          f"{opts.size // MiB} MiB backings; ratios are per-round medians (min-max); "
+          f"targets judged on the median ratio, not for null-co.\n")
+    print(format_table(rows, [p.label for p in opts.peers], ratio_labels, target_ratio))
+    if "blockd/blockd-noacct" in ratio_labels:
+        print("blockd/blockd-noacct: accounting on vs off; 1 - ratio is the cost.")
+    if runner.failures:
+        print(f"{len(runner.failures)} client runs failed and are left out "
+              "(details on stderr and in --json).")
+    if ns.json:
+        doc = {
+            "started": started,
+            "finished": time.time(),
+            "failed": failed,
+            "options": {
+                "backings": opts.backings,
+                "workloads": [asdict(w) for w in opts.workloads],
+                "peers": [{"label": p.label, "name": p.name, "argv": list(p.argv),
+                           "env": dict(p.env)} for p in opts.peers],
+                "reference": opts.reference,
+                "repeats": opts.repeats,
+                "size": opts.size,
+                "target_s": opts.target_s,
+            },
+            "environment": {
+                "python": sys.version,
+                "kernel": platform.release(),
+                "nproc": os.cpu_count(),
+                "qemu-img": _version(["qemu-img", "--version"]),
+                "qemu-storage-daemon": _version(["qemu-storage-daemon", "--version"]),
+                "fio": _version(["fio", "--version"]),
+                "nbdcopy": _version(["nbdcopy", "--version"]),
+                "uvloop": _module_version("uvloop"),
+            },
+            "samples": [asdict(s) for s in runner.samples],
+            "client_failures": runner.failures,
+            "table": [{"backing": r.backing, "workload": r.workload, "metric": r.metric,
+                       "values": {k: None if v is None else asdict(v)
+                                  for k, v in r.values.items()},
+                       "ratios": {k: None if v is None else asdict(v)
+                                  for k, v in r.ratios.items()},
+                       "target": r.target} for r in rows],
+            "target_ratio": target_ratio,
+        }
+        Path(ns.json).write_text(json.dumps(doc, indent=1) + "\n")
+    return 0 if failed is None and not runner.failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
