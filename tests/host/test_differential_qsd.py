@@ -85,21 +85,63 @@ SCRIPT: list[tuple[str, bytes]] = [
     ("query-block", b"{'execute': 'query-block', 'id': 'single-quoted'}"),
     ("id", b'{"execute": "query-block", "id": {"any": ["json", null]}}'),
     ("id", b'{"execute": "query-block", "id": null}'),
+    ("nbd", b'{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", '
+            b'"node-name": "file0"}, "id": 40}'),
+    ("nbd", b'{"execute": "nbd-server-add", "arguments": {"device": "file0"}, "id": 41}'),
+    ("nbd", b'{"execute": "nbd-server-stop", "id": 42}'),
+    ("nbd", b'{"execute": "nbd-server-remove", "arguments": {"name": "x"}, "id": 43}'),
+    ("nbd", b'{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", '
+            b'"data": {"path": "nbd.sock"}}}, "id": 44}'),
+    ("nbd", b'{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", '
+            b'"data": {"path": "nbd.sock"}}}, "id": 45}'),
+    ("nbd", b'{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix"}}, "id": 46}'),
+    ("nbd", b'{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", '
+            b'"node-name": "file0", "writable": true, "name": "disk", '
+            b'"description": "scratch disk"}, "id": 47}'),
+    ("nbd", b'{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", '
+            b'"node-name": "null0"}, "id": 48}'),
+    ("nbd", b'{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e2", '
+            b'"node-name": "nope"}, "id": 49}'),
+    ("nbd", b'{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e3", '
+            b'"node-name": "ro1", "writable": true}, "id": 50}'),
+    ("nbd", b'{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e4", '
+            b'"node-name": "null0", "name": "disk"}, "id": 51}'),
+    ("nbd", b'{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "9x", '
+            b'"node-name": "null0"}, "id": 52}'),
+    ("nbd", b'{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e5"}, '
+            b'"id": 53}'),
+    ("nbd", b'{"execute": "nbd-server-add", "arguments": {"device": "ro1", "writable": true}, '
+            b'"id": 54}'),
+    ("nbd", b'{"execute": "nbd-server-add", "arguments": {"device": "nope"}, "id": 55}'),
+    ("query-block-exports", b'{"execute": "query-block-exports", "id": 56}'),
+    ("blockdev-del", b'{"execute": "blockdev-del", "arguments": {"node-name": "file0"}, "id": 57}'),
+    ("nbd", b'{"execute": "block-export-del", "arguments": {"id": "nope"}, "id": 58}'),
+    ("nbd", b'{"execute": "block-export-del", "arguments": {"id": "e0", "mode": "bogus"}, '
+            b'"id": 59}'),
+    ("nbd", b'{"execute": "block-export-del", "arguments": {"id": "e0"}, "id": 60}'),
+    ("nbd", b'{"execute": "nbd-server-remove", "arguments": {"name": "ro1"}, "id": 61}'),
+    ("query-block-exports", b'{"execute": "query-block-exports", "id": 62}'),
+    ("nbd", b'{"execute": "nbd-server-stop", "id": 63}'),
     ("blockdev-del", b'{"execute": "blockdev-del", "arguments": {"node-name": "file0"}, "id": 35}'),
     ("query-blockstats", b'{"execute": "query-blockstats", '
                          b'"arguments": {"query-nodes": true}, "id": 36}'),
 ]
 
 
-async def run_script(d: DaemonProcess, negotiate_first: bool = True) -> list[dict[str, object]]:
+async def run_script(d: DaemonProcess) -> tuple[list[dict[str, object]], list[object]]:
+    """Replies in order, and the events (name and data) seen along the way."""
     reader, writer = await asyncio.open_unix_connection(d.qmp_path)
+    events: list[object] = []
 
     async def recv() -> dict[str, object]:
-        line = await asyncio.wait_for(reader.readline(), 10)
-        assert line.endswith(b"\r\n"), (d.proc.args, line)
-        msg = json.loads(line)
-        assert "event" not in msg
-        return msg  # type: ignore[no-any-return]
+        while True:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            assert line.endswith(b"\r\n"), (d.proc.args, line)
+            msg = json.loads(line)
+            if "event" not in msg:
+                return msg  # type: ignore[no-any-return]
+            assert set(msg["timestamp"]) == {"seconds", "microseconds"}
+            events.append((msg["event"], msg.get("data")))
 
     greeting = await recv()
     replies = [greeting]
@@ -117,7 +159,7 @@ async def run_script(d: DaemonProcess, negotiate_first: bool = True) -> list[dic
         replies.append(await recv())
     writer.close()
     await writer.wait_closed()
-    return replies
+    return replies, events
 
 
 def differences(a: object, b: object, path: str, masked: set[str]) -> list[str]:
@@ -161,8 +203,8 @@ async def test_same_script_same_replies(tmp_path: Path) -> None:
                     "--chardev", f"socket,id=mon0,path={blockd_sock},server=on,wait=off",
                     "--monitor", "chardev=mon0"), tmp_path, "blockd")
     try:
-        expected = await run_script(qsd)
-        actual = await run_script(ours)
+        expected, qsd_events = await run_script(qsd)
+        actual, our_events = await run_script(ours)
     finally:
         qsd.stop()
         assert ours.stop() == 0, ours.stderr()
@@ -177,4 +219,6 @@ async def test_same_script_same_replies(tmp_path: Path) -> None:
                 problems.append(f"{label}: QSD {want} != blockd {got}")
             continue
         problems += [f"{label}: {p}" for p in differences(want, got, "", masked)]
+    if sorted(map(str, qsd_events)) != sorted(map(str, our_events)):
+        problems.append(f"events: QSD {qsd_events} != blockd {our_events}")
     assert not problems, "\n".join(problems)
