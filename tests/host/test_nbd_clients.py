@@ -243,3 +243,34 @@ async def test_loop_device_discard_zero_and_flush(blockd_factory: BlockdFactory,
         f.seek(6 * MiB)
         assert f.read(MiB) == b"\0" * MiB
     await asyncio.to_thread(h.shutdown)
+
+
+async def test_tcp_loopback_and_block_size_from_alignment(blockd_factory: BlockdFactory,
+                                                          tmp_path: Path,
+                                                          loop_device: Any) -> None:
+    """An O_DIRECT node on a 4096-byte-sector device advertises 4096 as its minimum block."""
+    need("nbdinfo")
+    import socket
+
+    loop = loop_device(8 * MiB, sector_size=4096)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = blockd_factory(
+        "--blockdev", f"driver=host_device,node-name=l0,filename={loop.path},cache.direct=on",
+        "--nbd-server", f"addr.type=inet,addr.host=127.0.0.1,addr.port={port}",
+        "--export", "type=nbd,id=e0,node-name=l0,name=direct")
+    info = json.loads(await asyncio.to_thread(
+        run, "nbdinfo", "--json", f"nbd://127.0.0.1:{port}/direct"))
+    export = info["exports"][0]
+    assert export["block_size_minimum"] == 4096 and export["block_size_preferred"] == 4096
+    assert export["is_read_only"] is True  # writable defaults to off
+    qmp = await d.client()
+    try:
+        await qmp.execute("nbd-server-stop")
+        await qmp.execute("nbd-server-start", {"addr": {"type": "inet", "data": {
+            "host": "0.0.0.0", "port": str(port)}}})
+    except Exception as exc:
+        assert "needs TLS" in str(exc)  # no TLS yet: non-loopback NBD is refused
+    else:
+        raise AssertionError("NBD on 0.0.0.0 without TLS was accepted")
