@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .buffers import MIN_POOLED, BufferPool
 from .devices.base import Buffer
 from .errors import InvalidArgument, NoMedium, ReadOnly
 from .events import BlockIoError, EventBus, Resume, Stop
@@ -249,16 +250,31 @@ class Device:
     # or ReadOnly, already accounted) and later calls ``done(result, exc)`` on
     # the loop thread, possibly before returning.
 
-    def submit_read(self, offset: int, length: int, done: Done) -> None:
-        """Read ``length`` bytes at ``offset``; ``done`` gets a bytearray."""
+    def submit_read(
+        self, offset: int, length: int, done: Done, pool: BufferPool | None = None
+    ) -> None:
+        """Read ``length`` bytes at ``offset``; ``done`` gets a bytearray.
+
+        With a ``pool``, large reads use a recycled buffer that may be longer
+        than ``length`` (the first ``length`` bytes are the data); the caller
+        gives it back to the pool when it no longer needs it.
+        """
         node = self._medium(IoKind.READ)
         self._check_range(node, IoKind.READ, offset, length)
-        buf = bytearray(length)
-        views = [memoryview(buf)]
+        buf = pool.get(length) if pool is not None and length >= MIN_POOLED else bytearray(length)
+        view = memoryview(buf)[:length]
         driver = node.driver
+
+        def read(count: object, exc: BaseException | None) -> None:
+            if exc is not None:
+                done(None, exc)
+                return
+            if isinstance(count, int) and count < length:
+                view[count:] = bytes(length - count)  # never hand out stale memory
+            done(buf, None)
+
         self._submit(_Request(
-            IoKind.READ, length, driver.preadv, (offset, views),
-            lambda result, exc: done(buf if exc is None else None, exc),
+            IoKind.READ, length, driver.preadv, (offset, [view]), read,
             node, driver.memory_backed, node.nowait_read,
         ))
 

@@ -107,9 +107,17 @@ class NullDriver:
         return max(0, min(length, self.options.size - offset))
 
     def preadv(self, offset: int, buffers: Sequence[memoryview]) -> int:
-        """Zero-fill (with read-zeroes) or leave ``buffers``; return the count up to the end."""
+        """Zero-fill (with read-zeroes) and return the count up to the end.
+
+        Without read-zeroes nothing is read and the count is 0: QEMU leaves the
+        buffers untouched then, but blockd's device layer never hands out memory
+        that was not read (its buffers are recycled between clients), so it fills
+        what a driver did not.
+        """
         self._delay()
         length = self._clamp(offset, sum(memoryview(b).nbytes for b in buffers))
+        if not self.options.read_zeroes:
+            return 0
         if self.options.read_zeroes:
             left = length
             for buf in buffers:

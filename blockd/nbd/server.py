@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 from ..block import Device
+from ..buffers import MIN_POOLED, BufferPool
 from ..devices.base import AllocationReporter
 from ..errors import BlockdError, InUse, InvalidArgument, NotFound, Unsupported
 from ..exports import Export
@@ -56,6 +57,7 @@ __all__ = ["NbdServer"]
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 128
+MAX_UNSENT = 8 << 20  # stop reading requests while this much reply data waits
 # Plain ints: IntFlag arithmetic costs microseconds on the hot path.
 _FUA = int(CommandFlag.FUA)
 _NO_HOLE = int(CommandFlag.NO_HOLE)
@@ -101,7 +103,9 @@ class _Client(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._disconnecting = False
-        self._out: list[bytes | bytearray] = []
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._lent: list[bytearray] = []  # pooled buffers in the next flush
+        self._unsent: list[bytearray] = []  # pooled buffers the transport may still hold
         self._flush_scheduled = False
         self._loop = asyncio.get_running_loop()
 
@@ -110,6 +114,7 @@ class _Client(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not derive from asyncio.Transport, but behave like one.
         self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=0, low=0)
         self.server.clients.add(self)
         if 0 < self.server.max_connections < len(self.server.clients):
             log.warning("NBD: refusing a client: %d connections", len(self.server.clients) - 1)
@@ -133,12 +138,16 @@ class _Client(asyncio.Protocol):
             self.export.clients.discard(self)
             self.server.client_gone(self.export)
 
+    # The transport's limits are set to zero, so these say "something is
+    # buffered" and "everything has gone to the kernel"; reading pauses on our
+    # own, larger threshold (see _update_reading).
+
     def pause_writing(self) -> None:
         self._writing_paused = True
-        self._update_reading()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        self._recycle()
         self._update_reading()
 
     # -- requests --------------------------------------------------------------------------
@@ -249,7 +258,7 @@ class _Client(asyncio.Protocol):
         def done(buf: bytearray | None, exc: BaseException | None) -> None:
             self.in_flight -= 1
             if exc is None and buf is not None:
-                self._write_data(conn.reply_read_header(cookie, offset, length), buf)
+                self._write_data(conn.reply_read_header(cookie, offset, length), buf, length)
             else:
                 self._write(conn.reply_error(cookie, _nbd_error(exc)))
             self._update_reading()
@@ -257,7 +266,7 @@ class _Client(asyncio.Protocol):
 
         assert self.export is not None
         try:
-            self.export.device.submit_read(offset, length, done)
+            self.export.device.submit_read(offset, length, done, self.server.buffers)
         except (BlockdError, OSError) as exc:
             self._finish(conn.reply_error(cookie, _nbd_error(exc)))
 
@@ -287,7 +296,7 @@ class _Client(asyncio.Protocol):
     # requests in flight that is one system call (and one wake-up of the client)
     # for a whole batch of replies instead of one per reply.
 
-    def _write(self, data: bytes | bytearray) -> None:
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
         if self.closed:
             return
         self._out.append(data)
@@ -295,26 +304,45 @@ class _Client(asyncio.Protocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
-    def _write_data(self, header: bytes, data: bytearray) -> None:
+    def _write_data(self, header: bytes, buf: bytearray, length: int) -> None:
         if self.closed:
             return
         self._out.append(header)
-        self._write(data)
+        if length < MIN_POOLED:
+            self._write(buf)
+        else:  # a pooled buffer, maybe longer than the data
+            self._lent.append(buf)
+            self._write(buf if len(buf) == length else memoryview(buf)[:length])
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         out, self._out = self._out, []
-        if self.transport is None or self.transport.is_closing() or not out:
+        lent, self._lent = self._lent, []
+        transport = self.transport
+        if transport is None or transport.is_closing() or not out:
             return
         if len(out) == 1:
-            self.transport.write(out[0])
+            transport.write(out[0])
         else:
-            self.transport.writelines(out)
+            transport.writelines(out)
+        # Pooled buffers go back once the transport holds nothing more to send
+        # (it may keep references to them until then): now, or in resume_writing.
+        self._unsent.extend(lent)
+        if transport.get_write_buffer_size() == 0:
+            self._recycle()
+        self._update_reading()
+
+    def _recycle(self) -> None:
+        unsent, self._unsent = self._unsent, []
+        for buf in unsent:
+            self.server.buffers.put(buf)
 
     def _update_reading(self) -> None:
         if self.transport is None or self.closed:
             return
-        want_pause = self.in_flight >= MAX_IN_FLIGHT or self._writing_paused
+        want_pause = self.in_flight >= MAX_IN_FLIGHT or (
+            self._writing_paused and self.transport.get_write_buffer_size() > MAX_UNSENT
+        )
         if want_pause and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
@@ -345,6 +373,7 @@ class NbdServer:
         self.registry = registry
         self.catalog = _Catalog(self)
         self.clients: set[_Client] = set()
+        self.buffers = BufferPool()
         self.max_connections = 100
         self.address: NbdAddress | None = None
         self._server: asyncio.AbstractServer | None = None

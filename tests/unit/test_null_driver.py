@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import time
 from typing import Any, cast
@@ -63,11 +64,33 @@ def test_read_zeroes_fills_buffers() -> None:
     assert a == bytes(100) and b == bytes(50)
 
 
-def test_without_read_zeroes_buffers_are_untouched() -> None:
+def test_without_read_zeroes_nothing_is_read() -> None:
     driver = null(size=1 << 20)
     buf = bytearray(b"\xab" * 64)
-    assert driver.preadv(0, [memoryview(buf)]) == 64
+    assert driver.preadv(0, [memoryview(buf)]) == 0  # the device layer zero-fills the rest
     assert buf == b"\xab" * 64
+
+
+async def test_device_never_returns_stale_memory() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from blockd.buffers import BufferPool
+    from blockd.events import EventBus
+    from blockd.registry import Registry
+
+    registry = Registry(executor=ThreadPoolExecutor(1), bus=EventBus())
+    await registry.add_node(NodeOptions(driver="null-co", node_name="n", size=1 << 20))
+    device = registry.add_device("hd", "hd0", "n")
+    pool = BufferPool()
+    stale = pool.get(100_000)
+    stale[:] = b"\xab" * len(stale)
+    pool.put(stale)
+    got: list[object] = []
+    device.submit_read(0, 100_000, lambda buf, exc: got.append(buf), pool)
+    while not got:
+        await asyncio.sleep(0.01)
+    assert got[0] is stale  # the recycled buffer, now holding zeroes, not old data
+    assert bytes(memoryview(stale)[:100_000]) == bytes(100_000)
 
 
 def test_reads_stop_at_the_end() -> None:
