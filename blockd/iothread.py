@@ -29,6 +29,9 @@ __all__ = ["Completion", "IoWorkers"]
 Completion = Callable[[Any, BaseException | None], None]
 _Call = tuple[Callable[..., Any], tuple[Any, ...], Completion]
 
+# Queued calls per awake worker before another worker is woken.
+BACKLOG_PER_WORKER = 4
+
 
 class IoWorkers:
     """A fixed set of threads running blocking calls for one event loop."""
@@ -42,6 +45,7 @@ class IoWorkers:
         )
         self._cond = threading.Condition(threading.Lock())
         self._sleeping = 0
+        self._awake = 0  # workers not sleeping (changed under the condition's lock)
         self._closing = False
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -55,14 +59,21 @@ class IoWorkers:
             raise RuntimeError("I/O workers are closed")
         self._pending.append((fn, args, done))
         # Checked under the lock: a worker that found the queue empty holds the
-        # lock until it sleeps, so it cannot miss this notification.
+        # lock until it sleeps, so it cannot miss this notification.  One awake
+        # worker drains the queue; another is woken only when the queue grows
+        # faster than the awake ones empty it (slow devices), which keeps
+        # wake-ups and GIL hand-offs few for fast calls.
         with self._cond:
-            if self._sleeping:
+            if self._sleeping and (
+                not self._awake or len(self._pending) > BACKLOG_PER_WORKER * self._awake
+            ):
                 self._cond.notify()
 
     def _start(self) -> None:
         self._loop = asyncio.get_running_loop()
         for i in range(self._threads_wanted):
+            with self._cond:
+                self._awake += 1
             thread = threading.Thread(target=self._work, name=f"{self._name}-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -78,11 +89,14 @@ class IoWorkers:
             except IndexError:
                 with self._cond:
                     if self._closing and not pending:
+                        self._awake -= 1
                         return
                     if not pending:
+                        self._awake -= 1
                         self._sleeping += 1
                         self._cond.wait()
                         self._sleeping -= 1
+                        self._awake += 1
                 continue
             try:
                 finished.append((done, fn(*args), None))
