@@ -269,8 +269,11 @@ class Device:
             if exc is not None:
                 done(None, exc)
                 return
-            if isinstance(count, int) and count < length:
-                view[count:] = bytes(length - count)  # never hand out stale memory
+            # A short read, or one whose error was ignored, leaves part of the
+            # (possibly recycled) buffer unread: never hand out stale memory.
+            filled = count if isinstance(count, int) else 0
+            if filled < length:
+                view[filled:] = bytes(length - filled)
             done(buf, None)
 
         self._submit(_Request(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -88,3 +89,30 @@ async def test_io_error_reports_by_policy(registry: Registry, tmp_path: Path) ->
     ]
     s = dev.stats.to_qmp()
     assert (s["failed_rd_operations"], s["failed_wr_operations"]) == (1, 1)
+
+
+async def test_ignored_read_error_returns_zeroes_not_stale_memory(
+        registry: Registry, tmp_path: Path) -> None:
+    import os
+
+    from blockd.buffers import BufferPool
+
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"\x01" * (1 << 20))
+    node = await registry.add_node(NodeOptions(driver="file", node_name="f0",
+                                               filename=str(img)))
+    dev = registry.add_device("hd", "hd0", "f0", rerror="ignore")
+    pool = BufferPool()
+    stale = pool.get(1 << 17)
+    stale[:] = b"\xee" * len(stale)
+    pool.put(stale)
+    bad = os.open(tmp_path, os.O_RDONLY)  # reads of a directory fail for real (EISDIR)
+    os.dup2(bad, node.driver.fd)  # type: ignore[attr-defined]
+    os.close(bad)
+    got: list[object] = []
+    dev.submit_read(0, 1 << 17, lambda buf, exc: got.append((buf, exc)), pool)
+    while not got:
+        await asyncio.sleep(0.01)
+    buf, exc = got[0]  # type: ignore[misc]
+    assert exc is None and buf is stale
+    assert bytes(stale) == bytes(1 << 17)
