@@ -1,0 +1,456 @@
+"""The ctypes io_uring binding against the real kernel (skipped where io_uring_setup fails)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import select
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from blockd.devices import _uring
+from blockd.devices._uring import Ring, UringUnavailable
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def _ring_or_skip(entries: int) -> Ring:
+    try:
+        return Ring(entries)
+    except UringUnavailable as e:
+        pytest.skip(f"io_uring unavailable here: {e}")
+
+
+@pytest.fixture
+def ring() -> Iterator[Ring]:
+    r = _ring_or_skip(64)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def path() -> Iterator[str]:
+    """A scratch file on the real filesystem of /var/tmp (not tmpfs)."""
+    fd, name = tempfile.mkstemp(prefix="blockd-uring-", dir="/var/tmp")
+    os.close(fd)
+    yield name
+    os.unlink(name)
+
+
+@pytest.fixture
+def rw_fd(path: str) -> Iterator[int]:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    yield fd
+    os.close(fd)
+
+
+def wait_for(ring: Ring, count: int, timeout: float = 10.0) -> dict[int, int]:
+    """Reap until ``count`` completions arrived, sleeping on the eventfd in between."""
+    results: dict[int, int] = {}
+    deadline = time.monotonic() + timeout
+    while True:
+        ring.drain_eventfd()
+        for user_data, res in ring.reap():
+            assert user_data not in results
+            results[user_data] = res
+        if len(results) >= count:
+            return results
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {len(results)} of {count} completions after {timeout}s"
+        select.select([ring.eventfd], [], [], left)
+
+
+def run(ring: Ring, count: int) -> dict[int, int]:
+    assert ring.submit() == count
+    return wait_for(ring, count)
+
+
+def bytes_address(b: bytes) -> int:
+    """Address of the first byte of a bytes object's data."""
+    addr = ctypes.cast(ctypes.c_char_p(b), ctypes.c_void_p).value
+    assert addr is not None
+    return addr
+
+
+# -- ABI ---------------------------------------------------------------------------------
+
+
+def _offsets(cls: type[ctypes.Structure]) -> dict[str, int]:
+    return {name: getattr(cls, name).offset for name, *_ in cls._fields_}
+
+
+def test_struct_sizes_and_offsets_match_linux_io_uring_h() -> None:
+    # Values from gcc offsetof/sizeof over <linux/io_uring.h>.
+    assert ctypes.sizeof(_uring._SqringOffsets) == 40
+    assert ctypes.sizeof(_uring._CqringOffsets) == 40
+    assert ctypes.sizeof(_uring._Params) == 120
+    assert ctypes.sizeof(_uring._Sqe) == 64
+    assert ctypes.sizeof(_uring._Cqe) == 16
+    assert ctypes.sizeof(_uring._Iovec) == 16
+    assert _offsets(_uring._SqringOffsets) == {
+        "head": 0,
+        "tail": 4,
+        "ring_mask": 8,
+        "ring_entries": 12,
+        "flags": 16,
+        "dropped": 20,
+        "array": 24,
+        "resv1": 28,
+        "user_addr": 32,
+    }
+    assert _offsets(_uring._CqringOffsets) == {
+        "head": 0,
+        "tail": 4,
+        "ring_mask": 8,
+        "ring_entries": 12,
+        "overflow": 16,
+        "cqes": 20,
+        "flags": 24,
+        "resv1": 28,
+        "user_addr": 32,
+    }
+    params = _offsets(_uring._Params)
+    assert (params["features"], params["wq_fd"], params["resv"]) == (20, 24, 28)
+    assert (params["sq_off"], params["cq_off"]) == (40, 80)
+    assert _offsets(_uring._Sqe) == {
+        "opcode": 0,
+        "flags": 1,
+        "ioprio": 2,
+        "fd": 4,
+        "off": 8,
+        "addr": 16,
+        "len": 24,
+        "op_flags": 28,
+        "user_data": 32,
+        "buf_index": 40,
+        "personality": 42,
+        "splice_fd_in": 44,
+        "addr3": 48,
+        "pad2": 56,
+    }
+    assert _offsets(_uring._Cqe) == {"user_data": 0, "res": 8, "flags": 12}
+    # CPython's Py_buffer on a 64-bit build: buf at 0, len at 16.
+    assert ctypes.sizeof(_uring._PyBuffer) == 80
+    assert (_uring._PyBuffer.buf.offset, _uring._PyBuffer.len.offset) == (0, 16)
+
+
+def test_struct_formats_agree_with_ctypes_layouts() -> None:
+    assert _uring._SQE_STRUCT.size == 64
+    assert _uring._SQE_HEAD_STRUCT.size == _uring._Sqe.user_data.offset + 8
+    assert _uring._CQE_STRUCT.size == 16
+    values = (
+        2,
+        0x11,
+        0x2233,
+        -5,
+        1 << 40,
+        0xDEADBEEF00,
+        7,
+        0x10,
+        (1 << 64) - 1,
+        9,
+        10,
+        -11,
+        12,
+        13,
+    )
+    sqe = _uring._Sqe(*values)
+    assert _uring._SQE_STRUCT.pack(*values) == bytes(sqe)
+    assert _uring._SQE_HEAD_STRUCT.pack(*values[:9]) == bytes(sqe)[:40]
+    cqe = _uring._Cqe(42, -errno.EBADF, 3)
+    assert _uring._CQE_STRUCT.unpack(bytes(cqe)) == (42, -errno.EBADF, 3)
+
+
+def test_opcodes_and_constants() -> None:
+    assert (_uring._IORING_OP_READV, _uring._IORING_OP_WRITEV) == (1, 2)
+    assert (_uring._IORING_OP_FSYNC, _uring._IORING_OP_FALLOCATE) == (3, 17)
+    assert _uring._IORING_FSYNC_DATASYNC == 1
+    assert _uring._IORING_REGISTER_EVENTFD == 4
+    assert (_uring._IORING_OFF_CQ_RING, _uring._IORING_OFF_SQES) == (0x8000000, 0x10000000)
+
+
+def test_unavailable_on_other_architectures(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    with pytest.raises(UringUnavailable) as info:
+        Ring(8)
+    assert isinstance(info.value, OSError)
+    assert "x86_64" in str(info.value)
+
+
+# -- I/O ---------------------------------------------------------------------------------
+
+
+def test_ring_geometry(ring: Ring) -> None:
+    assert ring.sq_entries == 64
+    assert ring.cq_entries == 128
+    assert ring.features & _uring._IORING_FEAT_SINGLE_MMAP
+    assert (ring.pending, ring.queued, ring.space) == (0, 0, 64)
+    assert ring.submit() == 0
+    assert ring.reap() == []
+
+
+def test_write_then_read_back_several_buffers_and_offsets(ring: Ring, rw_fd: int) -> None:
+    a, b, c = b"A" * 1000, bytearray(b"B" * 3000), memoryview(bytearray(b"C" * 100))
+    assert ring.prep_writev(rw_fd, [a, b, c], 0, user_data=1)
+    assert ring.prep_writev(rw_fd, [b"tail" * 1024], 1 << 20, user_data=2)
+    assert (ring.queued, ring.pending) == (2, 0)
+    assert ring.submit() == 2
+    assert (ring.queued, ring.pending) == (0, 2)
+    assert wait_for(ring, 2) == {1: 4100, 2: 4096}
+    assert ring.pending == 0
+
+    first, second = bytearray(10), bytearray(4090)
+    far = memoryview(bytearray(4096))
+    assert ring.prep_readv(rw_fd, [first, second], 0, user_data=3)
+    assert ring.prep_readv(rw_fd, [far], 1 << 20, user_data=4)
+    assert ring.prep_readv(rw_fd, [bytearray(100)], (1 << 20) + 4096, user_data=5)  # at EOF
+    assert run(ring, 3) == {3: 4100, 4: 4096, 5: 0}
+    assert bytes(first + second) == a + b + bytes(c)
+    assert far == b"tail" * 1024
+    with open(f"/proc/self/fd/{rw_fd}", "rb") as f:
+        assert f.read(4100) == a + b + bytes(c)
+
+
+def test_read_only_memoryview_slices_of_bytes_are_written_in_place(ring: Ring, rw_fd: int) -> None:
+    payload = bytes(range(256)) * 64  # 16 KiB, as an NBD request's received bytes
+    view = memoryview(payload)
+    slices = [view[100:612], view[5000:9096], view[16383:16384]]
+    assert all(s.readonly for s in slices)
+    assert ring.prep_writev(rw_fd, slices, 512, user_data=7)
+
+    # The SQE as the kernel will read it ...
+    slot = (ring._sqe_tail - 1) & ring._sq_mask
+    sqe = _uring._Sqe.from_buffer_copy(ring._sqes[slot * 64 : (slot + 1) * 64])
+    assert (sqe.opcode, sqe.fd, sqe.off, sqe.len, sqe.user_data) == (2, rw_fd, 512, 3, 7)
+    assert (sqe.flags, sqe.ioprio, sqe.op_flags, sqe.buf_index, sqe.addr3) == (0, 0, 0, 0, 0)
+    # ... names iovecs that point into the bytes object itself: nothing was copied.
+    iov = (_uring._Iovec * 3).from_address(sqe.addr)
+    base = bytes_address(payload)
+    assert [(v.iov_base, v.iov_len) for v in iov] == [
+        (base + 100, 512),
+        (base + 5000, 4096),
+        (base + 16383, 1),
+    ]
+    assert run(ring, 1) == {7: 512 + 4096 + 1}
+    got = os.pread(rw_fd, 4609, 512)
+    assert got == payload[100:612] + payload[5000:9096] + payload[16383:16384]
+
+
+def test_buffers_stay_pinned_until_reaped(ring: Ring, rw_fd: int) -> None:
+    payload = bytes(8192)
+    view = memoryview(payload)[4096:]
+    target = bytearray(4096)
+    before = sys.getrefcount(view), sys.getrefcount(target)
+    assert ring.prep_writev(rw_fd, [view], 0, user_data=1)
+    assert ring.prep_readv(rw_fd, [target], 8192, user_data=2)
+    assert (sys.getrefcount(view), sys.getrefcount(target)) == (before[0] + 1, before[1] + 1)
+    with pytest.raises(BufferError):
+        target.extend(b"x")  # a resize could move the buffer: refused while exported
+    with pytest.raises(BufferError):
+        view.release()
+    run(ring, 2)
+    assert (sys.getrefcount(view), sys.getrefcount(target)) == before
+    target.extend(b"x")
+    view.release()
+
+
+def test_readv_needs_writable_buffers_and_failed_pins_are_undone(ring: Ring, rw_fd: int) -> None:
+    ok = bytearray(16)
+    space = ring.space
+    with pytest.raises(BufferError):
+        ring.prep_readv(rw_fd, [ok, memoryview(b"read-only")], 0, user_data=1)
+    with pytest.raises(TypeError):
+        ring.prep_writev(rw_fd, [ok, "not a buffer"], 0, user_data=1)  # type: ignore[list-item]
+    ok.extend(b"x")  # not left pinned
+    assert (ring.space, ring.queued, ring.pending) == (space, 0, 0)
+    assert ring.submit() == 0
+
+
+def test_many_buffers_in_one_request(ring: Ring, rw_fd: int) -> None:
+    chunks = [bytes([i]) * (i + 1) for i in range(40)]  # beyond the inline iovec pool
+    assert ring.prep_writev(rw_fd, chunks, 3, user_data=1)
+    total = sum(map(len, chunks))
+    assert run(ring, 1) == {1: total}
+    targets = [bytearray(len(c)) for c in chunks]
+    assert ring.prep_readv(rw_fd, targets, 3, user_data=2)
+    assert run(ring, 1) == {2: total}
+    assert [bytes(t) for t in targets] == chunks
+    for t in targets:
+        t.append(0)  # all released
+
+
+def test_writev_with_rwf_dsync(ring: Ring, rw_fd: int) -> None:
+    assert ring.prep_writev(rw_fd, [b"fua" * 100], 0, user_data=9, rw_flags=os.RWF_DSYNC)
+    assert run(ring, 1) == {9: 300}
+
+
+def test_fsync_and_fdatasync(ring: Ring, rw_fd: int) -> None:
+    os.pwrite(rw_fd, b"dirty" * 1000, 0)
+    assert ring.prep_fsync(rw_fd, user_data=1)
+    assert ring.prep_fsync(rw_fd, user_data=2, datasync=False)
+    assert run(ring, 2) == {1: 0, 2: 0}
+
+
+def test_fallocate_punch_hole_and_zero_range(ring: Ring, rw_fd: int) -> None:
+    mib = 1 << 20
+    os.pwrite(rw_fd, b"\xab" * mib, 0)
+    os.fsync(rw_fd)
+    blocks = os.fstat(rw_fd).st_blocks
+    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    assert ring.prep_fallocate(rw_fd, mode, 256 << 10, 512 << 10, user_data=1)
+    assert run(ring, 1) == {1: 0}
+    st = os.fstat(rw_fd)
+    assert st.st_size == mib
+    assert st.st_blocks <= blocks - (512 << 10) // 512
+    data = os.pread(rw_fd, mib, 0)
+    assert data == b"\xab" * (256 << 10) + bytes(512 << 10) + b"\xab" * (256 << 10)
+
+    assert ring.prep_fallocate(rw_fd, FALLOC_FL_ZERO_RANGE, 0, 4096, user_data=2)
+    assert run(ring, 1) == {2: 0}
+    assert os.pread(rw_fd, 4097, 0) == bytes(4096) + b"\xab"
+
+
+def test_errors_come_back_as_negative_errno(ring: Ring, path: str) -> None:
+    wfd = os.open(path, os.O_WRONLY)
+    rfd = os.open(path, os.O_RDONLY)
+    try:
+        assert ring.prep_readv(wfd, [bytearray(512)], 0, user_data=1)
+        assert ring.prep_writev(rfd, [b"x" * 512], 0, user_data=2)
+        assert ring.prep_fallocate(rfd, 0, 0, 4096, user_data=3)
+        assert ring.prep_readv(rfd, [bytearray(512)], 0, user_data=4)  # still works after
+        assert run(ring, 4) == {1: -errno.EBADF, 2: -errno.EBADF, 3: -errno.EBADF, 4: 0}
+    finally:
+        os.close(wfd)
+        os.close(rfd)
+    bad = os.open("/dev/null", os.O_RDONLY)
+    os.close(bad)
+    assert ring.prep_fsync(bad, user_data=5)  # a closed fd
+    assert run(ring, 1) == {5: -errno.EBADF}
+
+
+def test_sq_full_returns_false(rw_fd: int) -> None:
+    with _ring_or_skip(4) as ring:
+        assert (ring.sq_entries, ring.cq_entries) == (4, 8)
+        assert all(ring.prep_fsync(rw_fd, user_data=i) for i in range(4))
+        assert ring.space == 0
+        assert not ring.prep_fsync(rw_fd, user_data=4)
+        assert not ring.prep_writev(rw_fd, [b"x"], 0, user_data=4)
+        assert ring.queued == 4
+        assert ring.submit() == 4
+        # The SQ is empty again, while the 4 requests may still be in flight.
+        assert all(ring.prep_writev(rw_fd, [b"y"], i, user_data=10 + i) for i in range(4))
+        assert ring.submit() == 4
+        # Eight requests not reaped fill the CQ: nothing more until they are reaped.
+        assert not ring.prep_fsync(rw_fd, user_data=20)
+        assert len(wait_for(ring, 8)) == 8
+        assert ring.space == 4
+        assert ring.prep_fsync(rw_fd, user_data=20)
+        assert run(ring, 1) == {20: 0}
+
+
+def test_user_data_and_offset_checks(ring: Ring, rw_fd: int) -> None:
+    assert ring.prep_fsync(rw_fd, user_data=(1 << 64) - 1)
+    with pytest.raises(ValueError, match="in flight"):
+        ring.prep_fsync(rw_fd, user_data=(1 << 64) - 1)
+    with pytest.raises(ValueError, match="64 bits"):
+        ring.prep_fsync(rw_fd, user_data=1 << 64)
+    with pytest.raises(ValueError, match="64 bits"):
+        ring.prep_fsync(rw_fd, user_data=-1)
+    with pytest.raises(ValueError, match="offset"):
+        ring.prep_writev(rw_fd, [b"x"], -1, user_data=1)
+    with pytest.raises(ValueError):
+        ring.prep_fallocate(rw_fd, 0, 0, -1, user_data=1)
+    assert run(ring, 1) == {(1 << 64) - 1: 0}
+
+
+def test_eventfd_becomes_readable_after_completion(ring: Ring, rw_fd: int) -> None:
+    ring.drain_eventfd()
+    assert select.select([ring.eventfd], [], [], 0)[0] == []
+    assert ring.prep_fsync(rw_fd, user_data=1)
+    assert select.select([ring.eventfd], [], [], 0)[0] == []  # prepared, not submitted
+    assert ring.submit() == 1
+    assert select.select([ring.eventfd], [], [], 5.0)[0] == [ring.eventfd]
+    ring.drain_eventfd()
+    assert select.select([ring.eventfd], [], [], 0)[0] == []
+    ring.drain_eventfd()  # draining an empty eventfd does not block
+    assert ring.reap() == [(1, 0)]
+    assert ring.pending == 0
+
+
+def test_ten_thousand_operations_in_batches(rw_fd: int) -> None:
+    count, size = 10_000, 512
+    blob = b"".join(i.to_bytes(4, "little") * (size // 4) for i in range(count))
+    view = memoryview(blob)
+    with _ring_or_skip(256) as ring:
+        # Writes in a scrambled order, as many per batch as the ring takes.
+        order = [(i * 7919) % count for i in range(count)]
+        results: dict[int, int] = {}
+        it = iter(order)
+        nxt = next(it, None)
+        while nxt is not None or ring.pending:
+            while nxt is not None and ring.prep_writev(
+                rw_fd, [view[nxt * size : (nxt + 1) * size]], nxt * size, user_data=nxt
+            ):
+                nxt = next(it, None)
+            ring.submit()
+            results.update(wait_for(ring, 1))
+        assert results == dict.fromkeys(range(count), size)
+
+        targets = [bytearray(size) for _ in range(count)]
+        reads: dict[int, int] = {}
+        i = 0
+        while i < count or ring.pending:
+            while i < count and ring.prep_readv(rw_fd, [targets[i]], i * size, user_data=i):
+                i += 1
+            ring.submit()
+            reads.update(wait_for(ring, 1))
+        assert reads == dict.fromkeys(range(count), size)
+        assert b"".join(targets) == blob
+        assert ring.pending == 0
+
+
+def test_close_waits_for_in_flight_requests_and_releases_everything(rw_fd: int) -> None:
+    ring = _ring_or_skip(8)
+    ring_fd, efd = ring._fd, ring.eventfd
+    target = bytearray(1 << 20)
+    unsubmitted = bytearray(16)
+    os.pwrite(rw_fd, b"\x5a" * (1 << 20), 0)
+    assert ring.prep_readv(rw_fd, [target], 0, user_data=1)
+    assert ring.prep_fsync(rw_fd, user_data=2)
+    assert ring.submit() == 2
+    assert ring.prep_readv(rw_fd, [unsubmitted], 0, user_data=3)
+    ring.close()
+    assert ring.closed
+    assert target == b"\x5a" * (1 << 20)  # the read finished before close returned
+    target.extend(b"x")
+    unsubmitted.extend(b"x")
+    for fd in (ring_fd, efd):
+        with pytest.raises(OSError) as info:
+            os.fstat(fd)
+        assert info.value.errno == errno.EBADF
+    assert ring.eventfd == -1
+    assert (ring.pending, ring.queued, ring.space) == (0, 0, 0)
+    ring.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        ring.prep_fsync(rw_fd, user_data=4)
+    with pytest.raises(ValueError, match="closed"):
+        ring.submit()
+    with pytest.raises(ValueError, match="closed"):
+        ring.reap()
+
+
+def test_context_manager_and_many_rings_do_not_leak_fds(rw_fd: int) -> None:
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        with _ring_or_skip(32) as ring:
+            assert ring.prep_writev(rw_fd, [b"z" * 64], 0, user_data=1)
+            ring.submit()
+    assert len(os.listdir("/proc/self/fd")) == fds_before
