@@ -35,6 +35,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from blockd.devices._pybuffer import PYBUF_SIMPLE, PyBuffer, get_buffer, release_buffer
+
 __all__ = [
     "AlignedIO",
     "Alignment",
@@ -63,44 +65,17 @@ class Alignment:
                 raise ValueError(f"{name} alignment {value} is not a power of two")
 
 
-class _PyBuffer(ctypes.Structure):
-    """CPython's ``Py_buffer``; only ``buf`` is read."""
-
-    _fields_ = (
-        ("buf", ctypes.c_void_p),
-        ("obj", ctypes.c_void_p),
-        ("len", ctypes.c_ssize_t),
-        ("itemsize", ctypes.c_ssize_t),
-        ("readonly", ctypes.c_int),
-        ("ndim", ctypes.c_int),
-        ("format", ctypes.c_char_p),
-        ("shape", ctypes.c_void_p),
-        ("strides", ctypes.c_void_p),
-        ("suboffsets", ctypes.c_void_p),
-        ("internal", ctypes.c_void_p),
-    )
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = (ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int)
-_get_buffer.restype = ctypes.c_int
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = (ctypes.POINTER(_PyBuffer),)
-_release_buffer.restype = None
-_PYBUF_SIMPLE = 0
-
-
 def buffer_address(buf: Buffer) -> int:
     """Return the memory address of a contiguous buffer (read-only ones too).
 
     Raises BufferError for a non-contiguous buffer.
     """
-    view = _PyBuffer()
-    _get_buffer(buf, ctypes.byref(view), _PYBUF_SIMPLE)
+    view = PyBuffer()
+    get_buffer(buf, ctypes.byref(view), PYBUF_SIMPLE)
     try:
         return view.buf or 0
     finally:
-        _release_buffer(ctypes.byref(view))
+        release_buffer(ctypes.byref(view))
 
 
 def as_byte_views(buffers: Sequence[Buffer]) -> list[memoryview]:

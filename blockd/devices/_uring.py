@@ -126,6 +126,8 @@ import struct
 from collections.abc import Sequence
 from typing import Final, Self, TypeAlias
 
+from blockd.devices._pybuffer import PyBuffer, get_buffer, release_buffer
+
 __all__ = ["BufferLike", "Ring", "UringUnavailable"]
 
 BufferLike: TypeAlias = bytes | bytearray | memoryview
@@ -259,24 +261,6 @@ class _Iovec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
-class _PyBuffer(ctypes.Structure):
-    """CPython's ``Py_buffer`` (stable ABI since 3.11)."""
-
-    _fields_ = [
-        ("buf", ctypes.c_void_p),
-        ("obj", ctypes.c_void_p),
-        ("len", ctypes.c_ssize_t),
-        ("itemsize", ctypes.c_ssize_t),
-        ("readonly", ctypes.c_int),
-        ("ndim", ctypes.c_int),
-        ("format", ctypes.c_void_p),
-        ("shape", ctypes.c_void_p),
-        ("strides", ctypes.c_void_p),
-        ("suboffsets", ctypes.c_void_p),
-        ("internal", ctypes.c_void_p),
-    ]
-
-
 # opcode, flags, ioprio, fd, off, addr, len, op_flags, user_data, buf_index,
 # personality, splice_fd_in, addr3, pad2: the 64 bytes of one SQE.
 _SQE_FORMAT: Final = "=BBHiQQIIQHHiQQ"
@@ -288,7 +272,7 @@ _SQE_HEAD_STRUCT: Final = struct.Struct(_SQE_FORMAT[:10])
 _CQE_STRUCT: Final = struct.Struct("=QiI")
 _SQE_SIZE: Final = 64
 _CQE_SIZE: Final = 16
-_PYBUF_SIZE: Final = ctypes.sizeof(_PyBuffer)
+_PYBUF_SIZE: Final = ctypes.sizeof(PyBuffer)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -337,13 +321,8 @@ _munmap = _libc.munmap
 _munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _munmap.restype = ctypes.c_int
 
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = (ctypes.py_object, ctypes.c_void_p, ctypes.c_int)
-_get_buffer.restype = ctypes.c_int
-
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = (ctypes.c_void_p,)
-_release_buffer.restype = None
+_get_buffer = get_buffer
+_release_buffer = release_buffer
 
 
 class UringUnavailable(OSError):

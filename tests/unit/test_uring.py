@@ -138,8 +138,8 @@ def test_struct_sizes_and_offsets_match_linux_io_uring_h() -> None:
     }
     assert _offsets(_uring._Cqe) == {"user_data": 0, "res": 8, "flags": 12}
     # CPython's Py_buffer on a 64-bit build: buf at 0, len at 16.
-    assert ctypes.sizeof(_uring._PyBuffer) == 80
-    assert (_uring._PyBuffer.buf.offset, _uring._PyBuffer.len.offset) == (0, 16)
+    assert ctypes.sizeof(_uring.PyBuffer) == 80
+    assert (_uring.PyBuffer.buf.offset, _uring.PyBuffer.len.offset) == (0, 16)
 
 
 def test_struct_formats_agree_with_ctypes_layouts() -> None:
