@@ -40,7 +40,6 @@ from blockd.devices._ioctl import (
     ioctl_range,
     ioctl_u64,
 )
-from blockd.devices.base import NodeOptions
 from blockd.devices.posix import PosixDriver, probe_direct_alignment
 from blockd.errors import InvalidArgument
 
@@ -56,22 +55,8 @@ class HostDeviceDriver(PosixDriver):
 
     format_name = "host_device"
 
-    def __init__(
-        self,
-        options: NodeOptions,
-        fd: int,
-        *,
-        read_only: bool,
-        medium_read_only: bool,
-        alignment: Alignment,
-    ) -> None:
-        super().__init__(
-            options,
-            fd,
-            read_only=read_only,
-            medium_read_only=medium_read_only,
-            alignment=alignment,
-        )
+    def _setup(self, fd: int) -> None:
+        """Learn the sector sizes (512 for character devices, which have none)."""
         self.is_block = stat.S_ISBLK(os.fstat(fd).st_mode)
         if self.is_block:
             self.logical_block_size = ioctl_int(fd, BLKSSZGET)

@@ -219,6 +219,10 @@ class PosixDriver:
         # Without O_DIRECT any buffer, offset and length will do.
         self._unaligned_ok = alignment.request == 1 and alignment.memory == 1
         self.memory_backed = self._memory_backed(fd)
+        self._setup(fd)
+
+    def _setup(self, fd: int) -> None:
+        """Subclass hook: learn what else the backing can tell, once, at open time."""
 
     def _memory_backed(self, fd: int) -> bool:
         """True for regular files on tmpfs/ramfs with no swap: no call ever waits for a disk."""
