@@ -69,12 +69,6 @@ class Registry:
         self.nodes[name] = node
         return node
 
-    def find_node(self, name: str) -> Node:
-        node = self.nodes.get(name)
-        if node is None:
-            raise NotFound(f"Cannot find device='' nor node-name='{name}'")
-        return node
-
     async def del_node(self, name: str) -> None:
         """blockdev-del: close and forget a free, monitor-owned node."""
         node = self.nodes.get(name)

@@ -106,6 +106,7 @@ class _Client(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._disconnecting = False
+        self._writethrough = False
         self._out: list[bytes | bytearray | memoryview] = []
         self._lent: list[bytearray] = []  # pooled buffers in the next flush
         self._unsent: list[bytearray] = []  # pooled buffers the transport may still hold
@@ -177,8 +178,9 @@ class _Client(asyncio.Protocol):
                 self._submit_read(event)
             case Write():
                 self._start()
+                # writethrough: every write is durable before it is acknowledged.
                 self._submit(event.cookie, self._device().submit_write, event.offset,
-                             event.data, bool(event.flags & _FUA))
+                             event.data, bool(event.flags & _FUA) or self._writethrough)
             case Flush():
                 self._start()
                 self._submit(event.cookie, self._device().submit_flush)
@@ -202,6 +204,7 @@ class _Client(asyncio.Protocol):
                 export = event.export.handle
                 assert isinstance(export, Export)
                 self.export = export
+                self._writethrough = export.writethrough
                 export.clients.add(self)
             case Disconnect() | Closed():
                 # Finish what is in flight, then close (the spec's NBD_CMD_DISC).

@@ -274,3 +274,28 @@ async def test_tcp_loopback_and_block_size_from_alignment(blockd_factory: Blockd
         assert "needs TLS" in str(exc)  # no TLS yet: non-loopback NBD is refused
     else:
         raise AssertionError("NBD on 0.0.0.0 without TLS was accepted")
+
+
+async def test_writethrough_makes_every_write_durable(blockd_factory: BlockdFactory,
+                                                      tmp_path: Path) -> None:
+    nbd = libnbd()
+    need("strace")
+    img = tmp_path / "wt.img"
+    with open(img, "wb") as f:
+        f.truncate(16 * MiB)
+    d = blockd_factory(
+        "--blockdev", f"driver=file,node-name=w0,filename={img}",
+        "--nbd-server", f"addr.type=unix,addr.path={tmp_path / 'wt.sock'}",
+        "--export", "type=nbd,id=wt,node-name=w0,name=wt,writable=on,writethrough=on")
+    h = nbd.NBD()
+    h.set_export_name("wt")
+    await asyncio.to_thread(h.connect_unix, str(tmp_path / "wt.sock"))
+    tracer = subprocess.Popen(["strace", "-f", "-e", "trace=pwritev2", "-p", str(d.proc.pid)],
+                              stderr=subprocess.PIPE, text=True)
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(h.pwrite, b"W" * 4096, 0)  # no FUA from the client
+    await asyncio.sleep(0.2)
+    tracer.terminate()
+    trace = tracer.communicate(timeout=10)[1]
+    assert "RWF_DSYNC" in trace, trace
+    await asyncio.to_thread(h.shutdown)
