@@ -27,11 +27,13 @@ from typing import Any, Literal
 
 from .buffers import MIN_POOLED, BufferPool
 from .devices.base import Buffer
+from .devices.posix import PosixDriver
 from .errors import InvalidArgument, NoMedium, ReadOnly
 from .events import BlockIoError, EventBus, Resume, Stop
 from .iothread import IoWorkers
 from .node import Node
 from .stats import AcctCookie, BlockAcctStats, IoKind
+from .uring_io import UringIo
 
 __all__ = ["ERROR_ACTIONS", "Device", "DeviceKind", "ErrorAction"]
 
@@ -54,6 +56,7 @@ class _Request:
     node: Node
     inline: bool = False  # the driver never blocks: call it on the loop thread
     nowait: Callable[..., Any] | None = None  # try this on the loop thread first
+    uring: tuple[Any, ...] | None = None  # ("write", fd, buffers, flags) or ("fsync", fd)
 
 
 class Device:
@@ -188,10 +191,43 @@ class Device:
             else:
                 self._complete(request, cookie, result, None)
                 return
+        uring = self._workers.uring
+        if request.uring is not None and uring is not None and self._submit_uring(
+            uring, request, cookie
+        ):
+            return
         self._workers.submit(
             request.fn, request.args,
             lambda result, exc: self._complete(request, cookie, result, exc),
         )
+
+    def _submit_uring(self, uring: UringIo, request: _Request, cookie: AcctCookie) -> bool:
+        """Hand a write or flush to io_uring; False if the ring is full."""
+        op = request.uring
+        assert op is not None
+        if op[0] == "fsync":
+            def synced(res: int) -> None:
+                exc = OSError(-res, os.strerror(-res)) if res < 0 else None
+                self._complete(request, cookie, None, exc)
+
+            return uring.fdatasync(op[1], synced)
+        _, fd, buffers, flags = op
+        offset, length = request.args[0], request.nbytes
+
+        def written(res: int) -> None:
+            if res < 0:
+                self._complete(request, cookie, None, OSError(-res, os.strerror(-res)))
+            elif res < length:  # short: the careful path writes the rest (and finds the error)
+                rest = memoryview(buffers[0]).cast("B")[res:]
+                self._workers.submit(
+                    request.fn, (offset + res, [rest], request.args[2]),
+                    lambda more, exc: self._complete(
+                        request, cookie, None if exc else res + more, exc),
+                )
+            else:
+                self._complete(request, cookie, res, None)
+
+        return uring.writev(fd, buffers, offset, flags, written)
 
     def _complete(
         self, request: _Request, cookie: AcctCookie, result: object, exc: BaseException | None
@@ -293,9 +329,11 @@ class Device:
                 node.note_write(offset, length)
             done(result, exc)
 
+        driver = node.driver
+        plan = driver.uring_write([data], fua) if isinstance(driver, PosixDriver) else None
         self._submit(_Request(
-            IoKind.WRITE, length, node.driver.pwritev, (offset, [data], fua), written,
-            node, node.driver.memory_backed,
+            IoKind.WRITE, length, driver.pwritev, (offset, [data], fua), written,
+            node, driver.memory_backed, uring=("write", *plan) if plan is not None else None,
         ))
 
     def submit_write_zeroes(self, offset: int, length: int, may_unmap: bool, done: Done) -> None:
@@ -332,8 +370,11 @@ class Device:
     def submit_flush(self, done: Done) -> None:
         """Make completed writes durable."""
         node = self._medium(IoKind.FLUSH)
+        driver = node.driver
+        fd = driver.uring_flush() if isinstance(driver, PosixDriver) else None
         self._submit(_Request(
-            IoKind.FLUSH, 0, node.driver.flush, (), done, node, node.driver.memory_backed,
+            IoKind.FLUSH, 0, driver.flush, (), done, node, driver.memory_backed,
+            uring=("fsync", fd) if fd is not None else None,
         ))
 
     # -- pausing --------------------------------------------------------------------

@@ -29,6 +29,7 @@ from .qmp.schema import SchemaError
 from .qmp.server import QmpServer
 from .registry import Registry
 from .stats import NoAccounting
+from .uring_io import UringIo
 
 __all__ = ["QEMU_VERSION", "Daemon", "StartupError", "version_info"]
 
@@ -79,6 +80,7 @@ class Daemon:
     async def start(self) -> None:
         """Apply the configuration and open the listeners; raise StartupError on failure."""
         self._stop = asyncio.Event()
+        self.workers.uring = UringIo.create()
         self.qmp = QmpServer(self.dispatcher, self.bus, version_info())
         if self.config.objects:
             # No object type (TLS credentials, secrets, iothreads) is implemented yet.
@@ -155,6 +157,9 @@ class Daemon:
             await self.qmp.close()
         await self._drain()
         await self.registry.close_all()
+        if self.workers.uring is not None:
+            self.workers.uring.close()
+            self.workers.uring = None
         self.workers.close()
         self.executor.shutdown(wait=True)
         if self.config.pidfile:

@@ -22,7 +22,10 @@ import asyncio
 import collections
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .uring_io import UringIo
 
 __all__ = ["Completion", "IoWorkers"]
 
@@ -50,6 +53,9 @@ class IoWorkers:
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_scheduled = False
+        # io_uring for the calls that can use it (set by the daemon once its
+        # loop runs); those calls then never reach these threads.
+        self.uring: UringIo | None = None
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], done: Completion) -> None:
         """Run ``fn(*args)`` in a worker; ``done(result, exc)`` runs later on the loop thread."""

@@ -375,6 +375,27 @@ class PosixDriver:
             self.flush()
         return count
 
+    def uring_write(
+        self, buffers: Sequence[Buffer], fua: bool
+    ) -> tuple[int, Sequence[Buffer], int] | None:
+        """``(fd, buffers, rw_flags)`` to write through io_uring, or None for the careful path.
+
+        Only plain buffered writes qualify; O_DIRECT alignment handling and
+        FUA without RWF_DSYNC stay with :meth:`pwritev`.
+        """
+        if not self._unaligned_ok or len(buffers) != 1 or self.read_only:
+            return None
+        flags = 0
+        if fua and not self.options.cache_no_flush:
+            if not self._dsync_supported:
+                return None
+            flags = os.RWF_DSYNC
+        return self._fd, buffers, flags
+
+    def uring_flush(self) -> int | None:
+        """The fd to fdatasync through io_uring, or None when flushing is off."""
+        return None if self.options.cache_no_flush else self._fd
+
     def flush(self) -> None:
         """fdatasync the descriptor, unless ``cache.no-flush`` is set."""
         if not self.options.cache_no_flush:

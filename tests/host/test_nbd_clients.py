@@ -205,10 +205,16 @@ async def test_export_qmp_commands(blockd_factory: BlockdFactory, tmp_path: Path
 
 
 async def test_loop_device_discard_zero_and_flush(blockd_factory: BlockdFactory,
-                                                  tmp_path: Path, loop_device: Any) -> None:
-    """On a real loop device: trim deallocates the backing, zero zeroes, flush fdatasyncs."""
+                                                  tmp_path: Path, loop_device: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a real loop device: trim deallocates the backing, zero zeroes, flush fdatasyncs.
+
+    Runs with io_uring off, so that the fdatasync is a system call strace can see
+    (test_io_uring_route checks the io_uring route).
+    """
     nbd = libnbd()
     need("strace")
+    monkeypatch.setenv("BLOCKD_IO_URING", "0")
     loop = loop_device(16 * MiB)
     sock = str(tmp_path / "nbd.sock")
     d = blockd_factory(
@@ -277,9 +283,11 @@ async def test_tcp_loopback_and_block_size_from_alignment(blockd_factory: Blockd
 
 
 async def test_writethrough_makes_every_write_durable(blockd_factory: BlockdFactory,
-                                                      tmp_path: Path) -> None:
+                                                      tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     nbd = libnbd()
     need("strace")
+    monkeypatch.setenv("BLOCKD_IO_URING", "0")  # a visible pwritev2 (see test_io_uring_route)
     img = tmp_path / "wt.img"
     with open(img, "wb") as f:
         f.truncate(16 * MiB)

@@ -1,0 +1,98 @@
+"""Blocking file calls submitted from the event loop through io_uring.
+
+Buffered writes to ext4 files and to block devices, and fdatasync, may wait
+for a disk, and the kernel refuses RWF_NOWAIT for them.  Handing each one to a
+Python worker thread costs wake-ups and GIL hand-offs per request.  With
+io_uring the loop thread queues the operation and the kernel performs it (on its
+own worker threads when it would block); the loop learns of completions through
+an eventfd it watches.  Submissions made during one turn of the loop go to the
+kernel in one system call.
+
+Where io_uring cannot be set up (old kernel, seccomp, non-x86_64, or
+``BLOCKD_IO_URING=0``) nothing uses this, and requests go to the worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+from .devices._uring import BufferLike, Ring, UringUnavailable
+
+__all__ = ["UringIo"]
+
+log = logging.getLogger(__name__)
+
+Completion = Callable[[int], None]  # the result: a count, or -errno
+
+
+class UringIo:
+    """One ring per event loop; callbacks run on the loop thread."""
+
+    def __init__(self, ring: Ring, loop: asyncio.AbstractEventLoop) -> None:
+        self._ring = ring
+        self._loop = loop
+        self._callbacks: dict[int, Completion] = {}
+        self._next = 1
+        self._submit_scheduled = False
+        loop.add_reader(ring.eventfd, self._on_completions)
+
+    @classmethod
+    def create(cls, entries: int = 256) -> UringIo | None:
+        """A ring for the running loop, or None where io_uring is not available."""
+        if os.environ.get("BLOCKD_IO_URING") == "0":
+            return None
+        try:
+            ring = Ring(entries)
+        except (UringUnavailable, OSError) as exc:
+            log.info("io_uring unavailable (%s); blocking calls use worker threads", exc)
+            return None
+        return cls(ring, asyncio.get_running_loop())
+
+    def writev(self, fd: int, buffers: Sequence[BufferLike], offset: int, rw_flags: int,
+               done: Completion) -> bool:
+        """Queue a write; False when the ring is full (use another route)."""
+        tag = self._tag(done)
+        if not self._ring.prep_writev(fd, buffers, offset, tag, rw_flags):
+            del self._callbacks[tag]
+            return False
+        self._schedule_submit()
+        return True
+
+    def fdatasync(self, fd: int, done: Completion) -> bool:
+        """Queue an fdatasync; False when the ring is full."""
+        tag = self._tag(done)
+        if not self._ring.prep_fsync(fd, tag, datasync=True):
+            del self._callbacks[tag]
+            return False
+        self._schedule_submit()
+        return True
+
+    def _tag(self, done: Completion) -> int:
+        tag = self._next
+        self._next = tag + 1 if tag < (1 << 63) else 1
+        self._callbacks[tag] = done
+        return tag
+
+    def _schedule_submit(self) -> None:
+        if not self._submit_scheduled:
+            self._submit_scheduled = True
+            self._loop.call_soon(self._submit)
+
+    def _submit(self) -> None:
+        self._submit_scheduled = False
+        self._ring.submit()
+        if self._ring.queued:  # the kernel took only part: try again next turn
+            self._schedule_submit()
+
+    def _on_completions(self) -> None:
+        self._ring.drain_eventfd()
+        for tag, result in self._ring.reap():
+            self._callbacks.pop(tag)(result)
+
+    def close(self) -> None:
+        """Stop watching, wait for what is in flight, release the ring."""
+        self._loop.remove_reader(self._ring.eventfd)
+        self._ring.close()
