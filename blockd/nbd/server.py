@@ -159,16 +159,22 @@ class _Client(asyncio.Protocol):
 
     def _process(self) -> None:
         conn = self.conn
-        while not self.closed and not self._disconnecting:
-            try:
-                event = conn.next_event()
-            except NbdProtocolError as exc:
-                log.info("NBD client broke the protocol: %s", exc)
-                self.close()
-                return
-            if event is NEED_DATA:
-                break
-            self._handle(event)
+        # Replies produced while handling this input are sent once, at the end,
+        # without a trip through call_soon (that matters at queue depth 1).
+        self._flush_scheduled = True
+        try:
+            while not self.closed and not self._disconnecting:
+                try:
+                    event = conn.next_event()
+                except NbdProtocolError as exc:
+                    log.info("NBD client broke the protocol: %s", exc)
+                    self.close()
+                    return
+                if event is NEED_DATA:
+                    break
+                self._handle(event)
+        finally:
+            self._flush()
         self._update_reading()
 
     def _handle(self, event: object) -> None:
