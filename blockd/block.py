@@ -9,7 +9,8 @@ the I/O accounting.
 Every data request goes through a device.  The device checks it (medium
 present, tray closed, in range, writable), accounts it, runs the driver call
 where it cannot block the event loop (on the loop thread only for memory-backed
-drivers and page-cache hits, otherwise on the I/O workers), and applies the
+drivers and page-cache hits; buffered writes and flushes through io_uring where
+it is available; everything else on the I/O workers), and applies the
 error policy to failures: ``report`` returns the error, ``ignore`` hides it,
 ``stop`` (or ``enospc`` on ENOSPC) pauses the device and holds the request
 until ``cont`` or ``blockd-device-resume`` retries it.  Each policy publishes
@@ -170,7 +171,8 @@ class Device:
         """Run one accounted request by the cheapest safe route.
 
         Memory-backed drivers run on the loop thread; reads that the page
-        cache can serve run there too (RWF_NOWAIT); everything else goes to the
+        cache can serve run there too (RWF_NOWAIT); plain buffered writes and
+        flushes go to io_uring when there is a ring; everything else goes to the
         I/O workers.  While the device is paused, requests are held, not failed.
         """
         if self.paused:
