@@ -284,14 +284,39 @@ class _Client(asyncio.Protocol):
             self._finish(conn.reply_error(cookie, _nbd_error(exc)))
 
     def _block_status(self, event: BlockStatus) -> None:
+        """Answer from the driver's allocation map.
+
+        SEEK_DATA/SEEK_HOLE may have to read file-system metadata from disk, so
+        unless the driver is memory-backed the lookup runs on an I/O worker.
+        """
         assert self.export is not None
         node = self.export.device.node
         driver = node.driver if node is not None else None
-        try:
-            if not isinstance(driver, AllocationReporter):
-                raise Unsupported("block status is not supported", errno.ENOTSUP)
-            extents = driver.block_status(event.offset, event.length)
-        except (BlockdError, OSError) as exc:
+        if not isinstance(driver, AllocationReporter) or node is None:
+            exc = Unsupported("block status is not supported", errno.ENOTSUP)
+            self._finish(self.conn.reply_error(event.cookie, _nbd_error(exc)))
+            return
+        if node.driver.memory_backed:
+            try:
+                extents = driver.block_status(event.offset, event.length)
+            except OSError as exc:
+                self._finish(self.conn.reply_error(event.cookie, _nbd_error(exc)))
+                return
+            self._block_status_done(event, extents, None)
+            return
+        node.in_flight += 1  # the driver must not close under the lookup
+
+        def looked_up(extents: list[tuple[int, int]], exc: BaseException | None) -> None:
+            node.in_flight -= 1
+            self._block_status_done(event, extents, exc)
+
+        self.server.registry.workers.submit(
+            driver.block_status, (event.offset, event.length), looked_up)
+
+    def _block_status_done(
+        self, event: BlockStatus, extents: list[tuple[int, int]], exc: BaseException | None
+    ) -> None:
+        if exc is not None:
             self._finish(self.conn.reply_error(event.cookie, _nbd_error(exc)))
             return
         if event.flags & _REQ_ONE:
