@@ -15,6 +15,7 @@ Where io_uring cannot be set up (old kernel, seccomp, non-x86_64, or
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ class UringIo:
         self._callbacks: dict[int, Completion] = {}
         self._next = 1
         self._submit_scheduled = False
+        self._broken = False
         loop.add_reader(ring.eventfd, self._on_completions)
 
     @classmethod
@@ -53,7 +55,9 @@ class UringIo:
 
     def writev(self, fd: int, buffers: Sequence[BufferLike], offset: int, rw_flags: int,
                done: Completion) -> bool:
-        """Queue a write; False when the ring is full (use another route)."""
+        """Queue a write; False when the ring is full or broken (use another route)."""
+        if self._broken:
+            return False
         tag = self._tag(done)
         if not self._ring.prep_writev(fd, buffers, offset, tag, rw_flags):
             del self._callbacks[tag]
@@ -62,7 +66,9 @@ class UringIo:
         return True
 
     def fdatasync(self, fd: int, done: Completion) -> bool:
-        """Queue an fdatasync; False when the ring is full."""
+        """Queue an fdatasync; False when the ring is full or broken."""
+        if self._broken:
+            return False
         tag = self._tag(done)
         if not self._ring.prep_fsync(fd, tag, datasync=True):
             del self._callbacks[tag]
@@ -83,14 +89,26 @@ class UringIo:
 
     def _submit(self) -> None:
         self._submit_scheduled = False
-        self._ring.submit()
+        try:
+            self._ring.submit()
+        except OSError as exc:
+            # Not a transient refusal (those leave requests queued): the ring is
+            # unusable.  Fail what waits on it and send everything else to threads.
+            log.error("io_uring submission failed: %s; using worker threads from now on", exc)
+            self._broken = True
+            waiting, self._callbacks = self._callbacks, {}
+            for done in waiting.values():
+                done(-(exc.errno or errno.EIO))
+            return
         if self._ring.queued:  # the kernel took only part: try again next turn
             self._schedule_submit()
 
     def _on_completions(self) -> None:
         self._ring.drain_eventfd()
         for tag, result in self._ring.reap():
-            self._callbacks.pop(tag)(result)
+            done = self._callbacks.pop(tag, None)
+            if done is not None:  # None: already failed when the ring broke
+                done(result)
 
     def close(self) -> None:
         """Stop watching, wait for what is in flight, release the ring."""

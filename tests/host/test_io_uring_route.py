@@ -70,3 +70,27 @@ async def test_io_uring_route(image: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert device.stats.to_qmp()["failed_wr_operations"] == 1
     await registry.close_all()
     uring.close()
+
+
+async def test_a_broken_ring_fails_waiting_requests_and_falls_back(
+        image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    uring = UringIo.create()
+    if uring is None:
+        pytest.skip("io_uring cannot be set up here")
+    registry = Registry(executor=ThreadPoolExecutor(2), bus=EventBus())
+    registry.workers.uring = uring
+    await registry.add_node(NodeOptions(driver="file", node_name="f0", filename=str(image)))
+    device = registry.add_device("hd", "hd0", "f0", werror="report")
+
+    def refuse() -> int:
+        raise OSError(9, "Bad file descriptor")
+
+    monkeypatch.setattr(uring._ring, "submit", refuse)
+    with pytest.raises(OSError) as info:
+        await device.pwrite(0, b"a" * 4096)  # queued on the ring when it broke
+    assert info.value.errno == 9
+    await device.pwrite(8192, b"b" * 4096)  # the next one goes to the worker threads
+    assert image.read_bytes()[8192:12288] == b"b" * 4096
+    await registry.close_all()
+    monkeypatch.undo()
+    uring.close()
