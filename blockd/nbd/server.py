@@ -253,9 +253,7 @@ class _Client(asyncio.Protocol):
             if exc is not None:
                 self._finish(conn.reply_error(cookie, _nbd_error(exc)))
             elif fua:
-                self.in_flight -= 1  # the flush takes over this request's slot
-                self._start()
-                self._submit(cookie, device.submit_flush)
+                self._submit(cookie, device.submit_flush)  # keeps this request's slot
             else:
                 self._finish(conn.reply_ok(cookie))
 
