@@ -292,7 +292,8 @@ class PeerSpec:
 
 
 def builtin_peer(name: str) -> tuple[tuple[str, ...], dict[str, str]] | None:
-    blockd = (sys.executable, "-m", "blockd")
+    # Metrics on as by default, but each peer on a free port (two blockd peers run at once).
+    blockd = (sys.executable, "-m", "blockd", "--metrics", "127.0.0.1:0")
     match name:
         case "qsd":
             return ("qemu-storage-daemon",), {}

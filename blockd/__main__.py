@@ -59,6 +59,8 @@ async def _run(daemon: Daemon, default_used: bool) -> None:
         for where in daemon.listening:
             # Printed (not only logged) so a new user sees where to connect.
             print(f"blockd: QMP listening on {where}", file=sys.stderr, flush=True)
+        if daemon.metrics_url is not None:
+            print(f"blockd: metrics on {daemon.metrics_url}", file=sys.stderr, flush=True)
         if default_used:
             print("blockd: running the embedded default configuration "
                   "(see `blockd --help`)", file=sys.stderr, flush=True)

@@ -8,7 +8,8 @@ The command line is qemu-storage-daemon's, so QSD command lines work unchanged::
            --nbd-server addr.type=unix,addr.path=/run/nbd.sock \\
            --export type=nbd,id=e0,node-name=sr0
 
-plus blockd's own options: ``--device``, ``--qmp``, ``--config``, ``--log-level``.  Like
+plus blockd's own options: ``--device``, ``--qmp``, ``--metrics``, ``--config``,
+``--log-level``.  Like
 QSD, options are processed in the order given (a ``--monitor`` must follow its
 ``--chardev``), and blockdevs and devices keep their order.  ``--config FILE`` inserts the
 file's contents at its place in that order; list-like options accumulate, single-valued
@@ -23,8 +24,11 @@ the chardev/monitor wiring and blockd's own ``--device``; the argument schemas o
 Every problem raises :class:`ConfigError` whose message is one line that names the
 option, e.g. ``--monitor chardev=mon0: chardev "mon0" not found``.
 
-With no options at all (or only ``--log-level``) the daemon runs the embedded default
-configuration, :data:`DEFAULT_CONFIG_TOML`; see :func:`default_config`.
+With no options at all (or only ``--log-level`` and ``--metrics``) the daemon runs the
+embedded default configuration, :data:`DEFAULT_CONFIG_TOML`; see :func:`default_config`.
+
+Prometheus metrics are served on ``127.0.0.1:9580`` unless ``--metrics`` (or the file's
+``[metrics] listen``) says otherwise; ``--metrics none`` turns them off.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ __all__ = [
     "ConfigError",
     "DaemonConfig",
     "InfoRequested",
+    "MetricsListener",
     "OptionSpec",
     "QmpListener",
     "default_config",
@@ -69,6 +74,9 @@ socket-mode = "0600"
 [[qmp]]
 path = "/run/blockd/qmp.sock"
 
+[metrics]
+listen = "127.0.0.1:9580"
+
 [[blockdev]]
 driver = "null-co"
 node-name = "null0"
@@ -88,6 +96,8 @@ id = "cd0"
 _ROOT_QMP_PATH = "/run/blockd/qmp.sock"
 _USER_QMP_NAME = "blockd.sock"
 _LOOPBACK = "127.0.0.1"
+_DEFAULT_METRICS_PORT = 9580
+DEFAULT_MEDIA_POLL = 2.0  # seconds between drive-status reads of host drives
 
 USAGE = f"""\
 Usage: blockd [options]
@@ -118,11 +128,18 @@ blockd options:
                          add a device (a CD-ROM drive or a disk) over a node
   --qmp <path> | tcp:[<host>:]<port>
                          serve QMP on a UNIX socket, or TCP (loopback by default)
+  --metrics <host>:<port> | none
+                         serve Prometheus metrics over HTTP at /metrics
+                         (default 127.0.0.1:9580; port 0 picks a free port;
+                         none turns the endpoint off)
+  --media-poll <seconds> how often to read the status of host CD-ROM drives, for
+                         changes udev does not report (default 2; 0 turns it off)
   --config <file>        read a TOML configuration file at this point
   --log-level debug|info|warning|error
 
-With no options, blockd runs its embedded default configuration (a null-co disk hd0,
-an empty CD-ROM drive cd0, QMP on /run/blockd/qmp.sock or ./blockd.sock).
+With no options (other than --log-level and --metrics), blockd runs its embedded
+default configuration (a null-co disk hd0, an empty CD-ROM drive cd0, QMP on
+/run/blockd/qmp.sock or ./blockd.sock, metrics on 127.0.0.1:9580).
 blockd runs in the foreground; --daemonize is not supported.
 """
 
@@ -131,6 +148,7 @@ _VALUE_OPTIONS = frozenset(
     {
         "--blockdev", "--chardev", "--monitor", "--nbd-server", "--export", "--object",
         "--pidfile", "--device", "--qmp", "--config", "--log-level", "--trace",
+        "--metrics", "--media-poll",
     }
 )  # fmt: skip
 _FLAG_OPTIONS = frozenset({"--help", "--version", "--daemonize"})
@@ -181,6 +199,14 @@ class QmpListener:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsListener:
+    """Where to serve Prometheus metrics over HTTP (``port`` 0: any free port)."""
+
+    host: str = _LOOPBACK
+    port: int = _DEFAULT_METRICS_PORT
+
+
+@dataclass(frozen=True, slots=True)
 class OptionSpec:
     """One ``--blockdev``/``--device``/``--nbd-server``/``--export`` value, parsed.
 
@@ -208,6 +234,10 @@ class DaemonConfig:
     socket_group: str | None = None
     default_used: bool = False
     objects: tuple[str, ...] = ()
+    metrics: MetricsListener | None = MetricsListener()
+    """Where to serve metrics; None when turned off (``--metrics none``)."""
+    media_poll: float = DEFAULT_MEDIA_POLL
+    """Seconds between drive-status reads of host drives; 0: off (``--media-poll``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +263,8 @@ class _Builder:
     log_level: str = "info"
     socket_mode: int = 0o600
     socket_group: str | None = None
+    metrics: MetricsListener | None = MetricsListener()
+    media_poll: float = DEFAULT_MEDIA_POLL
     chardevs: dict[str, _Chardev] = field(default_factory=dict)
     used_chardevs: set[str] = field(default_factory=set)
 
@@ -249,6 +281,8 @@ class _Builder:
             socket_group=self.socket_group,
             default_used=default_used,
             objects=tuple(self.objects),
+            metrics=self.metrics,
+            media_poll=self.media_poll,
         )
 
 
@@ -267,7 +301,7 @@ def parse_command_line(argv: Sequence[str]) -> DaemonConfig:
     :raise InfoRequested: for ``-h``/``--help`` and ``-V``/``--version``.
     """
     options = _split_options(argv)
-    use_default = all(name == "--log-level" for name, _ in options)
+    use_default = all(name in ("--log-level", "--metrics") for name, _ in options)
     builder = _Builder()
     for name, value in options:
         try:
@@ -276,7 +310,7 @@ def parse_command_line(argv: Sequence[str]) -> DaemonConfig:
             shown = name if value is None else f"{name} {value}"
             raise ConfigError(f"{shown}: {exc}") from None
     if use_default:
-        return replace(default_config(), log_level=builder.log_level)
+        return replace(default_config(), log_level=builder.log_level, metrics=builder.metrics)
     return builder.build()
 
 
@@ -352,6 +386,10 @@ def _apply_option(builder: _Builder, name: str, value: str | None) -> None:
             builder.qmp.append(_monitor_listener(builder, value))
         case "--qmp":
             builder.qmp.append(_parse_qmp_address(value))
+        case "--metrics":
+            builder.metrics = _parse_metrics_address(value)
+        case "--media-poll":
+            builder.media_poll = _parse_seconds(value)
         case "--pidfile":
             if not value:
                 raise _OptionError("the pid file path is empty")
@@ -491,6 +529,32 @@ def _monitor_listener(builder: _Builder, value: str) -> QmpListener:
     return QmpListener(chardev.path, chardev.host, chardev.port, pretty)
 
 
+def _parse_seconds(value: str) -> float:
+    """A non-negative number of seconds (``--media-poll``)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise _OptionError(f"'{value}' is not a number of seconds") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise _OptionError("expected a finite number of seconds, 0 or more")
+    return seconds
+
+
+def _parse_metrics_address(value: str) -> MetricsListener | None:
+    """``HOST:PORT``, ``[V6ADDR]:PORT``, ``:PORT`` (loopback) or ``none``; port 0 is any
+    free port.  Raises :class:`_OptionError`."""
+    if value == "none":
+        return None
+    host, colon, port_text = value.rpartition(":")
+    if not colon:
+        raise _OptionError("expected HOST:PORT (for example 127.0.0.1:9580) or none")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text.isascii() or not port_text.isdigit() or int(port_text) > 65535:
+        raise _OptionError("expected a port number (0-65535) after the colon")
+    return MetricsListener(host=host or _LOOPBACK, port=int(port_text))
+
+
 def _parse_qmp_address(value: str) -> QmpListener:
     """``PATH``, ``unix:PATH``, ``tcp:PORT``, ``tcp::PORT``, ``tcp:HOST:PORT``,
     ``tcp:[V6ADDR]:PORT``.  TCP without a host binds the loopback address."""
@@ -582,6 +646,25 @@ def _apply_table(builder: _Builder, data: Mapping[str, object], source: str) -> 
                     builder.socket_mode = _socket_mode(value)
                 except _OptionError as exc:
                     fail(key, str(exc))
+            case "media-poll":
+                if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                    fail(key, "expected a number of seconds (0 turns polling off)")
+                builder.media_poll = float(value)
+            case "metrics":
+                if not isinstance(value, dict):
+                    fail(key, "expected a table ([metrics])")
+                for name in value:
+                    if name != "listen":
+                        fail(f"[metrics] {name}", "unknown key")
+                listen = value.get("listen")
+                if listen is None:
+                    continue
+                if not isinstance(listen, str):
+                    fail("[metrics] listen", 'expected a string like "127.0.0.1:9580" or "none"')
+                try:
+                    builder.metrics = _parse_metrics_address(listen)
+                except _OptionError as exc:
+                    fail("[metrics] listen", str(exc))
             case _:
                 fail(key, "unknown key")
 

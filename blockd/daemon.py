@@ -1,10 +1,10 @@
 """The composition root: builds every part of the daemon and runs it until told to stop.
 
 Start-up applies the configuration in order (nodes, then devices), opens the
-QMP listeners, writes the pid file and tells systemd it is ready.  Shutdown
-(SIGTERM, SIGINT or QMP ``quit``) runs in the reverse order: stop accepting,
-close sessions, let in-flight I/O finish, close devices and nodes, remove
-sockets and the pid file.
+QMP listeners and the metrics endpoint, writes the pid file and tells systemd
+it is ready.  Shutdown (SIGTERM, SIGINT or QMP ``quit``) runs in the reverse
+order: stop serving metrics, stop accepting, close sessions, let in-flight I/O
+finish, close devices and nodes, remove sockets and the pid file.
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import __version__, sdnotify
 from .config import DaemonConfig, OptionSpec
+from .daemon_stats import DaemonStats
 from .errors import BlockdError
 from .events import EventBus
 from .iothread import IoWorkers
+from .media_watch import MediaWatcher
+from .metrics import BlockdCollector, MetricsServer, MetricsSource, make_registry
 from .nbd.server import NbdServer
 from .qmp.commands import CommandContext, build_table
 from .qmp.commands.exports import NBD_SERVER_OPTIONS, address_from_args, start_server
@@ -64,6 +67,7 @@ class Daemon:
             log.warning("BLOCKD_NO_ACCOUNTING=1: I/O statistics are off (benchmarking only)")
             self.registry.stats_class = NoAccounting
         self.table = build_table()
+        self.daemon_stats = DaemonStats()
         self.nbd = NbdServer(self.registry)
         self.context = CommandContext(
             registry=self.registry,
@@ -73,8 +77,16 @@ class Daemon:
             command_names=self.table.names,
         )
         self.dispatcher = Dispatcher(self.table, self.context)
+        self.dispatcher.on_command = self.daemon_stats.command_done
         self.qmp: QmpServer | None = None
         self.listening: list[str] = []
+        self.metrics_source = MetricsSource(
+            self.registry, self.daemon_stats, nbd=self.nbd,
+            qemu_version="{major}.{minor}.{micro}".format(**QEMU_VERSION),
+        )
+        self.metrics: MetricsServer | None = None
+        self.metrics_url: str | None = None
+        self.media_watcher = MediaWatcher(self.registry, config.media_poll)
         self._stop: asyncio.Event | None = None
 
     async def start(self) -> None:
@@ -82,6 +94,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self.workers.uring = UringIo.create()
         self.qmp = QmpServer(self.dispatcher, self.bus, version_info())
+        self.metrics_source.qmp = self.qmp
         if self.config.objects:
             # No object type (TLS credentials, secrets, iothreads) is implemented yet.
             raise StartupError(f"--object {self.config.objects[0]}: object types are not supported")
@@ -110,6 +123,8 @@ class Daemon:
             except (OSError, KeyError) as err:
                 where = listener.path or f"{listener.host}:{listener.port}"
                 raise StartupError(f"cannot listen for QMP on {where}: {err}") from None
+        self._start_metrics()
+        await self.media_watcher.start()
         if self.config.pidfile:
             _write_pidfile(self.config.pidfile)
 
@@ -132,6 +147,24 @@ class Daemon:
         except (SchemaError, BlockdError) as err:
             raise StartupError(f"--nbd-server: {err}") from None
 
+    def _start_metrics(self) -> None:
+        """Serve /metrics in its own thread (``--metrics``; off with ``none``)."""
+        listen = self.config.metrics
+        if listen is None:
+            return
+        collector = BlockdCollector(self.metrics_source, asyncio.get_running_loop())
+        server = MetricsServer(make_registry(collector))
+        try:
+            server.start(listen.host, listen.port)
+        except OSError as err:
+            host = f"[{listen.host}]" if ":" in listen.host else listen.host
+            raise StartupError(
+                f"cannot serve metrics on {host}:{listen.port}: {err.strerror or err} "
+                "(choose another address with --metrics HOST:PORT, or --metrics none)"
+            ) from None
+        self.metrics = server
+        self.metrics_url = server.url
+
     def request_stop(self) -> None:
         if self._stop is not None:
             self._stop.set()
@@ -152,6 +185,10 @@ class Daemon:
     async def shutdown(self) -> None:
         """Close sessions, drain I/O, close devices and nodes, remove files."""
         sdnotify.notify("STOPPING=1")
+        if self.metrics is not None:
+            metrics, self.metrics = self.metrics, None
+            await asyncio.to_thread(metrics.close)
+        await self.media_watcher.close()
         await self.nbd.stop(missing_ok=True)
         if self.qmp is not None:
             await self.qmp.close()

@@ -53,10 +53,17 @@ class Registry:
 
     # -- nodes ----------------------------------------------------------------
 
-    async def add_node(self, options: NodeOptions, *, monitor_owned: bool = True) -> Node:
-        """Open a node; raise BlockdError with QEMU's text on any failure."""
+    async def add_node(
+        self, options: NodeOptions, *, monitor_owned: bool = True, generated: bool = False
+    ) -> Node:
+        """Open a node; raise BlockdError with QEMU's text on any failure.
+
+        ``generated`` names come from blockd itself (``#blockNNN``, as QEMU names
+        implicit nodes) and skip the user's node-name rules.
+        """
         name = options.node_name
-        check_node_name(name)
+        if not generated:
+            check_node_name(name)
         if name in self.nodes:
             raise InUse(f"Duplicate nodes with node-name='{name}'")
         if name in self.devices:
@@ -69,14 +76,18 @@ class Registry:
         self.nodes[name] = node
         return node
 
-    async def del_node(self, name: str) -> None:
-        """blockdev-del: close and forget a free, monitor-owned node."""
+    async def del_node(self, name: str, *, implicit: bool = False) -> None:
+        """blockdev-del: close and forget a free, monitor-owned node.
+
+        ``implicit`` deletes a node blockd opened itself (a medium that
+        blockdev-change-medium opened, once it is removed again).
+        """
         node = self.nodes.get(name)
         if node is None:
             raise NotFound(f"Failed to find node with node-name='{name}'")
         if node.user is not None:
             raise InUse(f"Node {name} is in use")
-        if not node.monitor_owned:
+        if not node.monitor_owned and not implicit:
             raise InUse(f"Node {name} is not owned by the monitor")
         del self.nodes[name]
         await _quiesce(node)

@@ -16,6 +16,13 @@ QEMU:
   only when ``account_invalid`` is set.  It never has a latency.
 * Every completed request, failed or not, whatever the ``account_*`` flags,
   lands in the latency histogram of its kind (if that kind has one).
+* Besides the histograms QMP sets (``block-latency-histogram-set``), every kind
+  always keeps a *default* latency histogram with fixed boundaries
+  (:data:`DEFAULT_LATENCY_BOUNDARIES_NS`, 50 µs to 10 s) for the Prometheus
+  metrics.  QMP never shows it, so ``query-blockstats`` still has no histogram
+  member until one is set, as in QEMU.  Its bins are closed on the right (a
+  latency equal to a boundary counts in the bin that ends there), which is
+  Prometheus' ``le`` rule; QMP's histograms keep QEMU's half-open bins.
 * ``idle_time_ns`` is the time since the last accounted request and is absent
   until there has been one.
 
@@ -31,11 +38,12 @@ from __future__ import annotations
 
 import enum
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
+    "DEFAULT_LATENCY_BOUNDARIES_NS",
     "AcctCookie",
     "BlockAcctStats",
     "IoKind",
@@ -47,6 +55,17 @@ __all__ = [
 
 _NS_PER_SECOND = 1_000_000_000
 _UINT64_MAX = 2**64 - 1
+
+#: Boundaries (ns) of the default latency histograms every device keeps for the
+#: metrics: 50 µs to 10 s in 1-2.5-5 steps.
+DEFAULT_LATENCY_BOUNDARIES_NS: tuple[int, ...] = (
+    50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000,
+    10_000_000, 25_000_000, 50_000_000,
+    100_000_000, 250_000_000, 500_000_000,
+    1_000_000_000, 2_500_000_000, 5_000_000_000,
+    10_000_000_000,
+)  # fmt: skip
 
 
 class IoKind(enum.Enum):
@@ -124,6 +143,12 @@ class KindStats:
     """Requests started and not yet completed."""
     histogram: LatencyHistogram | None
     """The latency histogram, if one is set for this kind."""
+    default_histogram: LatencyHistogram | None = None
+    """The always-on histogram over :data:`DEFAULT_LATENCY_BOUNDARIES_NS` (never in QMP).
+
+    Its bins are closed on the right: bin ``i`` counts latencies in
+    ``(boundaries[i-1], boundaries[i]]``.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,24 +410,30 @@ class _Interval:
 
 
 class _Counters:
-    """The live counters of one kind of request."""
+    """The live counters of one kind of request.
+
+    There is no live count of successful requests: every completed request,
+    successful or failed, lands in exactly one bin of ``default_bins``, so
+    ``operations`` is their sum minus ``failed`` (one increment less on the
+    hot path, which pays for the default histogram's).
+    """
 
     __slots__ = (
         "bins",
         "boundaries",
+        "default_bins",
         "failed",
         "in_flight",
         "invalid",
         "merged",
         "nbytes",
-        "operations",
         "timed",
         "total_time_ns",
+        "watched",
     )
 
     def __init__(self) -> None:
         self.nbytes = 0
-        self.operations = 0
         self.total_time_ns = 0
         self.failed = 0
         self.invalid = 0
@@ -410,12 +441,24 @@ class _Counters:
         self.in_flight = 0
         self.boundaries: tuple[int, ...] = ()
         self.bins: list[int] | None = None
+        self.default_bins = [0] * (len(DEFAULT_LATENCY_BOUNDARIES_NS) + 1)
         self.timed: tuple[_TimedAverage, ...] = ()
+        # A QMP histogram or timed statistics are set: done() has more to do.
+        # One test on the hot path instead of two (see bench/accounting_bench.py).
+        self.watched = False
+
+    def update_watched(self) -> None:
+        self.watched = self.bins is not None or bool(self.timed)
 
     def histogram(self) -> LatencyHistogram | None:
         if self.bins is None:
             return None
         return LatencyHistogram(self.boundaries, tuple(self.bins))
+
+    @property
+    def operations(self) -> int:
+        """Successful requests (see the class docstring)."""
+        return sum(self.default_bins) - self.failed
 
     def copy(self) -> KindStats:
         return KindStats(
@@ -427,6 +470,9 @@ class _Counters:
             merged=self.merged,
             in_flight=self.in_flight,
             histogram=self.histogram(),
+            default_histogram=LatencyHistogram(
+                DEFAULT_LATENCY_BOUNDARIES_NS, tuple(self.default_bins)
+            ),
         )
 
 
@@ -519,13 +565,14 @@ class BlockAcctStats:
         c = self._counters[cookie.kind]
         c.in_flight -= 1
         c.nbytes += cookie.nbytes
-        c.operations += 1
         c.total_time_ns += latency
         self._last_access_ns = now
-        if c.bins is not None:
-            c.bins[bisect_right(c.boundaries, latency)] += 1
-        for average in c.timed:
-            average.account(now, latency)
+        c.default_bins[bisect_left(DEFAULT_LATENCY_BOUNDARIES_NS, latency)] += 1
+        if c.watched:
+            if c.bins is not None:
+                c.bins[bisect_right(c.boundaries, latency)] += 1
+            for average in c.timed:
+                average.account(now, latency)
 
     def failed(self, cookie: AcctCookie) -> None:
         """Account a request that completed with an error."""
@@ -537,6 +584,7 @@ class BlockAcctStats:
         c = self._counters[cookie.kind]
         c.in_flight -= 1
         c.failed += 1
+        c.default_bins[bisect_left(DEFAULT_LATENCY_BOUNDARIES_NS, latency)] += 1
         if c.bins is not None:
             c.bins[bisect_right(c.boundaries, latency)] += 1
         if self._account_failed:
@@ -619,7 +667,9 @@ class BlockAcctStats:
         now = self._clock() if lengths else 0
         self._intervals = tuple(_Interval(s, now) for s in lengths)
         for kind in _TIMED_KINDS:
-            self._counters[kind].timed = tuple(i.averages[kind] for i in self._intervals)
+            c = self._counters[kind]
+            c.timed = tuple(i.averages[kind] for i in self._intervals)
+            c.update_watched()
 
     def set_histogram(self, kind: IoKind, boundaries: Sequence[int] | None) -> None:
         """Set (with all bins zero) or, given None, remove the histogram of ``kind``.
@@ -635,10 +685,12 @@ class BlockAcctStats:
         if boundaries is None:
             c.bins = None
             c.boundaries = ()
+            c.update_watched()
             return
         checked = _check_boundaries(boundaries)
         c.boundaries = checked
         c.bins = [0] * (len(checked) + 1)
+        c.update_watched()
 
 
 class NoAccounting(BlockAcctStats):

@@ -16,9 +16,11 @@ def blockd_factory(tmp_path: Path) -> Iterator[BlockdFactory]:
     """Start blockd processes with extra options; all are stopped at the end."""
     started: list[DaemonProcess] = []
 
-    def start(*args: str, qmp: str | None = None) -> DaemonProcess:
+    def start(*args: str, qmp: str | None = None, metrics: str = "none") -> DaemonProcess:
+        """``metrics="127.0.0.1:0"`` serves metrics on a free port (``d.metrics_url``)."""
         sock = qmp or str(tmp_path / f"qmp{len(started)}.sock")
-        d = start_daemon(blockd_argv("--qmp", sock, *args), tmp_path, f"blockd{len(started)}")
+        d = start_daemon(blockd_argv("--qmp", sock, *args, metrics=metrics), tmp_path,
+                         f"blockd{len(started)}")
         started.append(d)
         return d
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from pathlib import Path
 from qemu.qmp import QMPClient
 
 ROOT = Path(__file__).resolve().parent.parent
+# What blockd prints on stderr once its metrics endpoint listens.
+_METRICS_LINE = re.compile(r"^blockd: metrics on (http://\S+)$", re.MULTILINE)
 
 
 @dataclass
@@ -28,6 +31,19 @@ class DaemonProcess:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
+
+    @property
+    def metrics_url(self) -> str:
+        """The ``http://HOST:PORT/metrics`` URL blockd printed (start it with a
+        ``metrics=`` address, e.g. ``127.0.0.1:0``); waits briefly for the line."""
+        deadline = time.monotonic() + 10
+        while True:
+            found = _METRICS_LINE.search(self.stderr())
+            if found:
+                return found.group(1)
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"blockd printed no metrics URL: {self.stderr()}")
+            time.sleep(0.02)
 
     async def client(self, name: str = "test") -> QMPClient:
         qmp = QMPClient(name)
@@ -71,8 +87,15 @@ def start_daemon(argv: list[str], tmp: Path, name: str, timeout: float = 20) -> 
     return DaemonProcess(proc, qmp_path, pidfile, stderr_path)
 
 
-def blockd_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "blockd", *args]
+def blockd_argv(*args: str, metrics: str = "none") -> list[str]:
+    """``python -m blockd`` with ``args``.
+
+    Metrics are off by default (``--metrics none``) so that parallel daemons do
+    not compete for the default port 9580; pass ``metrics="127.0.0.1:0"`` for an
+    endpoint on a free port (see :attr:`DaemonProcess.metrics_url`).  A
+    ``--metrics`` in ``args`` wins (the last one counts).
+    """
+    return [sys.executable, "-m", "blockd", "--metrics", metrics, *args]
 
 
 BlockdFactory = Callable[..., DaemonProcess]

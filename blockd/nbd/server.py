@@ -125,6 +125,7 @@ class _Client(asyncio.Protocol):
             log.warning("NBD: refusing a client: %d connections", len(self.server.clients) - 1)
             self.close()
             return
+        self.server.connections_accepted += 1
         self.transport.write(self.conn.initial_data())
 
     def data_received(self, data: bytes) -> None:
@@ -427,6 +428,7 @@ class NbdServer:
         self.registry = registry
         self.catalog = _Catalog(self)
         self.clients: set[_Client] = set()
+        self.connections_accepted = 0  # for the metrics: blockd_nbd_connections_total
         self.buffers = BufferPool()
         self.max_connections = 100
         self.address: NbdAddress | None = None
@@ -435,6 +437,11 @@ class NbdServer:
     @property
     def running(self) -> bool:
         return self._server is not None
+
+    @property
+    def connection_count(self) -> int:
+        """Clients connected now (a refused one is gone as soon as its close completes)."""
+        return len(self.clients)
 
     def describe(self, export: Export) -> ExportInfo:
         """The export as NBD negotiation shows it, from its device's current medium."""

@@ -40,6 +40,8 @@ class Dispatcher:
     def __init__(self, table: CommandTable, context: CommandContext) -> None:
         self.table = table
         self.context = context
+        # Told of every command executed: (name, "success" or the QMP error class).
+        # The daemon counts them for the metrics (blockd_qmp_commands_total).
         self.on_command: Callable[[str, str], None] | None = None
 
     def is_command(self, name: str) -> bool:
@@ -49,24 +51,26 @@ class Dispatcher:
         """Run ``name``; return its result or raise :class:`CommandError`."""
         command = self.table.get(name)
         if command is None:
+            # Not counted: the name is the client's, and would make a new series each time.
             raise CommandError("CommandNotFound", f"The command {name} has not been found")
         try:
             args = command.check_args(arguments)
             result = await command.handler(self.context, args)
         except SchemaError as err:
-            self._count(name, "error")
+            self._count(name, "GenericError")
             raise CommandError("GenericError", str(err)) from None
         except BlockdError as err:
-            self._count(name, "error")
-            raise CommandError(error_class(err), err.message) from None
+            cls = error_class(err)
+            self._count(name, cls)
+            raise CommandError(cls, err.message) from None
         except OSError as err:
-            self._count(name, "error")
+            self._count(name, "GenericError")
             raise CommandError("GenericError", f"{err.strerror or err}") from None
         except Exception as err:
             log.exception("command %s failed unexpectedly", name)
-            self._count(name, "error")
+            self._count(name, "GenericError")
             raise CommandError("GenericError", f"internal error: {err}") from None
-        self._count(name, "ok")
+        self._count(name, "success")
         return result
 
     def _count(self, name: str, result: str) -> None:

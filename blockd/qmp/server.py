@@ -149,6 +149,7 @@ class QmpServer:
         self._paths: list[str] = []
         self._connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.sessions_accepted = 0  # for the metrics: blockd_qmp_sessions_total
         self._unsubscribe = bus.subscribe(self._on_event)
 
     @property
@@ -185,6 +186,7 @@ class QmpServer:
             return
         conn = _Connection(self, reader, writer)
         self._connections.add(conn)
+        self.sessions_accepted += 1
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)

@@ -19,6 +19,8 @@ ALL_COMMANDS = {
     "stop", "cont", "query-status", "blockd-device-resume",
     "nbd-server-start", "nbd-server-stop", "block-export-add", "block-export-del",
     "query-block-exports", "nbd-server-add", "nbd-server-remove",
+    "eject", "blockdev-open-tray", "blockdev-close-tray", "blockdev-remove-medium",
+    "blockdev-insert-medium", "blockdev-change-medium", "blockd-lock-medium",
 }
 
 

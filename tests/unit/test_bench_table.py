@@ -120,7 +120,7 @@ def test_peer_labels_and_definitions() -> None:
     specs = nb.resolve_peers(["qsd", "qsd", "blockd"], {})
     assert [s.label for s in specs] == ["qsd", "qsd#2", "blockd"]
     assert specs[0].argv == ("qemu-storage-daemon",)
-    assert specs[2].argv[1:] == ("-m", "blockd")
+    assert specs[2].argv[1:3] == ("-m", "blockd")
     noacct = nb.resolve_peers(["blockd-noacct"], {})[0]
     assert noacct.env == {"BLOCKD_NO_ACCOUNTING": "1"}
     name, argv, env = nb.parse_peer_definition("fast=X=1 Y='a b' /usr/bin/qsd --trace foo")

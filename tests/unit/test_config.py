@@ -15,6 +15,7 @@ from blockd.config import (
     ConfigError,
     DaemonConfig,
     InfoRequested,
+    MetricsListener,
     OptionSpec,
     QmpListener,
     default_config,
@@ -598,3 +599,89 @@ def test_config_file_missing(tmp_path: Path) -> None:
 def test_config_file_bad_toml(tmp_path: Path) -> None:
     path = write(tmp_path, "pidfile = \n")
     assert error_of("--config", path) == f"{path}: Invalid value (at line 1, column 11)"
+
+
+# --- metrics --------------------------------------------------------------------------
+
+
+def test_metrics_default_to_loopback_9580() -> None:
+    assert parse("--qmp", "q.sock").metrics == MetricsListener("127.0.0.1", 9580)
+    assert parse().metrics == MetricsListener("127.0.0.1", 9580)
+    assert tomllib.loads(DEFAULT_CONFIG_TOML)["metrics"] == {"listen": "127.0.0.1:9580"}
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("none", None),
+        ("127.0.0.1:0", MetricsListener("127.0.0.1", 0)),
+        ("0.0.0.0:9100", MetricsListener("0.0.0.0", 9100)),
+        ("[::1]:9580", MetricsListener("::1", 9580)),
+        ("localhost:65535", MetricsListener("localhost", 65535)),
+        (":9581", MetricsListener("127.0.0.1", 9581)),
+    ],
+)
+def test_metrics_addresses(value: str, expected: MetricsListener | None) -> None:
+    assert parse("--qmp", "q.sock", "--metrics", value).metrics == expected
+    assert parse("--qmp", "q.sock", f"--metrics={value}").metrics == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("9580", "expected HOST:PORT (for example 127.0.0.1:9580) or none"),
+        ("off", "expected HOST:PORT (for example 127.0.0.1:9580) or none"),
+        ("127.0.0.1:", "expected a port number (0-65535) after the colon"),
+        ("127.0.0.1:65536", "expected a port number (0-65535) after the colon"),
+        ("127.0.0.1:-1", "expected a port number (0-65535) after the colon"),
+        ("127.0.0.1:http", "expected a port number (0-65535) after the colon"),
+    ],
+)
+def test_metrics_address_errors(value: str, message: str) -> None:
+    assert error_of("--qmp", "q.sock", "--metrics", value) == f"--metrics {value}: {message}"
+
+
+def test_metrics_alone_still_uses_the_embedded_default() -> None:
+    config = parse("--metrics", "none", "--log-level", "debug")
+    assert config.default_used is True and config.metrics is None
+    assert [d.args["id"] for d in config.devices] == ["hd0", "cd0"]
+    config = parse("--metrics", "127.0.0.1:0")
+    assert config.default_used is True and config.metrics == MetricsListener("127.0.0.1", 0)
+
+
+def test_metrics_in_the_config_file_and_the_last_one_wins(tmp_path: Path) -> None:
+    path = write(tmp_path, '[metrics]\nlisten = "0.0.0.0:9100"\n')
+    assert load_config_file(path).metrics == MetricsListener("0.0.0.0", 9100)
+    assert parse("--qmp", "q", "--config", path).metrics == MetricsListener("0.0.0.0", 9100)
+    assert parse("--qmp", "q", "--config", path, "--metrics", "none").metrics is None
+    assert parse("--qmp", "q", "--metrics", "none", "--config", path).metrics == \
+        MetricsListener("0.0.0.0", 9100)
+    off = write(tmp_path, '[metrics]\nlisten = "none"\n', "off.toml")
+    assert load_config_file(off).metrics is None
+    empty = write(tmp_path, "[metrics]\n", "empty.toml")
+    assert load_config_file(empty).metrics == MetricsListener()
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("metrics = 1\n", "metrics: expected a table ([metrics])"),
+        ("[metrics]\nport = 1\n", "[metrics] port: unknown key"),
+        ("[metrics]\nlisten = 9580\n",
+         '[metrics] listen: expected a string like "127.0.0.1:9580" or "none"'),
+        ("[metrics]\nlisten = 'x'\n",
+         "[metrics] listen: expected HOST:PORT (for example 127.0.0.1:9580) or none"),
+    ],
+)
+def test_metrics_config_file_errors(tmp_path: Path, toml: str, message: str) -> None:
+    path = write(tmp_path, toml)
+    with pytest.raises(ConfigError) as info:
+        load_config_file(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_help_documents_metrics() -> None:
+    with pytest.raises(InfoRequested) as info:
+        parse("--help")
+    assert "--metrics <host>:<port> | none" in info.value.text
+    assert "127.0.0.1:9580" in info.value.text

@@ -7,10 +7,12 @@ import dataclasses
 import pytest
 
 from blockd.stats import (
+    DEFAULT_LATENCY_BOUNDARIES_NS,
     AcctCookie,
     BlockAcctStats,
     IoKind,
     LatencyHistogram,
+    NoAccounting,
     StatsSnapshot,
     TimedStats,
 )
@@ -684,3 +686,86 @@ def test_retry_counts_nothing_but_leaves_flight() -> None:
     qmp = stats.to_qmp()
     assert (qmp["wr_operations"], qmp["failed_wr_operations"], qmp["wr_total_time_ns"]) == (0, 0, 0)
     assert "idle_time_ns" not in qmp
+
+
+# -- default histograms (metrics only) ------------------------------------------------
+
+
+def test_default_boundaries_are_50us_to_10s_ascending() -> None:
+    bounds = DEFAULT_LATENCY_BOUNDARIES_NS
+    assert bounds[0] == 50_000 and bounds[-1] == 10 * S
+    assert list(bounds) == sorted(set(bounds))
+
+
+def test_default_histogram_bins_are_closed_on_the_right(
+    stats: BlockAcctStats, clock: FakeClock
+) -> None:
+    for latency in (1, 50_000, 50_001, 100_000, 10 * S, 10 * S + 1, 100 * S):
+        io(stats, clock, IoKind.WRITE, 512, latency)
+    hist = stats.snapshot().write.default_histogram
+    assert hist is not None and hist.boundaries == DEFAULT_LATENCY_BOUNDARIES_NS
+    bins = list(hist.bins)
+    assert len(bins) == len(DEFAULT_LATENCY_BOUNDARIES_NS) + 1
+    assert bins[0] == 2  # 1 ns and exactly 50 µs
+    assert bins[1] == 2  # 50 µs + 1 ns and exactly 100 µs
+    assert bins[-2] == 1  # exactly 10 s
+    assert bins[-1] == 2  # beyond 10 s
+    assert sum(bins) == 7
+
+
+def test_default_histogram_counts_failures_and_is_never_in_qmp(
+    stats: BlockAcctStats, clock: FakeClock
+) -> None:
+    io(stats, clock, IoKind.READ, 512, 2_000_000)
+    io(stats, clock, IoKind.READ, 512, 3_000_000, ok=False)
+    io(stats, clock, IoKind.FLUSH, 0, 1_000)
+    stats.invalid(IoKind.READ)  # never started: no latency
+    snap = stats.snapshot()
+    assert snap.read.default_histogram is not None
+    assert sum(snap.read.default_histogram.bins) == 2
+    assert (snap.read.operations, snap.read.failed, snap.read.invalid) == (1, 1, 1)
+    assert snap.flush.default_histogram is not None
+    assert snap.flush.default_histogram.bins[0] == 1
+    qmp = stats.to_qmp()
+    assert list(qmp) == [*REQUIRED_KEYS[:15], "idle_time_ns", *REQUIRED_KEYS[15:]]
+    assert snap.histograms == {}
+
+
+def test_default_histogram_runs_beside_a_qmp_histogram(
+    stats: BlockAcctStats, clock: FakeClock
+) -> None:
+    io(stats, clock, IoKind.READ, 512, 60_000)
+    stats.set_histogram(IoKind.READ, [100])
+    io(stats, clock, IoKind.READ, 512, 60_000)
+    snap = stats.snapshot()
+    assert snap.read.histogram == LatencyHistogram((100,), (0, 1))
+    assert snap.read.default_histogram is not None
+    assert snap.read.default_histogram.bins[1] == 2  # both, before and after the set
+    stats.set_histogram(IoKind.READ, None)
+    io(stats, clock, IoKind.READ, 512, 60_000)
+    snap = stats.snapshot()
+    assert snap.read.default_histogram is not None
+    assert (snap.read.default_histogram.bins[1], snap.read.operations) == (3, 3)
+
+
+def test_retried_requests_are_not_in_the_default_histogram(
+    stats: BlockAcctStats, clock: FakeClock
+) -> None:
+    cookie = stats.start(IoKind.WRITE, 512)
+    clock.advance(1_000)
+    stats.retry(cookie)
+    snap = stats.snapshot()
+    assert snap.write.default_histogram is not None
+    assert sum(snap.write.default_histogram.bins) == snap.write.operations == 0
+
+
+def test_no_accounting_counts_nothing(clock: FakeClock) -> None:
+    stats = NoAccounting(clock=clock)
+    io(stats, clock, IoKind.READ, 512, 1_000)
+    io(stats, clock, IoKind.WRITE, 512, 1_000, ok=False)
+    stats.invalid(IoKind.FLUSH)
+    snap = stats.snapshot()
+    for kind in (snap.read, snap.write, snap.flush):
+        assert kind.default_histogram is not None
+        assert (kind.operations, kind.failed, kind.invalid, kind.nbytes) == (0, 0, 0, 0)
+        assert sum(kind.default_histogram.bins) == 0

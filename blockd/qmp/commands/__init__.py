@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import block, control, devices, exports, nodes, runstate
+from . import block, control, devices, exports, media, nodes, runstate
 from .base import Args, Command, CommandContext, CommandTable
 
 __all__ = ["Args", "Command", "CommandContext", "CommandTable", "build_table"]
@@ -11,6 +11,6 @@ __all__ = ["Args", "Command", "CommandContext", "CommandTable", "build_table"]
 def build_table() -> CommandTable:
     """The table of every command blockd implements."""
     table = CommandTable()
-    for module in (control, nodes, devices, block, exports, runstate):
+    for module in (control, nodes, devices, block, media, exports, runstate):
         module.register(table)
     return table

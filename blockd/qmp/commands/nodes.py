@@ -17,7 +17,7 @@ from .base import Args, CommandContext, CommandTable
 
 __all__ = ["BLOCKDEV_OPTIONS", "node_options", "register"]
 
-SUPPORTED_DRIVERS = ("file", "host_device", "null-co", "null-aio")
+SUPPORTED_DRIVERS = ("file", "host_cdrom", "host_device", "null-co", "null-aio")
 
 _BASE = Struct({
     "driver": Member(Enum(*SUPPORTED_DRIVERS)),
@@ -52,7 +52,10 @@ _NULL = Struct({
 BLOCKDEV_OPTIONS = Union(
     base=_BASE,
     discriminator="driver",
-    branches={"file": _FILE, "host_device": _FILE, "null-co": _NULL, "null-aio": _NULL},
+    branches={
+        "file": _FILE, "host_cdrom": _FILE, "host_device": _FILE,
+        "null-co": _NULL, "null-aio": _NULL,
+    },
 )
 
 
