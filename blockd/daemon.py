@@ -23,7 +23,7 @@ from .errors import BlockdError
 from .events import EventBus
 from .iothread import IoWorkers
 from .media_watch import MediaWatcher
-from .metrics import BlockdCollector, MetricsServer, MetricsSource, make_registry
+from .metrics import BlockdCollector, MetricsServer, MetricsSource
 from .nbd.server import NbdServer
 from .qmp.commands import CommandContext, build_table
 from .qmp.commands.exports import NBD_SERVER_OPTIONS, address_from_args, start_server
@@ -153,7 +153,7 @@ class Daemon:
         if listen is None:
             return
         collector = BlockdCollector(self.metrics_source, asyncio.get_running_loop())
-        server = MetricsServer(make_registry(collector))
+        server = MetricsServer(collector)
         try:
             server.start(listen.host, listen.port)
         except OSError as err:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import gzip
 import logging
 import platform
 import socket
@@ -36,25 +38,19 @@ from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from wsgiref.types import StartResponse, WSGIEnvironment
 
-from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
-    StateSetMetricFamily,
 )
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
-from . import __version__
+from . import __version__, device_metrics
 from .daemon_stats import DaemonStats
-from .stats import (
-    DEFAULT_LATENCY_BOUNDARIES_NS,
-    IoKind,
-    KindStats,
-    LatencyHistogram,
-    StatsSnapshot,
-)
+from .stats import StatsSnapshot
 
 if TYPE_CHECKING:
     from .block import Device
@@ -82,19 +78,11 @@ log = logging.getLogger(__name__)
 DEFAULT_METRICS_PORT = 9580
 CHUNK = 200
 """Devices copied per turn of the event loop during one scrape."""
+GZIP_LEVEL = 1
+"""Fastest; still about 20 times smaller for this text (level 9 costs several times more)."""
 SCRAPE_TIMEOUT = 5.0
 """Seconds the HTTP thread waits for the event loop to hand over a sample."""
-IO_STATUSES = ("ok", "failed", "nospace")
-
-_NS = 1e9
-_DEVICE_LABELS = ("device", "node")
-_OPERATION_LABELS = ("device", "node", "operation")
-# The operation label of each kind of request.
-_OPERATIONS = (
-    ("read", IoKind.READ), ("write", IoKind.WRITE), ("flush", IoKind.FLUSH),
-    ("discard", IoKind.UNMAP),
-)
-
+IO_STATUSES = device_metrics.IO_STATUSES
 
 # --------------------------------------------------------------------------------------
 # Samples: immutable copies taken on the event loop thread
@@ -142,6 +130,8 @@ class DaemonSample:
     nbd_connections: int
     nbd_connections_total: int
     nbd_exports: int
+    exports: tuple[tuple[str, str, str, str, bool], ...]
+    """(export id, NBD name, device id, node-name, writable) for every export."""
     hotplug_events: tuple[tuple[str, int], ...]
     devices: tuple[DeviceSample, ...]
 
@@ -179,7 +169,7 @@ def sample_device(device: Device) -> DeviceSample:
         size=size,
         wr_highest_offset=highest,
         iostatus=device.iostatus,
-        stats=device.stats.snapshot(),
+        stats=device.stats.snapshot(timed=False),
     )
 
 
@@ -225,6 +215,10 @@ class MetricsSource:
             nbd_connections=nbd.connection_count if nbd is not None else 0,
             nbd_connections_total=nbd.connections_accepted if nbd is not None else 0,
             nbd_exports=len(self.registry.exports),
+            exports=tuple(
+                (e.id, e.name, e.device.id, e.node_name, e.writable)
+                for e in self.registry.exports.values()
+            ),
             hotplug_events=tuple(stats.hotplug_events.items()),
             devices=tuple(devices),
         )
@@ -256,152 +250,9 @@ class MetricsSource:
 # Rendering: immutable samples in, metric families out (any thread)
 
 
-def _le(ns: int) -> str:
-    """A bucket bound in seconds, formatted as prometheus_client formats its own."""
-    return repr(ns / _NS)
-
-
-_DEFAULT_LE = tuple(_le(b) for b in DEFAULT_LATENCY_BOUNDARIES_NS)
-
-
-def _buckets(hist: LatencyHistogram, les: Sequence[str] | None = None) -> list[tuple[str, float]]:
-    """Cumulative Prometheus buckets from per-bin counts; the +Inf bucket is the total."""
-    if les is None:
-        les = [_le(b) for b in hist.boundaries]
-    out: list[tuple[str, float]] = []
-    total = 0
-    for le, count in zip(les, hist.bins, strict=False):
-        total += count
-        out.append((le, total))
-    total += hist.bins[-1]
-    out.append(("+Inf", total))
-    return out
-
-
-def _latency_buckets(kind: KindStats) -> list[tuple[str, float]]:
-    """The QMP-set histogram's buckets if there is one, else the default histogram's."""
-    if kind.histogram is not None:
-        return _buckets(kind.histogram)
-    default = kind.default_histogram
-    if default is None:  # a snapshot from elsewhere: an empty default histogram
-        default = LatencyHistogram(
-            DEFAULT_LATENCY_BOUNDARIES_NS, (0,) * (len(DEFAULT_LATENCY_BOUNDARIES_NS) + 1)
-        )
-    return _buckets(default, _DEFAULT_LE)
-
-
 def render(sample: DaemonSample) -> list[Metric]:
     """The metric families for one sample (pure: safe in any thread)."""
-    return [*_device_families(sample.devices), *_daemon_families(sample)]
-
-
-def _device_families(devices: Sequence[DeviceSample]) -> Iterator[Metric]:
-    def counter(name: str, doc: str, unit: str = "",
-                labels: Sequence[str] = _DEVICE_LABELS) -> CounterMetricFamily:
-        return CounterMetricFamily(name, doc, labels=labels, unit=unit)
-
-    def gauge(name: str, doc: str, unit: str = "") -> GaugeMetricFamily:
-        return GaugeMetricFamily(name, doc, labels=_DEVICE_LABELS, unit=unit)
-
-    def histogram(name: str, doc: str) -> HistogramMetricFamily:
-        return HistogramMetricFamily(name, doc, labels=_DEVICE_LABELS, unit="seconds")
-
-    read_bytes = counter("blockd_device_read_bytes_total",
-                         "Bytes read by successful requests (rd_bytes).", "bytes")
-    written_bytes = counter("blockd_device_written_bytes_total",
-                            "Bytes written by successful requests (wr_bytes).", "bytes")
-    discarded_bytes = counter("blockd_device_discarded_bytes_total",
-                              "Bytes discarded by successful requests (unmap_bytes).", "bytes")
-    reads = counter("blockd_device_reads_completed_total",
-                    "Read requests completed successfully (rd_operations).")
-    writes = counter("blockd_device_writes_completed_total",
-                     "Write requests completed successfully (wr_operations).")
-    flushes = counter("blockd_device_flush_requests_total",
-                      "Flush requests completed successfully (flush_operations).")
-    discards = counter("blockd_device_discards_completed_total",
-                       "Discard requests completed successfully (unmap_operations).")
-    failed = counter("blockd_device_failed_operations_total",
-                     "Requests that completed with an error (failed_*_operations).",
-                     labels=_OPERATION_LABELS)
-    invalid = counter("blockd_device_invalid_operations_total",
-                      "Requests rejected before submission (invalid_*_operations).",
-                      labels=_OPERATION_LABELS)
-    read_time = counter("blockd_device_read_time_seconds_total",
-                        "Total latency of read requests (rd_total_time_ns).", "seconds")
-    write_time = counter("blockd_device_write_time_seconds_total",
-                         "Total latency of write requests (wr_total_time_ns).", "seconds")
-    flush_time = counter("blockd_device_flush_time_seconds_total",
-                         "Total latency of flush requests (flush_total_time_ns).", "seconds")
-    discard_time = counter("blockd_device_discard_time_seconds_total",
-                           "Total latency of discard requests (unmap_total_time_ns).", "seconds")
-    read_latency = histogram("blockd_device_read_latency_seconds",
-                             "Latency of completed read requests.")
-    write_latency = histogram("blockd_device_write_latency_seconds",
-                              "Latency of completed write requests.")
-    flush_latency = histogram("blockd_device_flush_latency_seconds",
-                              "Latency of completed flush requests.")
-    io_now = gauge("blockd_device_io_now", "Requests in flight.")
-    highest = gauge("blockd_device_write_highest_offset_bytes",
-                    "End of the highest write on the medium (wr_highest_offset).", "bytes")
-    idle = gauge("blockd_device_idle_seconds",
-                 "Time since the last accounted request (idle_time_ns).", "seconds")
-    tray_open = gauge("blockd_device_tray_open", "Whether the tray is open (devices with a tray).")
-    locked = gauge("blockd_device_locked", "Whether the medium is locked in.")
-    inserted = gauge("blockd_device_medium_inserted", "Whether a medium is inserted.")
-    removable = gauge("blockd_device_removable", "Whether the device has removable media.")
-    size = gauge("blockd_device_size_bytes", "Size of the inserted medium.", "bytes")
-    io_status = StateSetMetricFamily("blockd_device_io_status",
-                                     "I/O status (set by the stop and enospc error policies).",
-                                     labels=_DEVICE_LABELS)
-    info = InfoMetricFamily("blockd_device", "The device and its medium.", labels=_DEVICE_LABELS)
-
-    for d in devices:
-        labels = [d.id, d.node]
-        s = d.stats
-        rd, wr, fl, un = s.read, s.write, s.flush, s.unmap
-        read_bytes.add_metric(labels, rd.nbytes)
-        written_bytes.add_metric(labels, wr.nbytes)
-        discarded_bytes.add_metric(labels, un.nbytes)
-        reads.add_metric(labels, rd.operations)
-        writes.add_metric(labels, wr.operations)
-        flushes.add_metric(labels, fl.operations)
-        discards.add_metric(labels, un.operations)
-        for operation, io_kind in _OPERATIONS:
-            kind = s.kind(io_kind)
-            failed.add_metric([*labels, operation], kind.failed)
-            invalid.add_metric([*labels, operation], kind.invalid)
-        read_time.add_metric(labels, rd.total_time_ns / _NS)
-        write_time.add_metric(labels, wr.total_time_ns / _NS)
-        flush_time.add_metric(labels, fl.total_time_ns / _NS)
-        discard_time.add_metric(labels, un.total_time_ns / _NS)
-        read_latency.add_metric(labels, _latency_buckets(rd), rd.total_time_ns / _NS)
-        write_latency.add_metric(labels, _latency_buckets(wr), wr.total_time_ns / _NS)
-        flush_latency.add_metric(labels, _latency_buckets(fl), fl.total_time_ns / _NS)
-        io_now.add_metric(labels, s.in_flight)
-        highest.add_metric(labels, d.wr_highest_offset)
-        if s.idle_ns is not None:
-            idle.add_metric(labels, s.idle_ns / _NS)
-        if d.has_tray:
-            tray_open.add_metric(labels, int(d.tray_open))
-        locked.add_metric(labels, int(d.locked))
-        inserted.add_metric(labels, int(d.medium_inserted))
-        removable.add_metric(labels, int(d.removable))
-        if d.size is not None:
-            size.add_metric(labels, d.size)
-        io_status.add_metric(labels, {state: d.iostatus == state for state in IO_STATUSES})
-        info.add_metric(labels, {
-            "driver": d.driver,
-            "filename": d.filename,
-            "serial": d.serial,
-            "vendor": d.vendor,
-            "product": d.product,
-        })
-    yield from (
-        read_bytes, written_bytes, discarded_bytes, reads, writes, flushes, discards,
-        failed, invalid, read_time, write_time, flush_time, discard_time,
-        read_latency, write_latency, flush_latency,
-        io_now, highest, idle, tray_open, locked, inserted, removable, size, io_status, info,
-    )
+    return [*device_metrics.families(sample.devices), *_daemon_families(sample)]
 
 
 def _daemon_families(s: DaemonSample) -> Iterator[Metric]:
@@ -416,7 +267,7 @@ def _daemon_families(s: DaemonSample) -> Iterator[Metric]:
     yield GaugeMetricFamily("blockd_uptime_seconds", "Time since the daemon started.", s.uptime,
                             unit="seconds")
     yield GaugeMetricFamily("blockd_qmp_sessions", "Open QMP sessions.", s.qmp_sessions)
-    yield CounterMetricFamily("blockd_qmp_sessions_total", "QMP sessions accepted.",
+    yield CounterMetricFamily("blockd_qmp_sessions_accepted_total", "QMP sessions accepted.",
                               s.qmp_sessions_total)
     commands = CounterMetricFamily(
         "blockd_qmp_commands_total",
@@ -426,9 +277,15 @@ def _daemon_families(s: DaemonSample) -> Iterator[Metric]:
         commands.add_metric([command, result], count)
     yield commands
     yield GaugeMetricFamily("blockd_nbd_connections", "Connected NBD clients.", s.nbd_connections)
-    yield CounterMetricFamily("blockd_nbd_connections_total", "NBD connections accepted.",
-                              s.nbd_connections_total)
+    yield CounterMetricFamily("blockd_nbd_connections_accepted_total",
+                              "NBD connections accepted.", s.nbd_connections_total)
     yield GaugeMetricFamily("blockd_nbd_exports", "NBD exports.", s.nbd_exports)
+    exports = InfoMetricFamily(
+        "blockd_nbd_export", "An NBD export and the device its requests go through.",
+        labels=("export", "name", "device", "node", "writable"))
+    for export_id, name, device, node, writable in s.exports:
+        exports.add_metric([export_id, name, device, node, "true" if writable else "false"], {})
+    yield exports
     hotplug = CounterMetricFamily("blockd_hotplug_events_total", "Hotplug events handled.",
                                   labels=("action",))
     for action, count in s.hotplug_events:
@@ -458,6 +315,7 @@ class BlockdCollector:
         self.source = source
         self.loop = loop
         self.timeout = timeout
+        self._serving = threading.local()
 
     def take_sample(self) -> DaemonSample:
         """A sample taken on the event loop thread; raise ScrapeError if it cannot be had."""
@@ -484,7 +342,19 @@ class BlockdCollector:
             raise ScrapeError("the daemon is shutting down") from None
 
     def collect(self) -> Iterable[Metric]:
+        sample: DaemonSample | None = getattr(self._serving, "sample", None)
+        if sample is not None:  # the endpoint writes the device families itself
+            return list(_daemon_families(sample))
         return render(self.take_sample())
+
+    @contextlib.contextmanager
+    def serving(self, sample: DaemonSample) -> Iterator[None]:
+        """While the endpoint formats ``sample``: collect() gives the daemon families only."""
+        self._serving.sample = sample
+        try:
+            yield
+        finally:
+            self._serving.sample = None
 
 
 def make_registry(collector: BlockdCollector) -> CollectorRegistry:
@@ -534,15 +404,19 @@ class _QuietHandler(WSGIRequestHandler):
 class MetricsServer:
     """``/metrics`` over HTTP, served from a thread of its own.
 
-    prometheus_client's WSGI application does the content negotiation (text
-    format 0.0.4 by default, OpenMetrics when the ``Accept`` header asks for
-    it) and the gzip encoding (when ``Accept-Encoding`` allows it).  ``/``
-    shows a link to ``/metrics``; every other path is 404.
+    Content negotiation follows prometheus_client (text format 0.0.4 by
+    default, OpenMetrics when the ``Accept`` header asks for it; gzip when
+    ``Accept-Encoding`` allows it).  The daemon's registry gives the daemon
+    and ``process_*`` families; the per-device families, nearly all of a large
+    scrape, are written directly by :mod:`blockd.device_metrics` from the same
+    sample.  ``/`` shows a link to ``/metrics``; every other path is 404.
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-        self._metrics_app = make_wsgi_app(registry)
+    def __init__(self, collector: BlockdCollector) -> None:
+        self.collector = collector
+        self.registry = make_registry(collector)
+        self._writer = device_metrics.TextWriter()
+        self._writer_lock = threading.Lock()  # scrapes may overlap (a thread each)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -582,11 +456,35 @@ class MetricsServer:
             self._thread.join(5)
             self._thread = None
 
+    def _metrics(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"),
+                                                      ("Content-Type", "text/plain")])
+            return [f"blockd: {method} is not allowed; use GET\n".encode()]
+        _, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+        openmetrics = content_type.startswith("application/openmetrics-text")
+        sample = self.collector.take_sample()
+        with self.collector.serving(sample):
+            head = (openmetrics_latest if openmetrics else generate_latest)(self.registry)
+        with self._writer_lock:
+            devices = self._writer.write(sample.devices, openmetrics=openmetrics).encode()
+        if openmetrics:
+            body = b"".join([head.removesuffix(b"# EOF\n"), devices, b"# EOF\n"])
+        else:
+            body = head + devices
+        headers = [("Content-Type", content_type)]
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
+            body = gzip.compress(body, compresslevel=GZIP_LEVEL)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [b""] if method == "HEAD" else [body]
+
     def _app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
             try:
-                return self._metrics_app(environ, start_response)  # type: ignore[no-any-return]
+                return self._metrics(environ, start_response)
             except ScrapeError as err:
                 return _plain(start_response, "503 Service Unavailable", f"blockd: {err}\n")
             except Exception:

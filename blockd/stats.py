@@ -41,6 +41,7 @@ import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 __all__ = [
     "DEFAULT_LATENCY_BOUNDARIES_NS",
@@ -105,8 +106,7 @@ class AcctCookie:
     completed: bool = field(default=False, init=False, compare=False)
 
 
-@dataclass(frozen=True, slots=True)
-class LatencyHistogram:
+class LatencyHistogram(NamedTuple):
     """A copy of a latency histogram (QMP ``BlockLatencyHistogramInfo``).
 
     ``boundaries`` are in nanoseconds, strictly ascending and positive.
@@ -123,9 +123,12 @@ class LatencyHistogram:
         return {"boundaries": list(self.boundaries), "bins": list(self.bins)}
 
 
-@dataclass(frozen=True, slots=True)
-class KindStats:
-    """Every counter of one kind of request, copied at snapshot time."""
+class KindStats(NamedTuple):
+    """Every counter of one kind of request, copied at snapshot time.
+
+    A named tuple, not a frozen dataclass: a scrape of 1,000 devices makes
+    4,000 of these, and a tuple is built several times faster.
+    """
 
     nbytes: int
     """Bytes of successful requests."""
@@ -192,8 +195,7 @@ class TimedStats:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class StatsSnapshot:
+class StatsSnapshot(NamedTuple):
     """An immutable copy of every counter of a :class:`BlockAcctStats`.
 
     This is what the metrics layer reads.  :meth:`to_qmp` renders it as QMP's
@@ -631,8 +633,12 @@ class BlockAcctStats:
         """A copy of the latency histogram of ``kind``, or None if none is set."""
         return self._counters[kind].histogram()
 
-    def snapshot(self) -> StatsSnapshot:
-        """An immutable copy of every counter, taken at the current clock reading."""
+    def snapshot(self, *, timed: bool = True) -> StatsSnapshot:
+        """An immutable copy of every counter, taken at the current clock reading.
+
+        ``timed=False`` leaves the interval statistics out (the metrics do not
+        show them, and a scrape of many devices should not compute them).
+        """
         now = self._clock()
         c = self._counters
         last = self._last_access_ns
@@ -646,7 +652,7 @@ class BlockAcctStats:
             idle_ns=None if last is None else now - last,
             account_invalid=self._account_invalid,
             account_failed=self._account_failed,
-            timed=tuple(interval.report(now) for interval in self._intervals),
+            timed=tuple(interval.report(now) for interval in self._intervals) if timed else (),
         )
 
     def to_qmp(self, *, wr_highest_offset: int = 0) -> dict[str, object]:

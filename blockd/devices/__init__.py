@@ -1,4 +1,4 @@
-"""Block drivers: the code that talks to a node's backing (files, host devices, null).
+"""Block drivers: the code that talks to a node's backing (files, host devices, CD drives, null).
 
 :data:`DRIVERS` maps QEMU's driver names to driver classes and
 :func:`open_driver` opens a node with the right one.  Nothing in this package
@@ -15,6 +15,7 @@ from types import MappingProxyType
 
 from blockd.devices.base import BlockDriver, DriverClass, NodeOptions
 from blockd.devices.file import FileDriver
+from blockd.devices.host_cdrom import HostCdromDriver
 from blockd.devices.host_device import HostDeviceDriver
 from blockd.devices.null import NullDriver
 from blockd.errors import InvalidArgument
@@ -22,6 +23,7 @@ from blockd.errors import InvalidArgument
 __all__ = [
     "DRIVERS",
     "FileDriver",
+    "HostCdromDriver",
     "HostDeviceDriver",
     "NullDriver",
     "open_driver",
@@ -30,6 +32,9 @@ __all__ = [
 DRIVERS: Mapping[str, DriverClass] = MappingProxyType(
     {
         FileDriver.format_name: FileDriver,
+        # Before host_device: on a probe tie (/dev/sr0 scores 100 for both) the
+        # first driver wins, as host_cdrom does in QEMU.
+        HostCdromDriver.format_name: HostCdromDriver,
         HostDeviceDriver.format_name: HostDeviceDriver,
         NullDriver.format_name: NullDriver,
     }

@@ -182,7 +182,13 @@ class AllocationReporter(Protocol):
 
 @runtime_checkable
 class Removable(Protocol):
-    """A drive with removable media: a tray, a medium lock, media-change detection."""
+    """A drive with removable media: a tray, a medium lock, media-change detection.
+
+    The node stays open while discs come and go.  Its ``getlength()`` reads
+    the medium afresh (0 with no disc); the node caches the size, so after
+    ``media_changed()`` returns True or the tray closes, the device layer
+    calls ``getlength()`` and stores the result in ``Node.size``.
+    """
 
     def is_inserted(self) -> bool: ...
 

@@ -27,7 +27,7 @@ import ctypes
 import errno
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar, Self
 
 from blockd.devices._aligned_io import AlignedIO, Alignment, aligned_buffer, read_full
@@ -43,6 +43,7 @@ __all__ = [
     "check_common_options",
     "fallocate",
     "open_error",
+    "open_flags",
     "probe_direct_alignment",
 ]
 
@@ -127,16 +128,23 @@ def open_error(filename: str, err: int, detail: str | None = None) -> BlockdErro
 def _open_path(filename: str, writable: bool, direct: bool) -> int:
     """open(2) ``filename``; raise the BlockdError QEMU would report."""
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-    if direct:
-        flags |= os.O_DIRECT
+    return open_flags(filename, flags | os.O_DIRECT if direct else flags)
+
+
+def open_flags(
+    filename: str, flags: int, opener: Callable[[str, int], int] | None = None
+) -> int:
+    """``opener(filename, flags)`` (default os.open); raise the BlockdError QEMU would report."""
+    if opener is None:
+        opener = os.open
     try:
-        return os.open(filename, flags)
+        return opener(filename, flags)
     except OSError as exc:
         err = exc.errno or errno.EIO
-    if err == errno.EINVAL and direct:
+    if err == errno.EINVAL and flags & os.O_DIRECT:
         # Tell "no O_DIRECT on this filesystem" apart from other EINVALs.
         try:
-            os.close(os.open(filename, flags & ~os.O_DIRECT))
+            os.close(opener(filename, flags & ~os.O_DIRECT))
         except OSError:
             pass
         else:

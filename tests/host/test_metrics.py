@@ -156,8 +156,10 @@ async def test_promtool_accepts_a_live_scrape(blockd_factory: BlockdFactory,
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
     assert result.stdout.strip() == b"" and result.stderr.strip() == b""
     text = body.decode()
-    for needle in ('blockd_device_write_latency_seconds_bucket{device="hd1",le="1e-05"',
-                   'blockd_device_flush_latency_seconds_bucket{device="hd1",le="+Inf"',
+    for needle in ('blockd_device_write_latency_seconds_bucket{device="hd1",node="n1",'
+                   'le="1e-05"}',
+                   'blockd_device_flush_latency_seconds_bucket{device="hd1",node="n1",'
+                   'le="+Inf"}',
                    "process_resident_memory_bytes", "blockd_build_info{"):
         assert needle in text, needle
 
@@ -178,7 +180,7 @@ async def test_content_negotiation_gzip_and_paths(blockd_factory: BlockdFactory,
     assert text.endswith("# EOF\n")
     assert "# UNIT blockd_device_read_bytes bytes" in text.splitlines()
     assert "# TYPE blockd_device_io_status stateset" in text.splitlines()
-    assert 'blockd_device_io_status{blockd_device_io_status="ok",device="e0",node="n0"} 1.0' \
+    assert 'blockd_device_io_status{device="e0",node="n0",blockd_device_io_status="ok"} 1' \
         in text.splitlines()
 
     status, headers, body = await asyncio.to_thread(get, url, {"Accept-Encoding": "gzip"})
@@ -272,7 +274,7 @@ async def test_nbd_io_counters_equal_the_work_and_query_blockstats(
                          product="")]
     assert one(second, "blockd_nbd_exports") == 1
     assert one(second, "blockd_nbd_connections") == 0
-    assert one(second, "blockd_nbd_connections_total") == 2
+    assert one(second, "blockd_nbd_connections_accepted_total") == 2
 
 
 async def test_qmp_commands_are_counted_with_their_error_class(
@@ -297,12 +299,12 @@ async def test_qmp_commands_are_counted_with_their_error_class(
     assert one(samples, name, command="device_del", result="DeviceNotFound") == 1
     assert one(samples, name, command="blockdev-del", result="GenericError") == 1
     assert one(samples, "blockd_qmp_sessions") == 1
-    assert one(samples, "blockd_qmp_sessions_total") == 1
+    assert one(samples, "blockd_qmp_sessions_accepted_total") == 1
     second = await d.client("second")
     await second.disconnect()
     d.clients.remove(second)
     samples = await asyncio.to_thread(scrape, d)
-    assert one(samples, "blockd_qmp_sessions_total") == 2
+    assert one(samples, "blockd_qmp_sessions_accepted_total") == 2
     assert one(samples, "blockd_qmp_sessions") == 1
     assert {s["action"]: one(samples, "blockd_hotplug_events_total", **s)
             for s in series(samples, "blockd_hotplug_events_total")} == \

@@ -7,6 +7,7 @@ tested in tests/vm/ on the kernel's CD-ROM drivers.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -335,3 +336,42 @@ async def test_remove_medium_detaches_the_drive(registry: Registry) -> None:
     await media.remove_medium(registry, cd, "cd0")
     assert cd.node is None and registry.nodes["drive0"].user is None
     await media.sync_drive(registry, cd)  # no drive any more: nothing to follow
+
+
+# -- the watcher ---------------------------------------------------------------------
+
+
+async def test_polling_sees_the_button(registry: Registry, events: list[Event]) -> None:
+    from blockd.media_watch import MediaWatcher
+
+    drive = FakeDrive()
+    cd = cd_with_drive(registry, drive)
+    watcher = MediaWatcher(registry, 0.01, udev=False)
+    await watcher.start()
+    try:
+        drive.tray_is_open = True
+        for _ in range(500):
+            if trays(events):
+                break
+            await asyncio.sleep(0.01)
+        assert trays(events) == [True] and cd.tray_open
+    finally:
+        await watcher.close()
+
+
+async def test_eject_request_honours_blockds_lock(
+    registry: Registry, events: list[Event]
+) -> None:
+    from blockd.media_watch import MediaWatcher
+
+    drive = FakeDrive()
+    cd = cd_with_drive(registry, drive)
+    watcher = MediaWatcher(registry, 0, udev=False)
+    drive.is_locked = True  # as udev's cdrom_id leaves it
+    await watcher._after_event(cd, eject_request=True)  # blockd holds no lock: it opens
+    assert drive.calls == [("lock", False), ("eject", True)] and trays(events) == [True]
+    await media.close_tray(registry, cd, "cd0")
+    await media.lock_medium(registry, cd, "cd0", True)
+    drive.calls.clear()
+    await watcher._after_event(cd, eject_request=True)  # blockd's lock: the tray stays shut
+    assert drive.calls == [("lock", True)] and trays(events) == [True, False]

@@ -77,10 +77,10 @@ DAEMON_FAMILIES: dict[str, tuple[str, set[str]]] = {
     "blockd_start_time_seconds": ("gauge", set()),
     "blockd_uptime_seconds": ("gauge", set()),
     "blockd_qmp_sessions": ("gauge", set()),
-    "blockd_qmp_sessions_total": ("counter", set()),
+    "blockd_qmp_sessions_accepted_total": ("counter", set()),
     "blockd_qmp_commands_total": ("counter", {"command", "result"}),
     "blockd_nbd_connections": ("gauge", set()),
-    "blockd_nbd_connections_total": ("counter", set()),
+    "blockd_nbd_connections_accepted_total": ("counter", set()),
     "blockd_nbd_exports": ("gauge", set()),
     "blockd_hotplug_events_total": ("counter", {"action"}),
     "blockd_devices": ("gauge", set()),
@@ -129,7 +129,7 @@ async def scrape(prom: CollectorRegistry) -> dict[str, Metric]:
 
     Families are keyed by the name the text format gives them (a counter's with
     ``_total``, an info's with ``_info``), so that ``blockd_qmp_sessions`` (gauge) and
-    ``blockd_qmp_sessions_total`` (counter) stay apart.
+    ``blockd_qmp_sessions_accepted_total`` (counter) stay apart.
     """
     metrics = await asyncio.to_thread(lambda: list(prom.collect()))
     families = {m.name + _SUFFIX.get(m.type, ""): m for m in metrics}
@@ -186,9 +186,9 @@ async def test_text_exposition_names(registry: Registry) -> None:
         "# TYPE blockd_device_read_latency_seconds histogram",
         "# TYPE blockd_device_info gauge",
         "# TYPE blockd_qmp_sessions gauge",
-        "# TYPE blockd_qmp_sessions_total counter",
+        "# TYPE blockd_qmp_sessions_accepted_total counter",
         "# TYPE blockd_nbd_connections gauge",
-        "# TYPE blockd_nbd_connections_total counter",
+        "# TYPE blockd_nbd_connections_accepted_total counter",
         'blockd_device_read_latency_seconds_bucket{device="hd0",le="5e-05",node="n-hd0"} 0.0',
         'blockd_device_read_latency_seconds_bucket{device="hd0",le="+Inf",node="n-hd0"} 0.0',
     ):
@@ -418,7 +418,8 @@ async def test_daemon_series(registry: Registry) -> None:
     assert {s.labels["action"]: s.value for s in f["blockd_hotplug_events_total"].samples} == \
         dict.fromkeys(HOTPLUG_ACTIONS, 0)
     assert f["blockd_qmp_commands_total"].samples == []
-    assert value(f, "blockd_qmp_sessions") == 0 and value(f, "blockd_qmp_sessions_total") == 0
+    assert value(f, "blockd_qmp_sessions") == 0
+    assert value(f, "blockd_qmp_sessions_accepted_total") == 0
     assert value(f, "blockd_nbd_connections") == 0 and value(f, "blockd_nbd_exports") == 0
     stats.command_done("query-block", "success")
     stats.command_done("query-block", "success")
@@ -488,9 +489,9 @@ def test_render_is_pure_and_finite() -> None:
 
 def test_the_endpoint_answers_503_when_the_loop_does_not_answer() -> None:
     loop = asyncio.new_event_loop()  # never run: the sample never comes
-    server = MetricsServer(make_registry(BlockdCollector(
+    server = MetricsServer(BlockdCollector(
         MetricsSource(Registry(executor=None, bus=EventBus()), DaemonStats()), loop,
-        timeout=0.05)))
+        timeout=0.05))
     server.start("127.0.0.1", 0)
     try:
         assert server.url.startswith("http://127.0.0.1:") and server.address[1] > 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from blockd.stats import (
@@ -431,7 +429,7 @@ def test_histogram_copy_is_frozen_and_detached(stats: BlockAcctStats, clock: Fak
     assert hist is not None
     io(stats, clock, IoKind.READ, 1, 1)
     assert hist.bins == (0, 0)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         hist.bins = (1, 1)  # type: ignore[misc]
 
 
@@ -614,7 +612,7 @@ def test_snapshot_copies_every_counter(clock: FakeClock) -> None:
     assert snap.write.operations == 1
     assert snap.unmap.in_flight == 1
     assert snap.write.histogram == LatencyHistogram((1_000,), (0, 1))
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         snap.idle_ns = 0  # type: ignore[misc]
 
 
