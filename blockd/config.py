@@ -24,8 +24,9 @@ the chardev/monitor wiring and blockd's own ``--device``; the argument schemas o
 Every problem raises :class:`ConfigError` whose message is one line that names the
 option, e.g. ``--monitor chardev=mon0: chardev "mon0" not found``.
 
-With no options at all (or only ``--log-level`` and ``--metrics``) the daemon runs the
-embedded default configuration, :data:`DEFAULT_CONFIG_TOML`; see :func:`default_config`.
+With no options at all (or only ``--log-level``, ``--metrics``, ``--media-poll``) the
+daemon runs the embedded default configuration, :data:`DEFAULT_CONFIG_TOML`; see
+:func:`default_config`.
 
 Prometheus metrics are served on ``127.0.0.1:9580`` unless ``--metrics`` (or the file's
 ``[metrics] listen``) says otherwise; ``--metrics none`` turns them off.
@@ -137,8 +138,8 @@ blockd options:
   --config <file>        read a TOML configuration file at this point
   --log-level debug|info|warning|error
 
-With no options (other than --log-level and --metrics), blockd runs its embedded
-default configuration (a null-co disk hd0, an empty CD-ROM drive cd0, QMP on
+With no options (other than --log-level, --metrics and --media-poll), blockd runs its
+embedded default configuration (a null-co disk hd0, an empty CD-ROM drive cd0, QMP on
 /run/blockd/qmp.sock or ./blockd.sock, metrics on 127.0.0.1:9580).
 blockd runs in the foreground; --daemonize is not supported.
 """
@@ -152,6 +153,8 @@ _VALUE_OPTIONS = frozenset(
     }
 )  # fmt: skip
 _FLAG_OPTIONS = frozenset({"--help", "--version", "--daemonize"})
+# Options that tune the embedded default rather than replace it.
+_DEFAULT_KEEPING = frozenset({"--log-level", "--metrics", "--media-poll"})
 _SHORT_OPTIONS = {"-h": "--help", "-V": "--version", "-T": "--trace"}
 
 _DEVICE_DRIVERS = ("cd", "hd")
@@ -301,7 +304,7 @@ def parse_command_line(argv: Sequence[str]) -> DaemonConfig:
     :raise InfoRequested: for ``-h``/``--help`` and ``-V``/``--version``.
     """
     options = _split_options(argv)
-    use_default = all(name in ("--log-level", "--metrics") for name, _ in options)
+    use_default = all(name in _DEFAULT_KEEPING for name, _ in options)
     builder = _Builder()
     for name, value in options:
         try:
@@ -310,7 +313,8 @@ def parse_command_line(argv: Sequence[str]) -> DaemonConfig:
             shown = name if value is None else f"{name} {value}"
             raise ConfigError(f"{shown}: {exc}") from None
     if use_default:
-        return replace(default_config(), log_level=builder.log_level, metrics=builder.metrics)
+        return replace(default_config(), log_level=builder.log_level, metrics=builder.metrics,
+                       media_poll=builder.media_poll)
     return builder.build()
 
 

@@ -685,3 +685,22 @@ def test_help_documents_metrics() -> None:
         parse("--help")
     assert "--metrics <host>:<port> | none" in info.value.text
     assert "127.0.0.1:9580" in info.value.text
+
+
+def test_media_poll_interval() -> None:
+    assert parse("--qmp", "q").media_poll == 2.0
+    assert parse("--qmp", "q", "--media-poll", "0.5").media_poll == 0.5
+    assert parse("--qmp", "q", "--media-poll", "0").media_poll == 0.0
+    config = parse("--media-poll", "5")
+    assert config.default_used is True and config.media_poll == 5.0
+    for bad in ("-1", "soon", "inf", "nan"):
+        assert error_of("--qmp", "q", "--media-poll", bad).startswith(f"--media-poll {bad}: ")
+
+
+def test_media_poll_in_the_config_file(tmp_path: Path) -> None:
+    assert load_config_file(write(tmp_path, "media-poll = 0\n")).media_poll == 0.0
+    assert load_config_file(write(tmp_path, "media-poll = 1.5\n", "b.toml")).media_poll == 1.5
+    with pytest.raises(ConfigError, match="media-poll"):
+        load_config_file(write(tmp_path, 'media-poll = "2"\n', "c.toml"))
+    with pytest.raises(ConfigError, match="media-poll"):
+        load_config_file(write(tmp_path, "media-poll = true\n", "d.toml"))
