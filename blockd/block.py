@@ -109,8 +109,8 @@ class Device:
         return self.werror in ("stop", "enospc") or self.rerror == "stop"
 
     def is_available(self) -> bool:
-        """Whether a medium is present and reachable (tray closed)."""
-        return self.node is not None and not self.tray_open
+        """Whether a medium is present and reachable (tray closed, a disc in a drive)."""
+        return self.node is not None and not self.tray_open and self.node.has_medium
 
     # -- QMP views ------------------------------------------------------------
 
@@ -149,7 +149,7 @@ class Device:
 
     def _medium(self, kind: IoKind) -> Node:
         node = self.node
-        if node is None or self.tray_open:
+        if node is None or self.tray_open or not node.has_medium:
             cookie = self.stats.start(kind, 0)
             self.stats.failed(cookie)
             raise NoMedium(f"{self.id}: No medium found")

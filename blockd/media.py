@@ -38,6 +38,7 @@ from .registry import Registry
 
 __all__ = [
     "ReadOnlyMode",
+    "adopt",
     "change_medium",
     "close_tray",
     "drive_of",
@@ -141,6 +142,7 @@ async def _refresh(registry: Registry, device: Device) -> None:
         if err.errno != errno.ENOMEDIUM:
             raise
         node.size = 0
+    node.note_medium()
 
 
 async def _detach(registry: Registry, device: Device) -> None:
@@ -207,6 +209,7 @@ async def insert_medium(registry: Registry, device: Device, node_name: str) -> N
         if node.user is not None:  # taken while we waited for the tray
             raise InUse(f"Node '{node_name}' is already in use")
         _insert(device, node)
+    await adopt(registry, device)
 
 
 def _insert(device: Device, node: Node) -> None:
@@ -262,6 +265,22 @@ async def lock_medium(registry: Registry, device: Device, name: str, locked: boo
 
 
 # -- following the hardware ---------------------------------------------------------
+
+
+async def adopt(registry: Registry, device: Device) -> None:
+    """A host drive became ``device``'s medium: from now on blockd's lock is the drive's.
+
+    udev's cdrom rules lock every drive after each media change (and at boot), so
+    a drive usually arrives locked by nobody blockd knows of.  Its lock is set to
+    blockd's state (unlocked for a new device) and its status read.
+    """
+    if drive_of(device) is None:
+        return
+    try:
+        await sync_drive(registry, device, reassert_lock=True)
+    except BlockdError as err:
+        log.warning("%s: cannot read the drive status: %s", device.id, err)
+
 
 
 async def sync_drive(registry: Registry, device: Device, *, reassert_lock: bool = False) -> None:

@@ -59,11 +59,20 @@ class Node:
     in_flight: int = 0  # requests running in the driver now (it must not close under them)
     # The driver's non-blocking read, if it has one (called on the loop thread).
     nowait_read: Callable[[int, Sequence[memoryview]], int] | None = field(init=False)
+    # False while a host drive holds no disc (learnt at open and on media change,
+    # so the data path can refuse with ENOMEDIUM without asking the drive).
+    has_medium: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.nowait_read = (
             self.driver.preadv_nowait if isinstance(self.driver, NowaitReader) else None
         )
+        self.note_medium()
+
+    def note_medium(self) -> None:
+        """Take the driver's cached word on whether a disc is in (drives only)."""
+        present = getattr(self.driver, "medium_present", True)
+        self.has_medium = present if isinstance(present, bool) else True
 
     @property
     def read_only(self) -> bool:

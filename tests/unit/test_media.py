@@ -375,3 +375,17 @@ async def test_eject_request_honours_blockds_lock(
     drive.calls.clear()
     await watcher._after_event(cd, eject_request=True)  # blockd's lock: the tray stays shut
     assert drive.calls == [("lock", True)] and trays(events) == [True, False]
+
+
+async def test_a_drive_is_adopted_with_blockds_lock_state(registry: Registry) -> None:
+    drive = FakeDrive()
+    drive.is_locked = True  # udev locked it at boot
+    cd = cd_with_drive(registry, drive)
+    await media.adopt(registry, cd)
+    assert drive.calls == [("lock", False)] and not drive.is_locked
+    await media.open_tray(registry, cd, "cd0", False)
+    await media.remove_medium(registry, cd, "cd0")
+    drive.is_locked = True
+    drive.calls.clear()
+    await media.insert_medium(registry, cd, "drive0")  # inserting adopts it again
+    assert drive.calls == [("lock", False)]

@@ -7,6 +7,7 @@ Property errors use QEMU's texts with the model name in place of QEMU's.
 
 from __future__ import annotations
 
+from ... import media
 from ...block import ERROR_ACTIONS
 from ..schema import BOOL, STR, UINT32, Array, Enum, Member, SchemaError, Struct
 from .base import Args, CommandContext, CommandTable
@@ -47,7 +48,7 @@ def register(table: CommandTable) -> None:
         assert isinstance(intervals, list)
         if 0 in intervals:
             raise SchemaError("Invalid interval length: 0")
-        ctx.registry.add_device(
+        device = ctx.registry.add_device(
             args["driver"],  # type: ignore[arg-type]
             str(args["id"]),
             args.get("drive"),  # type: ignore[arg-type]
@@ -59,6 +60,7 @@ def register(table: CommandTable) -> None:
                 intervals=intervals,
             ),
         )
+        await media.adopt(ctx.registry, device)
         return {}
 
     @table.command("device_del", Struct({"id": Member(STR)}))
