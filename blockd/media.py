@@ -104,7 +104,7 @@ def _moved(registry: Registry, device: Device, tray_open: bool) -> None:
     registry.bus.publish(DeviceTrayMoved(device=device.id, id=device.id, tray_open=tray_open))
 
 
-async def _open_tray(registry: Registry, device: Device, name: str, force: bool) -> bool:
+async def _open_tray(registry: Registry, device: Device, force: bool) -> bool:
     """Open the tray honouring the lock; False when the lock kept it closed."""
     drive = drive_of(device)
     if device.locked:
@@ -163,7 +163,7 @@ async def eject(registry: Registry, device: Device, name: str, force: bool) -> N
     """QMP ``eject``: open the tray (honouring the lock), then remove a virtual medium."""
     _check_removable(device, name)
     async with _tray_lock(device):
-        if not await _open_tray(registry, device, name, force):
+        if not await _open_tray(registry, device, force):
             raise _locked_error(name)
         if drive_of(device) is None:
             await _detach(registry, device)
@@ -173,7 +173,7 @@ async def open_tray(registry: Registry, device: Device, name: str, force: bool) 
     """QMP ``blockdev-open-tray``: a locked tray without force stays shut, silently (QEMU)."""
     _check_removable(device, name)
     async with _tray_lock(device):
-        await _open_tray(registry, device, name, force)
+        await _open_tray(registry, device, force)
 
 
 async def close_tray(registry: Registry, device: Device, name: str) -> None:
@@ -243,7 +243,7 @@ async def change_medium(
     )
     try:
         async with _tray_lock(device):
-            if not await _open_tray(registry, device, name, force):
+            if not await _open_tray(registry, device, force):
                 raise _locked_error(name)
             await _detach(registry, device)
             _insert(device, node)
