@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .devices.base import BlockDriver, DriverInfo, NodeOptions, NowaitReader
+from .devices.base import BlockDriver, DriverInfo, NodeOptions, NowaitReader, Removable
 from .errors import InvalidArgument
 
 __all__ = ["Node", "check_node_name"]
@@ -71,8 +71,8 @@ class Node:
 
     def note_medium(self) -> None:
         """Take the driver's cached word on whether a disc is in (drives only)."""
-        present = getattr(self.driver, "medium_present", True)
-        self.has_medium = present if isinstance(present, bool) else True
+        driver = self.driver
+        self.has_medium = driver.medium_present if isinstance(driver, Removable) else True
 
     @property
     def read_only(self) -> bool:

@@ -190,6 +190,11 @@ class Removable(Protocol):
     calls ``getlength()`` and stores the result in ``Node.size``.
     """
 
+    @property
+    def medium_present(self) -> bool:
+        """Whether a disc was in at the last size read (cached: no I/O, loop-safe)."""
+        ...
+
     def is_inserted(self) -> bool: ...
 
     def tray_state(self) -> TrayState: ...

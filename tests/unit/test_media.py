@@ -41,6 +41,10 @@ class FakeDrive:
         self.calls: list[tuple[str, object]] = []
 
     # Removable
+    @property
+    def medium_present(self) -> bool:
+        return self.disc is not None and not self.tray_is_open
+
     def is_inserted(self) -> bool:
         return self.disc is not None and not self.tray_is_open
 
