@@ -33,6 +33,7 @@ from .errors import InvalidArgument, NoMedium, ReadOnly
 from .events import BlockIoError, EventBus, Resume, Stop
 from .iothread import IoWorkers
 from .node import Node
+from .pipes import MIN_SPLICE, Pipe, PipePool
 from .stats import AcctCookie, BlockAcctStats, IoKind
 from .uring_io import UringIo
 
@@ -43,6 +44,9 @@ ErrorAction = Literal["report", "ignore", "stop", "enospc", "auto"]
 ERROR_ACTIONS = ("auto", "report", "ignore", "enospc", "stop")
 
 Done = Callable[[Any, BaseException | None], None]
+
+# Which large reads go through pipes (blockd.pipes): "all", "mem" (memory-backed only), "0".
+SPLICE_MODE = os.environ.get("BLOCKD_SPLICE", "all")
 
 
 @dataclass(slots=True)
@@ -289,16 +293,31 @@ class Device:
     # the loop thread, possibly before returning.
 
     def submit_read(
-        self, offset: int, length: int, done: Done, pool: BufferPool | None = None
+        self,
+        offset: int,
+        length: int,
+        done: Done,
+        pool: BufferPool | None = None,
+        pipes: PipePool | None = None,
     ) -> None:
-        """Read ``length`` bytes at ``offset``; ``done`` gets a bytearray.
+        """Read ``length`` bytes at ``offset``; ``done`` gets a bytearray or a Pipe.
 
         With a ``pool``, large reads use a recycled buffer that may be longer
         than ``length`` (the first ``length`` bytes are the data); the caller
-        gives it back to the pool when it no longer needs it.
+        gives it back to the pool when it no longer needs it.  With ``pipes``,
+        large reads from a driver that can splice arrive as a
+        :class:`~blockd.pipes.Pipe` holding exactly ``length`` bytes (by
+        reference, not copied); the caller sends it and puts it back.
         """
         node = self._medium(IoKind.READ)
         self._check_range(node, IoKind.READ, offset, length)
+        if pipes is not None and length >= MIN_SPLICE and node.splice_read is not None and (
+            SPLICE_MODE == "all" or (SPLICE_MODE == "mem" and node.driver.memory_backed)
+        ):
+            pipe = pipes.get(offset, length)
+            if pipe is not None:
+                self._submit_splice(node, offset, length, pipe, pipes, done)
+                return
         buf = pool.get(length) if pool is not None and length >= MIN_POOLED else bytearray(length)
         view = memoryview(buf)[:length]
         driver = node.driver
@@ -317,6 +336,29 @@ class Device:
         self._submit(_Request(
             IoKind.READ, length, driver.preadv, (offset, [view]), read,
             node, driver.memory_backed, node.nowait_read,
+        ))
+
+    def _submit_splice(
+        self, node: Node, offset: int, length: int, pipe: Pipe, pipes: PipePool, done: Done
+    ) -> None:
+        def filled(count: object, exc: BaseException | None) -> None:
+            if exc is None and count is None:
+                # A failure the error policy ignores: the client gets zeroes.
+                try:
+                    pipe.discard()
+                    pipe.add_zeroes(length)
+                except OSError as zero_exc:
+                    exc = zero_exc
+            if exc is not None:
+                pipes.put(pipe)
+                done(None, exc)
+                return
+            done(pipe, None)
+
+        assert node.splice_read is not None
+        self._submit(_Request(
+            IoKind.READ, length, pipe.fill, (node.splice_read, offset, length), filled,
+            node, node.driver.memory_backed,
         ))
 
     def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> None:

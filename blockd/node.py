@@ -15,7 +15,14 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .devices.base import BlockDriver, DriverInfo, NodeOptions, NowaitReader, Removable
+from .devices.base import (
+    BlockDriver,
+    DriverInfo,
+    NodeOptions,
+    NowaitReader,
+    Removable,
+    SpliceReader,
+)
 from .errors import InvalidArgument
 
 __all__ = ["Node", "check_node_name"]
@@ -59,6 +66,8 @@ class Node:
     in_flight: int = 0  # requests running in the driver now (it must not close under them)
     # The driver's non-blocking read, if it has one (called on the loop thread).
     nowait_read: Callable[[int, Sequence[memoryview]], int] | None = field(init=False)
+    # The driver's zero-copy read into a pipe, if it has one (see blockd.pipes).
+    splice_read: Callable[[int, int, int], int] | None = field(init=False)
     # False while a host drive holds no disc (learnt at open and on media change,
     # so the data path can refuse with ENOMEDIUM without asking the drive).
     has_medium: bool = field(init=False)
@@ -66,6 +75,12 @@ class Node:
     def __post_init__(self) -> None:
         self.nowait_read = (
             self.driver.preadv_nowait if isinstance(self.driver, NowaitReader) else None
+        )
+        driver = self.driver
+        self.splice_read = (
+            driver.splice_read
+            if isinstance(driver, SpliceReader) and driver.can_splice
+            else None
         )
         self.note_medium()
 

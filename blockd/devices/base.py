@@ -31,6 +31,7 @@ __all__ = [
     "Passthrough",
     "Removable",
     "ScsiResult",
+    "SpliceReader",
     "TrayState",
 ]
 
@@ -163,6 +164,20 @@ class NowaitReader(Protocol):
 
     def preadv_nowait(self, offset: int, buffers: Sequence[memoryview]) -> int:
         """Like preadv, but raise BlockingIOError instead of waiting for a device."""
+        ...
+
+
+@runtime_checkable
+class SpliceReader(Protocol):
+    """A driver that can move data into a pipe without copying it (splice(2))."""
+
+    @property
+    def can_splice(self) -> bool:
+        """Whether splicing works for this node (not with O_DIRECT)."""
+        ...
+
+    def splice_read(self, offset: int, length: int, pipe_fd: int) -> int:
+        """Move up to ``length`` bytes at ``offset`` into the pipe; 0 at the end."""
         ...
 
 

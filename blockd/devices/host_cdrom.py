@@ -589,11 +589,29 @@ class HostCdromDriver(HostDeviceDriver):
         try:
             return super().preadv(offset, buffers)
         except OSError as exc:
-            if exc.errno not in (errno.EIO, errno.ENXIO) or not self._disc_gone():
+            gone = self._gone_error(exc)
+            if gone is None:
                 raise
-            raise OSError(
-                errno.ENOMEDIUM, f"reading {self.filename}: {os.strerror(errno.ENOMEDIUM)}"
-            ) from exc
+            raise gone from exc
+
+    def splice_read(self, offset: int, length: int, pipe_fd: int) -> int:
+        """Like :meth:`preadv`, into a pipe."""
+        self._check_medium()
+        try:
+            return super().splice_read(offset, length, pipe_fd)
+        except OSError as exc:
+            gone = self._gone_error(exc)
+            if gone is None:
+                raise
+            raise gone from exc
+
+    def _gone_error(self, exc: OSError) -> OSError | None:
+        """ENOMEDIUM for a read that failed because the disc is gone, else None."""
+        if exc.errno not in (errno.EIO, errno.ENXIO) or not self._disc_gone():
+            return None
+        return OSError(
+            errno.ENOMEDIUM, f"reading {self.filename}: {os.strerror(errno.ENOMEDIUM)}"
+        )
 
     def preadv_nowait(self, offset: int, buffers: Sequence[memoryview]) -> int:
         """Like PosixDriver's, after the same medium check as :meth:`preadv` (no I/O)."""

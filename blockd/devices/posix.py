@@ -358,6 +358,20 @@ class PosixDriver:
             raise BlockingIOError(errno.EAGAIN, "partly cached")
         return count
 
+    @property
+    def can_splice(self) -> bool:
+        """Whether :meth:`splice_read` works: buffered I/O only (O_DIRECT bypasses the cache)."""
+        return self._unaligned_ok and self._fd >= 0
+
+    def splice_read(self, offset: int, length: int, pipe_fd: int) -> int:
+        """Move up to ``length`` bytes at ``offset`` into a pipe by reference (splice(2)).
+
+        Returns the count moved (0 at the end of the file).  May wait for a
+        disk like :meth:`preadv`, so it runs on a worker unless the backing is
+        memory-backed.
+        """
+        return os.splice(self._fd, pipe_fd, length, offset_src=offset)
+
     def pwritev(self, offset: int, buffers: Sequence[Buffer], fua: bool = False) -> int:
         """Write all of ``buffers`` at ``offset``; with ``fua`` the data is durable on return.
 

@@ -32,6 +32,7 @@ from ..buffers import MIN_POOLED, BufferPool
 from ..devices.base import AllocationReporter
 from ..errors import BlockdError, InUse, InvalidArgument, NotFound, Unsupported
 from ..exports import Export
+from ..pipes import Pipe, PipePool
 from ..registry import Registry
 from .address import NbdAddress
 from .constants import CommandFlag, ErrorCode
@@ -110,6 +111,8 @@ class _Client(asyncio.Protocol):
         self._out: list[bytes | bytearray | memoryview] = []
         self._lent: list[bytearray] = []  # pooled buffers in the next flush
         self._unsent: list[bytearray] = []  # pooled buffers the transport may still hold
+        self._spliced: list[tuple[bytes, Pipe]] = []  # read replies whose data is in a pipe
+        self._sock_fd = -1  # for splicing pipes into the socket
         self._flush_scheduled = False
         self._loop = asyncio.get_running_loop()
 
@@ -119,7 +122,10 @@ class _Client(asyncio.Protocol):
         # uvloop's transports do not derive from asyncio.Transport, but behave like one.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=0, low=0)
-        _enlarge_send_buffer(self.transport.get_extra_info("socket"))
+        sock = self.transport.get_extra_info("socket")
+        _enlarge_send_buffer(sock)
+        if sock is not None:
+            self._sock_fd = sock.fileno()
         self.server.clients.add(self)
         if 0 < self.server.max_connections < len(self.server.clients):
             log.warning("NBD: refusing a client: %d connections", len(self.server.clients) - 1)
@@ -139,6 +145,10 @@ class _Client(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._sock_fd = -1
+        spliced, self._spliced = self._spliced, []
+        for _, pipe in spliced:
+            self.server.pipes.put(pipe)
         self.server.clients.discard(self)
         if self.export is not None:
             self.export.clients.discard(self)
@@ -154,6 +164,7 @@ class _Client(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._writing_paused = False
         self._recycle()
+        self._send_spliced()
         self._update_reading()
 
     # -- requests --------------------------------------------------------------------------
@@ -267,9 +278,11 @@ class _Client(asyncio.Protocol):
         conn = self.conn
         cookie, offset, length = event.cookie, event.offset, event.length
 
-        def done(buf: bytearray | None, exc: BaseException | None) -> None:
+        def done(buf: bytearray | Pipe | None, exc: BaseException | None) -> None:
             self.in_flight -= 1
-            if exc is None and buf is not None:
+            if isinstance(buf, Pipe):
+                self._write_pipe(conn.reply_read_header(cookie, offset, length), buf)
+            elif exc is None and buf is not None:
                 self._write_data(conn.reply_read_header(cookie, offset, length), buf, length)
             else:
                 self._write(conn.reply_error(cookie, _nbd_error(exc)))
@@ -278,7 +291,10 @@ class _Client(asyncio.Protocol):
 
         assert self.export is not None
         try:
-            self.export.device.submit_read(offset, length, done, self.server.buffers)
+            self.export.device.submit_read(
+                offset, length, done, self.server.buffers,
+                self.server.pipes if self._sock_fd >= 0 else None,
+            )
         except (BlockdError, OSError) as exc:
             self._finish(conn.reply_error(cookie, _nbd_error(exc)))
 
@@ -351,14 +367,25 @@ class _Client(asyncio.Protocol):
             self._lent.append(buf)
             self._write(buf if len(buf) == length else memoryview(buf)[:length])
 
+    def _write_pipe(self, header: bytes, pipe: Pipe) -> None:
+        if self.closed:
+            self.server.pipes.put(pipe)
+            return
+        self._spliced.append((header, pipe))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         out, self._out = self._out, []
         lent, self._lent = self._lent, []
         transport = self.transport
-        if transport is None or transport.is_closing() or not out:
+        if transport is None or transport.is_closing() or not (out or self._spliced):
             return
-        if len(out) == 1:
+        if self._spliced:
+            self._send_spliced(out)
+        elif len(out) == 1:
             transport.write(out[0])
         else:
             transport.writelines(out)
@@ -368,6 +395,43 @@ class _Client(asyncio.Protocol):
         if transport.get_write_buffer_size() == 0:
             self._recycle()
         self._update_reading()
+
+    def _send_spliced(self, out: list[bytes | bytearray | memoryview] | None = None) -> None:
+        """Send the replies whose data waits in pipes, each header followed by its data.
+
+        The data goes from the pipe straight into the socket, which is only
+        safe while the transport has nothing buffered (else the bytes would
+        overtake it).  Whatever the socket does not take at once is copied out
+        of the pipe and left to the transport; the remaining replies wait until
+        the transport has drained (resume_writing).  ``out``: other replies to
+        write first, in the same system call as the first header.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        pipes = self.server.pipes
+        spliced = self._spliced
+        while spliced and not transport.get_write_buffer_size():
+            header, pipe = spliced.pop(0)
+            if out:
+                out.append(header)
+                transport.writelines(out)
+                out = None
+            else:
+                transport.write(header)
+            if not transport.get_write_buffer_size():
+                try:
+                    pipe.send(self._sock_fd)
+                except OSError as exc:  # the peer is gone: the transport finds out too
+                    log.debug("NBD: splicing a reply failed: %s", exc)
+                    pipes.put(pipe)
+                    self.close(hard=True)
+                    return
+            if pipe.held:  # the socket is full: the transport sends the rest
+                transport.write(pipe.take())
+            pipes.put(pipe)
+        if out:
+            transport.writelines(out)
 
     def _recycle(self) -> None:
         unsent, self._unsent = self._unsent, []
@@ -430,6 +494,7 @@ class NbdServer:
         self.clients: set[_Client] = set()
         self.connections_accepted = 0  # for the metrics: blockd_nbd_connections_total
         self.buffers = BufferPool()
+        self.pipes = PipePool()
         self.max_connections = 100
         self.address: NbdAddress | None = None
         self._server: asyncio.AbstractServer | None = None

@@ -1,0 +1,136 @@
+"""Pipes for zero-copy reads: filled from real files, drained into real sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blockd.devices.base import NodeOptions
+from blockd.devices.file import FileDriver
+from blockd.pipes import PAGE, Pipe, PipePool
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> tuple[Path, bytes]:
+    data = os.urandom(4 * MiB)
+    path = tmp_path / "disk.img"
+    path.write_bytes(data)
+    return path, data
+
+
+@pytest.fixture
+def driver(image: tuple[Path, bytes]) -> Iterator[FileDriver]:
+    drv = FileDriver.open(NodeOptions(driver="file", node_name="n0", filename=str(image[0])))
+    yield drv
+    drv.close()
+
+
+def receive_all(sock: socket.socket, length: int) -> bytes:
+    chunks = []
+    while length:
+        chunk = sock.recv(length)
+        assert chunk, "peer closed early"
+        chunks.append(chunk)
+        length -= len(chunk)
+    return b"".join(chunks)
+
+
+def test_fill_then_send_moves_the_exact_range(driver: FileDriver,
+                                              image: tuple[Path, bytes]) -> None:
+    data = image[1]
+    pool = PipePool(limit=2)
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MiB)
+    a.setblocking(False)
+    with a, b:
+        for offset, length in ((0, MiB), (3 * PAGE + 17, 200_000), (4 * MiB - 65536, 65536)):
+            pipe = pool.get(offset, length)
+            assert pipe is not None
+            assert pipe.fill(driver.splice_read, offset, length) == length
+            assert pipe.held == length
+            pipe.send(a.fileno())
+            rest = pipe.take() if pipe.held else b""
+            got = receive_all(b, length - len(rest)) + bytes(rest)
+            assert got == data[offset:offset + length]
+            pool.put(pipe)
+
+
+def test_a_full_socket_leaves_the_rest_for_take(driver: FileDriver,
+                                                image: tuple[Path, bytes]) -> None:
+    data = image[1]
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    with a, b:
+        a.send(b"x" * 100_000)  # fill most of the small default buffer
+        pipe = Pipe(MiB)
+        try:
+            pipe.fill(driver.splice_read, MiB, MiB)
+            pipe.send(a.fileno())
+            assert 0 < pipe.held < MiB  # the socket took part, not all
+            sent = MiB - pipe.held
+            rest = pipe.take()
+            assert pipe.held == 0
+            b.setblocking(True)
+            head = receive_all(b, 100_000 + sent)[100_000:]
+            assert head + rest == data[MiB:2 * MiB]
+        finally:
+            pipe.close()
+
+
+def test_short_backing_is_padded_with_zeroes(tmp_path: Path) -> None:
+    path = tmp_path / "short.img"
+    path.write_bytes(b"\x7f" * 5000)
+    drv = FileDriver.open(NodeOptions(driver="file", node_name="n0", filename=str(path)))
+    pipe = Pipe(MiB)
+    try:
+        assert pipe.fill(drv.splice_read, 0, 3 * PAGE) == 5000
+        assert pipe.held == 3 * PAGE
+        assert bytes(pipe.take()) == b"\x7f" * 5000 + bytes(3 * PAGE - 5000)
+    finally:
+        pipe.close()
+        drv.close()
+
+
+def test_refill_drops_what_a_failed_try_left(driver: FileDriver,
+                                             image: tuple[Path, bytes]) -> None:
+    calls = []
+
+    def fails_after_one_chunk(offset: int, length: int, fd: int) -> int:
+        calls.append(offset)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return driver.splice_read(offset, min(length, 65536), fd)
+
+    pipe = Pipe(MiB)
+    try:
+        with pytest.raises(OSError):
+            pipe.fill(fails_after_one_chunk, 0, 256 * 1024)
+        assert pipe.held == 65536  # what got in before the error
+        assert pipe.fill(driver.splice_read, 2 * MiB, 256 * 1024) == 256 * 1024
+        assert bytes(pipe.take()) == image[1][2 * MiB:2 * MiB + 256 * 1024]
+    finally:
+        pipe.close()
+
+
+def test_pool_refuses_what_does_not_fit_and_is_bounded() -> None:
+    pool = PipePool(limit=2, capacity=MiB)
+    assert pool.get(0, MiB + 1) is None
+    assert pool.get(100, MiB) is None  # unaligned: needs one slot more than a pipe has
+    first, second = pool.get(0, MiB), pool.get(PAGE, MiB - PAGE)
+    assert first is not None and second is not None
+    assert pool.get(0, 65536) is None  # the limit
+    first.add_zeroes(10)
+    pool.put(first)
+    again = pool.get(0, 65536)
+    assert again is first and again.held == 0
+    with pytest.raises(BlockingIOError):
+        os.read(again.r, 1)  # emptied when it came back
+    pool.put(again)
+    pool.put(second)
+    pool.close()
