@@ -45,8 +45,8 @@ ERROR_ACTIONS = ("auto", "report", "ignore", "enospc", "stop")
 
 Done = Callable[[Any, BaseException | None], None]
 
-# Which large reads go through pipes (blockd.pipes): "all", "mem" (memory-backed only), "0".
-SPLICE_MODE = os.environ.get("BLOCKD_SPLICE", "all")
+# Large reads go through pipes (blockd.pipes) unless BLOCKD_SPLICE=0 (for comparisons).
+SPLICE = os.environ.get("BLOCKD_SPLICE") != "0"
 
 
 @dataclass(slots=True)
@@ -311,9 +311,7 @@ class Device:
         """
         node = self._medium(IoKind.READ)
         self._check_range(node, IoKind.READ, offset, length)
-        if pipes is not None and length >= MIN_SPLICE and node.splice_read is not None and (
-            SPLICE_MODE == "all" or (SPLICE_MODE == "mem" and node.driver.memory_backed)
-        ):
+        if SPLICE and pipes is not None and length >= MIN_SPLICE and node.splice_read is not None:
             pipe = pipes.get(offset, length)
             if pipe is not None:
                 self._submit_splice(node, offset, length, pipe, pipes, done)

@@ -129,6 +129,8 @@ class DaemonSample:
     qmp_commands: tuple[tuple[str, str, int], ...]
     nbd_connections: int
     nbd_connections_total: int
+    nbd_poll_hits: int
+    nbd_poll_seconds: float
     nbd_exports: int
     exports: tuple[tuple[str, str, str, str, bool], ...]
     """(export id, NBD name, device id, node-name, writable) for every export."""
@@ -214,6 +216,8 @@ class MetricsSource:
             ),
             nbd_connections=nbd.connection_count if nbd is not None else 0,
             nbd_connections_total=nbd.connections_accepted if nbd is not None else 0,
+            nbd_poll_hits=nbd.poll_hits if nbd is not None else 0,
+            nbd_poll_seconds=nbd.poll_ns_total / 1e9 if nbd is not None else 0.0,
             nbd_exports=len(self.registry.exports),
             exports=tuple(
                 (e.id, e.name, e.device.id, e.node_name, e.writable)
@@ -279,6 +283,13 @@ def _daemon_families(s: DaemonSample) -> Iterator[Metric]:
     yield GaugeMetricFamily("blockd_nbd_connections", "Connected NBD clients.", s.nbd_connections)
     yield CounterMetricFamily("blockd_nbd_connections_accepted_total",
                               "NBD connections accepted.", s.nbd_connections_total)
+    yield CounterMetricFamily(
+        "blockd_nbd_poll_hits_total",
+        "Times polling an idle NBD client's socket found its next request.", s.nbd_poll_hits)
+    yield CounterMetricFamily(
+        "blockd_nbd_poll_seconds_total",
+        "Time the event loop spent polling idle NBD clients' sockets.", s.nbd_poll_seconds,
+        unit="seconds")
     yield GaugeMetricFamily("blockd_nbd_exports", "NBD exports.", s.nbd_exports)
     exports = InfoMetricFamily(
         "blockd_nbd_export", "An NBD export and the device its requests go through.",

@@ -72,6 +72,8 @@ DAEMON_METRICS = frozenset({
     "blockd_qmp_commands_total",
     "blockd_nbd_connections",
     "blockd_nbd_connections_accepted_total",
+    "blockd_nbd_poll_hits_total",
+    "blockd_nbd_poll_seconds_total",
     "blockd_nbd_exports",
     "blockd_nbd_export_info",
     "blockd_hotplug_events_total",

@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import Callable, Sequence
 from typing import cast
 
@@ -37,6 +38,7 @@ from ..registry import Registry
 from .address import NbdAddress
 from .constants import CommandFlag, ErrorCode
 from .errors import NbdProtocolError, errno_to_nbd
+from .polling import AdaptivePoll, max_ns_from_env
 from .protocol import (
     NEED_DATA,
     BlockStatus,
@@ -68,6 +70,8 @@ _NO_HOLE = int(CommandFlag.NO_HOLE)
 _REQ_ONE = int(CommandFlag.REQ_ONE)
 _MAX_EXTENT = (1 << 32) - 4096
 MAX_BLOCK = 32 << 20
+POLL_BUFFER = 256 * 1024  # what one poll reads from the socket at most
+POLL_SLICE_NS = 1_000_000  # polling serves one client at most this long before the loop runs
 PREFERRED_BLOCK = 4096
 
 
@@ -112,7 +116,9 @@ class _Client(asyncio.Protocol):
         self._lent: list[bytearray] = []  # pooled buffers in the next flush
         self._unsent: list[bytearray] = []  # pooled buffers the transport may still hold
         self._spliced: list[tuple[bytes, Pipe]] = []  # read replies whose data is in a pipe
-        self._sock_fd = -1  # for splicing pipes into the socket
+        self._sock_fd = -1  # for splicing pipes into the socket, and for polling
+        self._poll = AdaptivePoll(server.poll_max_ns)
+        self._poll_buf: bytearray | None = None
         self._flush_scheduled = False
         self._loop = asyncio.get_running_loop()
 
@@ -135,8 +141,12 @@ class _Client(asyncio.Protocol):
         self.transport.write(self.conn.initial_data())
 
     def data_received(self, data: bytes) -> None:
+        if self._poll.max_ns:
+            self._poll.busy(time.monotonic_ns())
         self.conn.receive_data(data)
         self._process()
+        if self._poll.window_ns:
+            self._poll_for_requests()
 
     def eof_received(self) -> bool | None:
         self.conn.receive_data(b"")
@@ -188,6 +198,51 @@ class _Client(asyncio.Protocol):
         finally:
             self._flush()
         self._update_reading()
+
+    def _poll_for_requests(self) -> None:
+        """Wait for the next request on the CPU instead of in epoll (see polling.py).
+
+        Only while nothing is in flight: the client is then about to send.
+        Data read here is what ``data_received`` would have got; an end of
+        file or an error is left in the socket for the transport to find.
+        """
+        poll = self._poll
+        server = self.server
+        fd = self._sock_fd
+        if fd < 0:
+            return
+        if self._poll_buf is None:
+            self._poll_buf = bytearray(POLL_BUFFER)
+        buf = self._poll_buf
+        now = time.monotonic_ns()
+        stop = now + POLL_SLICE_NS
+        while (
+            poll.window_ns and not self.in_flight and not self.closed
+            and not self._disconnecting and not self._reading_paused and now < stop
+        ):
+            began = now
+            deadline = now + poll.window_ns
+            while True:
+                try:
+                    count = os.readv(fd, [buf])
+                except BlockingIOError:
+                    now = time.monotonic_ns()
+                    if now < deadline:
+                        continue
+                    # The client is slower than the window: sleep in epoll.
+                    server.poll_ns_total += now - began
+                    return
+                except OSError:
+                    return
+                break
+            now = time.monotonic_ns()
+            server.poll_ns_total += now - began
+            if not count:
+                return
+            server.poll_hits += 1
+            poll.busy(now)
+            self.conn.receive_data(bytes(buf[:count]))
+            self._process()
 
     def _handle(self, event: object) -> None:
         match event:
@@ -394,6 +449,8 @@ class _Client(asyncio.Protocol):
         self._unsent.extend(lent)
         if transport.get_write_buffer_size() == 0:
             self._recycle()
+        if not self.in_flight and self._poll.max_ns:
+            self._poll.idle(time.monotonic_ns())  # the client's turn
         self._update_reading()
 
     def _send_spliced(self, out: list[bytes | bytearray | memoryview] | None = None) -> None:
@@ -495,6 +552,9 @@ class NbdServer:
         self.connections_accepted = 0  # for the metrics: blockd_nbd_connections_total
         self.buffers = BufferPool()
         self.pipes = PipePool()
+        self.poll_max_ns = max_ns_from_env()
+        self.poll_hits = 0  # for the metrics: requests that polling caught
+        self.poll_ns_total = 0  # for the metrics: time the loop spent polling
         self.max_connections = 100
         self.address: NbdAddress | None = None
         self._server: asyncio.AbstractServer | None = None
