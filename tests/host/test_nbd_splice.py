@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,26 +18,38 @@ MiB = 1 << 20
 SIZE = 64 * MiB
 
 
-def start(blockd_factory: BlockdFactory, tmp_path: Path) -> tuple[DaemonProcess, bytes, str]:
+def start(blockd_factory: BlockdFactory, tmp_path: Path,
+          tcp: bool = False) -> tuple[DaemonProcess, bytes, str]:
+    """blockd exporting 64 MiB of random data; the address is a socket path or a TCP port."""
     # On the disk's file system (not tmpfs) the pipes are filled by I/O workers;
     # test_nbd_clients covers the memory-backed route through tmp_path too.
     img = Path("/var/tmp") / f"blockd-splice-{os.getpid()}-{tmp_path.name}.img"
     data = os.urandom(SIZE)
     img.write_bytes(data)
-    sock = str(tmp_path / "nbd.sock")
+    if tcp:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            address = str(s.getsockname()[1])
+        server = f"addr.type=inet,addr.host=127.0.0.1,addr.port={address}"
+    else:
+        address = str(tmp_path / "nbd.sock")
+        server = f"addr.type=unix,addr.path={address}"
     d = blockd_factory(
         "--blockdev", f"driver=file,node-name=f0,filename={img}",
-        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--nbd-server", server,
         "--export", "type=nbd,id=e0,node-name=f0,name=disk")
     img.unlink()  # blockd holds it open
-    return d, data, sock
+    return d, data, address
 
 
-def connect(sock: str) -> Any:
+def connect(address: str) -> Any:
     nbd = libnbd()
     h = nbd.NBD()
     h.set_export_name("disk")
-    h.connect_unix(sock)
+    if address.isdigit():
+        h.connect_tcp("127.0.0.1", address)
+    else:
+        h.connect_unix(address)
     return h
 
 
@@ -60,10 +73,11 @@ def read_many(h: Any, ranges: list[tuple[int, int]], pause: float = 0.0) -> list
     return [bytes(buf.to_bytearray()) for buf in bufs]
 
 
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
 async def test_large_reads_are_spliced_and_exact(blockd_factory: BlockdFactory,
-                                                 tmp_path: Path) -> None:
+                                                 tmp_path: Path, tcp: bool) -> None:
     need("strace")
-    d, data, sock = start(blockd_factory, tmp_path)
+    d, data, sock = start(blockd_factory, tmp_path, tcp)
     h = await asyncio.to_thread(connect, sock)
     tracer = subprocess.Popen(["strace", "-f", "-e", "trace=splice", "-p", str(d.proc.pid)],
                               stderr=subprocess.PIPE, text=True)
