@@ -209,7 +209,8 @@ class _Client(asyncio.Protocol):
         poll = self._poll
         server = self.server
         fd = self._sock_fd
-        if fd < 0:
+        transport = self.transport
+        if fd < 0 or transport is None:
             return
         if self._poll_buf is None:
             self._poll_buf = bytearray(POLL_BUFFER)
@@ -217,7 +218,7 @@ class _Client(asyncio.Protocol):
         now = time.monotonic_ns()
         stop = now + POLL_SLICE_NS
         while (
-            poll.window_ns and not self.in_flight and not self.closed
+            poll.window_ns and not self.in_flight and not transport.is_closing()
             and not self._disconnecting and not self._reading_paused and now < stop
         ):
             began = now
