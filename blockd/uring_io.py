@@ -104,11 +104,27 @@ class UringIo:
             self._schedule_submit()
 
     def _on_completions(self) -> None:
+        self.poll()
+
+    def submit_now(self) -> None:
+        """Submit what is queued at once instead of at the end of this loop turn."""
+        if self._submit_scheduled and not self._broken:
+            self._submit()
+
+    def poll(self) -> bool:
+        """Run the callbacks of every completion available now; True if there was any.
+
+        Never waits.  Its system call (the eventfd read) is also what lets the
+        kernel post completions that finished while this thread ran Python
+        (COOP_TASKRUN), so a caller may spin on it for a short while.
+        """
         self._ring.drain_eventfd()
-        for tag, result in self._ring.reap():
+        completed = self._ring.reap()
+        for tag, result in completed:
             done = self._callbacks.pop(tag, None)
             if done is not None:  # None: already failed when the ring broke
                 done(result)
+        return bool(completed)
 
     def close(self) -> None:
         """Stop watching, wait for what is in flight, release the ring."""

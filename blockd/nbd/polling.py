@@ -14,6 +14,9 @@ have caught it grows the window (x2, up to ``max_ns``); a wait longer than
 requests in flight, so costs no polling at all; the loop thread polls at most
 ``max_ns`` for one client before it serves everything else.
 
+The same window bounds how long the server spins on io_uring for the completion
+of a client's single request in flight (a QD1 write), for the same reason.
+
 This class only keeps the arithmetic; the server does the polling.
 """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -94,3 +95,25 @@ async def test_a_broken_ring_fails_waiting_requests_and_falls_back(
     await registry.close_all()
     monkeypatch.undo()
     uring.close()
+
+
+async def test_polling_the_ring_completes_without_the_loop(image: Path) -> None:
+    """submit_now() + poll(): what the NBD server spins on for a QD1 write."""
+    uring = UringIo.create()
+    if uring is None:
+        pytest.skip("io_uring cannot be set up here")
+    fd = os.open(image, os.O_RDWR)
+    try:
+        results: list[int] = []
+        assert uring.writev(fd, [b"P" * 4096], 8192, 0, results.append)
+        assert not uring.poll() and results == []  # queued, not yet submitted
+        uring.submit_now()
+        deadline = time.monotonic() + 10
+        while not results and time.monotonic() < deadline:
+            uring.poll()
+        assert results == [4096]
+        assert not uring.poll()  # nothing left
+        assert os.pread(fd, 4096, 8192) == b"P" * 4096
+    finally:
+        os.close(fd)
+        uring.close()

@@ -12,11 +12,22 @@ from daemons import BlockdFactory, DaemonProcess
 from nbdclients import libnbd
 from test_metrics import one, scrape
 
+from blockd.devices._uring import Ring, UringUnavailable
+
 MiB = 1 << 20
 
 
+def uring_works() -> bool:
+    try:
+        Ring(8).close()
+    except UringUnavailable:
+        return False
+    return os.environ.get("BLOCKD_IO_URING") != "0"
+
+
 def start(blockd_factory: BlockdFactory, tmp_path: Path) -> tuple[DaemonProcess, Path, str]:
-    img = tmp_path / "disk.img"
+    # On the disk's file system, so that writes go through io_uring (not tmpfs's inline path).
+    img = Path("/var/tmp") / f"blockd-polling-{os.getpid()}-{tmp_path.name}.img"
     img.write_bytes(os.urandom(8 * MiB))
     sock = str(tmp_path / "nbd.sock")
     d = blockd_factory(
@@ -51,8 +62,11 @@ async def test_qd1_requests_are_caught_by_polling(blockd_factory: BlockdFactory,
     # A 1 ms window catches nearly every request of a QD1 client, however slow the machine.
     monkeypatch.setenv("BLOCKD_POLL_MAX_NS", window)
     d, img, sock = start(blockd_factory, tmp_path)
-    written: Any = await asyncio.to_thread(ping_pong, sock, 1500)
-    disk = img.read_bytes()
+    try:
+        written: Any = await asyncio.to_thread(ping_pong, sock, 1500)
+        disk = img.read_bytes()
+    finally:
+        img.unlink()
     for offset, data in written.items():
         assert disk[offset:offset + 4096] == data
     samples = scrape(d)
@@ -61,7 +75,10 @@ async def test_qd1_requests_are_caught_by_polling(blockd_factory: BlockdFactory,
     if window == "0":
         assert hits == 0 and seconds == 0
     else:
-        assert hits > 1000, hits  # of 3,000 requests
+        # Each round has two requests to catch, and with io_uring also the write's
+        # completion: polling catches most of them.
+        per_round = 3 if uring_works() else 2
+        assert hits > 0.6 * per_round * 1500, hits
         assert seconds > 0
     qmp = await d.client()
     stats = next(e["stats"] for e in await qmp.execute("query-blockstats")
