@@ -117,7 +117,8 @@ class _Client(asyncio.Protocol):
         self._unsent: list[bytearray] = []  # pooled buffers the transport may still hold
         self._spliced: list[tuple[bytes, Pipe]] = []  # read replies whose data is in a pipe
         self._sock_fd = -1  # for splicing pipes into the socket, and for polling
-        self._poll = AdaptivePoll(server.poll_max_ns)
+        self._poll = AdaptivePoll(server.poll_max_ns)  # for the client's next request
+        self._io_poll = AdaptivePoll(server.poll_max_ns)  # for a single request's completion
         self._poll_buf: bytearray | None = None
         self._flush_scheduled = False
         self._loop = asyncio.get_running_loop()
@@ -145,7 +146,7 @@ class _Client(asyncio.Protocol):
             self._poll.busy(time.monotonic_ns())
         self.conn.receive_data(data)
         self._process()
-        if self._poll.window_ns:
+        if self._poll.max_ns:
             self._poll_for_requests()
 
     def eof_received(self) -> bool | None:
@@ -203,8 +204,11 @@ class _Client(asyncio.Protocol):
         """Wait for what comes next on the CPU instead of in epoll (see polling.py).
 
         With nothing in flight that is the client's next request.  With one
-        request in io_uring it is its completion: it is submitted at once and the
-        ring is polled, so a QD1 write is answered without two sleeps.  Data
+        request in flight it is its completion: it is submitted to io_uring at
+        once and the ring is polled, so a QD1 write is answered without two
+        sleeps.  Each has its own adaptive window: a device whose requests take
+        longer than the limit (or do not go through io_uring) stops being polled
+        after a few of them.  Data
         read from the socket here is what ``data_received`` would have got; an
         end of file or an error is left in the socket for the transport to find.
         """
@@ -220,26 +224,33 @@ class _Client(asyncio.Protocol):
         uring = server.registry.workers.uring
         now = time.monotonic_ns()
         stop = now + POLL_SLICE_NS
+        io_poll = self._io_poll
         while (
-            poll.window_ns and not transport.is_closing()
-            and not self._disconnecting and not self._reading_paused and now < stop
+            not transport.is_closing() and not self._disconnecting
+            and not self._reading_paused and now < stop
         ):
             began = now
-            deadline = now + poll.window_ns
             if self.in_flight:
                 if self.in_flight > 1 or uring is None:
                     return  # a deeper queue keeps the loop busy anyway: serve it normally
+                io_poll.idle(now)  # the wait for the device starts (measured even unpolled)
+                if not io_poll.window_ns:
+                    return
+                deadline = now + io_poll.window_ns
                 uring.submit_now()
                 while self.in_flight and now < deadline:
                     uring.poll()
                     now = time.monotonic_ns()
                 server.poll_ns_total += now - began
                 if self.in_flight:
-                    return  # the device is slower than the window (or not on the ring)
+                    return  # slower than the window: the completion wakes the loop
                 server.poll_hits += 1
                 self._flush()  # the replies, now rather than at the end of the turn
                 now = time.monotonic_ns()
                 continue
+            if not poll.window_ns:
+                return
+            deadline = now + poll.window_ns
             while True:
                 try:
                     count = os.readv(fd, [buf])
@@ -468,7 +479,9 @@ class _Client(asyncio.Protocol):
         if transport.get_write_buffer_size() == 0:
             self._recycle()
         if not self.in_flight and self._poll.max_ns:
-            self._poll.idle(time.monotonic_ns())  # the client's turn
+            now = time.monotonic_ns()
+            self._io_poll.busy(now)  # a completion that came through the loop: learn its latency
+            self._poll.idle(now)  # the client's turn
         self._update_reading()
 
     def _send_spliced(self, out: list[bytes | bytearray | memoryview] | None = None) -> None:
