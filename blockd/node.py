@@ -73,10 +73,8 @@ class Node:
     has_medium: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.nowait_read = (
-            self.driver.preadv_nowait if isinstance(self.driver, NowaitReader) else None
-        )
         driver = self.driver
+        self.nowait_read = driver.preadv_nowait if isinstance(driver, NowaitReader) else None
         self.splice_read = (
             driver.splice_read
             if isinstance(driver, SpliceReader) and driver.can_splice

@@ -39,7 +39,7 @@ class UringIo:
         self._next = 1
         self._submit_scheduled = False
         self._broken = False
-        loop.add_reader(ring.eventfd, self._on_completions)
+        loop.add_reader(ring.eventfd, self.poll)
 
     @classmethod
     def create(cls, entries: int = 256) -> UringIo | None:
@@ -102,9 +102,6 @@ class UringIo:
             return
         if self._ring.queued:  # the kernel took only part: try again next turn
             self._schedule_submit()
-
-    def _on_completions(self) -> None:
-        self.poll()
 
     def submit_now(self) -> None:
         """Submit what is queued at once instead of at the end of this loop turn."""

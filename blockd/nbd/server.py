@@ -203,75 +203,88 @@ class _Client(asyncio.Protocol):
     def _poll_for_requests(self) -> None:
         """Wait for what comes next on the CPU instead of in epoll (see polling.py).
 
-        With nothing in flight that is the client's next request.  With one
-        request in flight it is its completion: it is submitted to io_uring at
-        once and the ring is polled, so a QD1 write is answered without two
-        sleeps.  Each has its own adaptive window: a device whose requests take
-        longer than the limit (or do not go through io_uring) stops being polled
-        after a few of them.  Data
-        read from the socket here is what ``data_received`` would have got; an
-        end of file or an error is left in the socket for the transport to find.
+        With nothing in flight that is the client's next request; with one
+        request in flight, its completion.  Each has its own adaptive window,
+        and one client is served this way for at most ``POLL_SLICE_NS``.
         """
-        poll = self._poll
-        server = self.server
-        fd = self._sock_fd
         transport = self.transport
-        if fd < 0 or transport is None:
+        if self._sock_fd < 0 or transport is None:
             return
-        if self._poll_buf is None:
-            self._poll_buf = bytearray(POLL_BUFFER)
-        buf = self._poll_buf
-        uring = server.registry.workers.uring
         now = time.monotonic_ns()
         stop = now + POLL_SLICE_NS
-        io_poll = self._io_poll
         while (
             not transport.is_closing() and not self._disconnecting
             and not self._reading_paused and now < stop
         ):
-            began = now
-            if self.in_flight:
-                if self.in_flight > 1 or uring is None:
-                    return  # a deeper queue keeps the loop busy anyway: serve it normally
-                io_poll.idle(now)  # the wait for the device starts (measured even unpolled)
-                if not io_poll.window_ns:
-                    return
-                deadline = now + io_poll.window_ns
-                uring.submit_now()
-                while self.in_flight and now < deadline:
-                    uring.poll()
-                    now = time.monotonic_ns()
-                server.poll_ns_total += now - began
-                if self.in_flight:
-                    return  # slower than the window: the completion wakes the loop
-                server.poll_hits += 1
-                self._flush()  # the replies, now rather than at the end of the turn
-                now = time.monotonic_ns()
-                continue
-            if not poll.window_ns:
+            caught = self._poll_completion(now) if self.in_flight else self._poll_socket(now)
+            if not caught:
                 return
-            deadline = now + poll.window_ns
-            while True:
-                try:
-                    count = os.readv(fd, [buf])
-                except BlockingIOError:
-                    now = time.monotonic_ns()
-                    if now < deadline:
-                        continue
-                    # The client is slower than the window: sleep in epoll.
-                    server.poll_ns_total += now - began
-                    return
-                except OSError:
-                    return
-                break
             now = time.monotonic_ns()
-            server.poll_ns_total += now - began
-            if not count:
-                return
-            server.poll_hits += 1
-            poll.busy(now)
-            self.conn.receive_data(bytes(buf[:count]))
-            self._process()
+
+    def _poll_completion(self, now: int) -> bool:
+        """Spin on io_uring for the client's single request; True if it completed.
+
+        It is submitted at once and the ring reaped in a loop, so a QD1 write
+        is answered without the loop sleeping twice.  A device slower than
+        the window (or a request not on the ring) stops being polled after a
+        few requests: the wait is measured either way.
+        """
+        uring = self.server.registry.workers.uring
+        if self.in_flight > 1 or uring is None:
+            return False  # a deeper queue keeps the loop busy anyway: serve it normally
+        poll = self._io_poll
+        poll.idle(now)
+        if not poll.window_ns:
+            return False
+        deadline = now + poll.window_ns
+        began = now
+        uring.submit_now()
+        while self.in_flight and now < deadline:
+            uring.poll()
+            now = time.monotonic_ns()
+        self.server.poll_ns_total += now - began
+        if self.in_flight:
+            return False  # the completion will wake the loop
+        self.server.poll_hits += 1
+        self._flush()  # the reply, now rather than at the end of the turn
+        return True
+
+    def _poll_socket(self, now: int) -> bool:
+        """Read the client's socket in a loop for its next request; True if it came.
+
+        Data read here is what ``data_received`` would have got, and is
+        handled the same way; an end of file or an error is left in the socket
+        for the transport to find.
+        """
+        poll = self._poll
+        if not poll.window_ns:
+            return False
+        if self._poll_buf is None:
+            self._poll_buf = bytearray(POLL_BUFFER)
+        buf = self._poll_buf
+        deadline = now + poll.window_ns
+        began = now
+        while True:
+            try:
+                count = os.readv(self._sock_fd, [buf])
+            except BlockingIOError:
+                now = time.monotonic_ns()
+                if now < deadline:
+                    continue
+                self.server.poll_ns_total += now - began
+                return False  # the client is slower than the window: sleep in epoll
+            except OSError:
+                return False
+            break
+        now = time.monotonic_ns()
+        self.server.poll_ns_total += now - began
+        if not count:
+            return False
+        self.server.poll_hits += 1
+        poll.busy(now)
+        self.conn.receive_data(bytes(buf[:count]))
+        self._process()
+        return True
 
     def _handle(self, event: object) -> None:
         match event:
