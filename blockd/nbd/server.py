@@ -119,7 +119,6 @@ class _Client(asyncio.Protocol):
         self._sock_fd = -1  # for splicing pipes into the socket, and for polling
         self._poll = AdaptivePoll(server.poll_max_ns)  # for the client's next request
         self._io_poll = AdaptivePoll(server.poll_max_ns)  # for a single request's completion
-        self._poll_buf: bytearray | None = None
         self._flush_scheduled = False
         self._loop = asyncio.get_running_loop()
 
@@ -259,9 +258,7 @@ class _Client(asyncio.Protocol):
         poll = self._poll
         if not poll.window_ns:
             return False
-        if self._poll_buf is None:
-            self._poll_buf = bytearray(POLL_BUFFER)
-        buf = self._poll_buf
+        buf = self.server.poll_buffer()
         deadline = now + poll.window_ns
         began = now
         while True:
@@ -598,10 +595,17 @@ class NbdServer:
         self.pipes = PipePool()
         self.poll_max_ns = max_ns_from_env()
         self.poll_hits = 0  # for the metrics: requests that polling caught
+        self._poll_buf: bytearray | None = None
         self.poll_ns_total = 0  # for the metrics: time the loop spent polling
         self.max_connections = 100
         self.address: NbdAddress | None = None
         self._server: asyncio.AbstractServer | None = None
+
+    def poll_buffer(self) -> bytearray:
+        """Where polling reads a socket into; shared, since what it reads is copied at once."""
+        if self._poll_buf is None:
+            self._poll_buf = bytearray(POLL_BUFFER)
+        return self._poll_buf
 
     @property
     def running(self) -> bool:
