@@ -39,6 +39,7 @@ MAX_PIPES = 64
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _SEND_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 # fill() gets the driver's splice_read(offset, length, pipe_fd) -> bytes moved.
@@ -60,7 +61,7 @@ class Pipe:
         try:
             self.capacity = fcntl.fcntl(self.w, F_SETPIPE_SZ, capacity)
         except OSError:  # over the per-user pipe budget: keep the default size
-            self.capacity = fcntl.fcntl(self.w, 1032)  # F_GETPIPE_SZ
+            self.capacity = fcntl.fcntl(self.w, F_GETPIPE_SZ)
         self.held = 0
 
     def fill(self, splice_read: SpliceRead, offset: int, length: int) -> int:
@@ -70,7 +71,8 @@ class Pipe:
         ends early (it shrank) leaves zeroes for the rest, as a short read does.
         A retried read (error policy ``stop``) first drops what the failed try left.
         """
-        self.discard()
+        if self.held:
+            self.discard()
         count = 0
         try:
             while count < length:

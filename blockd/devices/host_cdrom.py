@@ -585,33 +585,23 @@ class HostCdromDriver(HostDeviceDriver):
 
     def preadv(self, offset: int, buffers: Sequence[memoryview]) -> int:
         """Read from the disc; ENOMEDIUM when there is none."""
-        self._check_medium()
-        try:
-            return super().preadv(offset, buffers)
-        except OSError as exc:
-            gone = self._gone_error(exc)
-            if gone is None:
-                raise
-            raise gone from exc
+        return self._from_disc(super().preadv, offset, buffers)
 
     def splice_read(self, offset: int, length: int, pipe_fd: int) -> int:
         """Like :meth:`preadv`, into a pipe."""
+        return self._from_disc(super().splice_read, offset, length, pipe_fd)
+
+    def _from_disc(self, read: Callable[..., int], *args: object) -> int:
+        """Run a read of the disc; a failure because the disc is gone becomes ENOMEDIUM."""
         self._check_medium()
         try:
-            return super().splice_read(offset, length, pipe_fd)
+            return read(*args)
         except OSError as exc:
-            gone = self._gone_error(exc)
-            if gone is None:
+            if exc.errno not in (errno.EIO, errno.ENXIO) or not self._disc_gone():
                 raise
-            raise gone from exc
-
-    def _gone_error(self, exc: OSError) -> OSError | None:
-        """ENOMEDIUM for a read that failed because the disc is gone, else None."""
-        if exc.errno not in (errno.EIO, errno.ENXIO) or not self._disc_gone():
-            return None
-        return OSError(
-            errno.ENOMEDIUM, f"reading {self.filename}: {os.strerror(errno.ENOMEDIUM)}"
-        )
+            raise OSError(
+                errno.ENOMEDIUM, f"reading {self.filename}: {os.strerror(errno.ENOMEDIUM)}"
+            ) from exc
 
     def preadv_nowait(self, offset: int, buffers: Sequence[memoryview]) -> int:
         """Like PosixDriver's, after the same medium check as :meth:`preadv` (no I/O)."""

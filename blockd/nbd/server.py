@@ -447,9 +447,7 @@ class _Client(asyncio.Protocol):
         if self.closed:
             return
         self._out.append(data)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        self._schedule_flush()
 
     def _write_data(self, header: bytes, buf: bytearray, length: int) -> None:
         if self.closed:
@@ -466,6 +464,9 @@ class _Client(asyncio.Protocol):
             self.server.pipes.put(pipe)
             return
         self._spliced.append((header, pipe))
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
