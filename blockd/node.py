@@ -66,6 +66,9 @@ class Node:
     in_flight: int = 0  # requests running in the driver now (it must not close under them)
     # The driver's non-blocking read, if it has one (called on the loop thread).
     nowait_read: Callable[[int, Sequence[memoryview]], int] | None = field(init=False)
+    # What the device may call on the loop thread (memory-backed drivers; page-cache reads).
+    read_now: Callable[[int, Sequence[memoryview]], int] | None = field(init=False)
+    write_now: Callable[..., int] | None = field(init=False)
     # The driver's zero-copy read into a pipe, if it has one (see blockd.pipes).
     splice_read: Callable[[int, int, int], int] | None = field(init=False)
     # False while a host drive holds no disc (learnt at open and on media change,
@@ -80,6 +83,8 @@ class Node:
             if isinstance(driver, SpliceReader) and driver.can_splice
             else None
         )
+        self.read_now = driver.preadv if driver.memory_backed else self.nowait_read
+        self.write_now = driver.pwritev if driver.memory_backed else None
         self.note_medium()
 
     def note_medium(self) -> None:

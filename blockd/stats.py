@@ -518,10 +518,10 @@ class BlockAcctStats:
     __slots__ = (
         "_account_failed",
         "_account_invalid",
-        "_clock",
         "_counters",
         "_intervals",
         "_last_access_ns",
+        "clock",
     )
 
     def __init__(
@@ -532,7 +532,7 @@ class BlockAcctStats:
         account_failed: bool = True,
         intervals: Sequence[int] = (),
     ) -> None:
-        self._clock = clock
+        self.clock = clock  # public: callers of account() time their requests with it
         self._account_invalid = account_invalid
         self._account_failed = account_failed
         self._counters: dict[IoKind, _Counters] = {kind: _Counters() for kind in IoKind}
@@ -555,18 +555,26 @@ class BlockAcctStats:
     def start(self, kind: IoKind, nbytes: int) -> AcctCookie:
         """Stamp a request that is being submitted; it counts as in flight."""
         self._counters[kind].in_flight += 1
-        return AcctCookie(kind, nbytes, self._clock())
+        return AcctCookie(kind, nbytes, self.clock())
 
     def done(self, cookie: AcctCookie) -> None:
         """Account a request that completed successfully."""
         if cookie.completed:
             return
         cookie.completed = True
-        now = self._clock()
-        latency = now - cookie.start_ns
-        c = self._counters[cookie.kind]
-        c.in_flight -= 1
-        c.nbytes += cookie.nbytes
+        self._counters[cookie.kind].in_flight -= 1
+        self.account(cookie.kind, cookie.nbytes, cookie.start_ns)
+
+    def account(self, kind: IoKind, nbytes: int, start_ns: int) -> None:
+        """Account a request that ran to success synchronously, started at ``start_ns``.
+
+        The same as :meth:`start` then :meth:`done`, without a cookie: the
+        loop thread's fast path never has one in flight.
+        """
+        now = self.clock()
+        latency = now - start_ns
+        c = self._counters[kind]
+        c.nbytes += nbytes
         c.total_time_ns += latency
         self._last_access_ns = now
         c.default_bins[bisect_left(DEFAULT_LATENCY_BOUNDARIES_NS, latency)] += 1
@@ -581,7 +589,7 @@ class BlockAcctStats:
         if cookie.completed:
             return
         cookie.completed = True
-        now = self._clock()
+        now = self.clock()
         latency = now - cookie.start_ns
         c = self._counters[cookie.kind]
         c.in_flight -= 1
@@ -610,7 +618,7 @@ class BlockAcctStats:
         """Account a request rejected before submission (it was never started)."""
         self._counters[kind].invalid += 1
         if self._account_invalid:
-            self._last_access_ns = self._clock()
+            self._last_access_ns = self.clock()
 
     def merged(self, kind: IoKind, count: int) -> None:
         """Account ``count`` requests merged into others.
@@ -639,7 +647,7 @@ class BlockAcctStats:
         ``timed=False`` leaves the interval statistics out (the metrics do not
         show them, and a scrape of many devices should not compute them).
         """
-        now = self._clock()
+        now = self.clock()
         c = self._counters
         last = self._last_access_ns
         return StatsSnapshot(
@@ -670,7 +678,7 @@ class BlockAcctStats:
         integer.
         """
         lengths = _check_intervals(seconds)
-        now = self._clock() if lengths else 0
+        now = self.clock() if lengths else 0
         self._intervals = tuple(_Interval(s, now) for s in lengths)
         for kind in _TIMED_KINDS:
             c = self._counters[kind]
@@ -706,6 +714,9 @@ class NoAccounting(BlockAcctStats):
         return AcctCookie(kind, nbytes, 0)
 
     def done(self, cookie: AcctCookie) -> None:
+        pass
+
+    def account(self, kind: IoKind, nbytes: int, start_ns: int) -> None:
         pass
 
     def failed(self, cookie: AcctCookie) -> None:

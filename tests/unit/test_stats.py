@@ -171,6 +171,23 @@ def test_success_adds_bytes_operations_and_time(stats: BlockAcctStats, clock: Fa
         assert qmp[f"invalid_{kind}_operations"] == 0
 
 
+def test_account_is_start_then_done(clock: FakeClock) -> None:
+    """The synchronous path's single call leaves exactly what start + done leave."""
+    by_cookie, by_account = (BlockAcctStats(clock=clock, intervals=[60]) for _ in range(2))
+    for stats in (by_cookie, by_account):
+        stats.set_histogram(IoKind.WRITE, [1_000, 5_000])
+    for latency, nbytes in ((700, 4096), (2_000, 512), (9_000, 65536)):
+        cookie = by_cookie.start(IoKind.WRITE, nbytes)
+        start = by_account.clock()
+        clock.advance(latency)
+        by_cookie.done(cookie)
+        by_account.account(IoKind.WRITE, nbytes, start)
+    assert by_account.to_qmp() == by_cookie.to_qmp()
+    assert by_account.histogram(IoKind.WRITE) == by_cookie.histogram(IoKind.WRITE)
+    assert by_account.to_qmp()["wr_operations"] == 3
+    assert by_account.in_flight() == 0
+
+
 @pytest.mark.parametrize("account_failed", [True, False])
 def test_failure_counts_only_failed_and_time_if_account_failed(
     clock: FakeClock, account_failed: bool
