@@ -62,6 +62,7 @@ class _Request:
     inline: bool = False  # the driver never blocks: call it on the loop thread
     nowait: Callable[..., Any] | None = None  # try this on the loop thread first
     uring: tuple[Any, ...] | None = None  # ("write", fd, buffers, flags) or ("fsync", fd)
+    written_at: int = -1  # a write's offset: its end counts for wr_highest_offset on success
 
 
 class Device:
@@ -221,7 +222,9 @@ class Device:
         offset, length = request.args[0], request.nbytes
 
         def written(res: int) -> None:
-            if res < 0:
+            if res == length:
+                self._complete(request, cookie, res, None)
+            elif res < 0:
                 self._complete(request, cookie, None, OSError(-res, os.strerror(-res)))
             elif res < length:  # short: the careful path writes the rest (and finds the error)
                 rest = memoryview(buffers[0]).cast("B")[res:]
@@ -230,8 +233,6 @@ class Device:
                     lambda more, exc: self._complete(
                         request, cookie, None if exc else res + more, exc),
                 )
-            else:
-                self._complete(request, cookie, res, None)
 
         return uring.writev(fd, buffers, offset, flags, written)
 
@@ -239,9 +240,12 @@ class Device:
         self, request: _Request, cookie: AcctCookie, result: object, exc: BaseException | None
     ) -> None:
         """Account the outcome, apply the error policy, and tell the requester."""
-        request.node.in_flight -= 1
+        node = request.node
+        node.in_flight -= 1
         if exc is None:
             self.stats.done(cookie)
+            if request.written_at >= 0:
+                node.note_write(request.written_at, request.nbytes)
             request.done(result, None)
             return
         if not isinstance(exc, OSError):
@@ -333,9 +337,7 @@ class Device:
             write(offset, (data,), fua)
         except OSError:
             return False
-        end = offset + length
-        if end > node.wr_highest_offset:
-            node.wr_highest_offset = end
+        node.note_write(offset, length)
         self.stats.account(IoKind.WRITE, length, start)
         return True
 
@@ -419,16 +421,12 @@ class Device:
         self._check_range(node, IoKind.WRITE, offset, length)
         self._check_writable(node, IoKind.WRITE)
 
-        def written(result: object, exc: BaseException | None) -> None:
-            if exc is None:
-                node.note_write(offset, length)
-            done(result, exc)
-
         driver = node.driver
         plan = driver.uring_write([data], fua) if isinstance(driver, PosixDriver) else None
         self._submit(_Request(
-            IoKind.WRITE, length, driver.pwritev, (offset, [data], fua), written,
+            IoKind.WRITE, length, driver.pwritev, (offset, [data], fua), done,
             node, driver.memory_backed, uring=("write", *plan) if plan is not None else None,
+            written_at=offset,
         ))
 
     def submit_write_zeroes(self, offset: int, length: int, may_unmap: bool, done: Done) -> None:
@@ -437,14 +435,9 @@ class Device:
         self._check_range(node, IoKind.WRITE, offset, length)
         self._check_writable(node, IoKind.WRITE)
 
-        def zeroed(result: object, exc: BaseException | None) -> None:
-            if exc is None:
-                node.note_write(offset, length)
-            done(result, exc)
-
         self._submit(_Request(
-            IoKind.WRITE, length, node.driver.write_zeroes, (offset, length, may_unmap), zeroed,
-            node, node.driver.memory_backed,
+            IoKind.WRITE, length, node.driver.write_zeroes, (offset, length, may_unmap), done,
+            node, node.driver.memory_backed, written_at=offset,
         ))
 
     def submit_discard(self, offset: int, length: int, done: Done) -> None:

@@ -27,6 +27,7 @@ __all__ = ["UringIo"]
 log = logging.getLogger(__name__)
 
 Completion = Callable[[int], None]  # the result: a count, or -errno
+_MAX_TAG = 1 << 63
 
 
 class UringIo:
@@ -58,11 +59,13 @@ class UringIo:
         """Queue a write; False when the ring is full or broken (use another route)."""
         if self._broken:
             return False
-        tag = self._tag(done)
+        tag = self._next  # _tag() written out: this is the per-write hot path
+        self._next = tag + 1 if tag < _MAX_TAG else 1
         if not self._ring.prep_writev(fd, buffers, offset, tag, rw_flags):
-            del self._callbacks[tag]
             return False
-        self._schedule_submit()
+        self._callbacks[tag] = done
+        if not self._submit_scheduled:
+            self._schedule_submit()
         return True
 
     def fdatasync(self, fd: int, done: Completion) -> bool:
@@ -78,7 +81,7 @@ class UringIo:
 
     def _tag(self, done: Completion) -> int:
         tag = self._next
-        self._next = tag + 1 if tag < (1 << 63) else 1
+        self._next = tag + 1 if tag < _MAX_TAG else 1
         self._callbacks[tag] = done
         return tag
 

@@ -363,11 +363,16 @@ class _Client(asyncio.Protocol):
         self.in_flight += 1
 
     def _finish(self, data: bytes | None) -> None:
+        """A request is done: queue its reply (if any) and see what its slot frees."""
         self.in_flight -= 1
-        if data is not None:
-            self._write(data)
-        self._update_reading()
-        self._close_when_idle()
+        if data is not None and not self.closed:
+            self._out.append(data)
+            if not self._flush_scheduled:
+                self._schedule_flush()
+        if self._reading_paused:
+            self._update_reading()
+        if self._disconnecting:
+            self._close_when_idle()
 
     def _submit(
         self, cookie: int, submit: Callable[..., None], *args: object, fua: bool = False
@@ -398,15 +403,13 @@ class _Client(asyncio.Protocol):
         cookie, offset, length = event.cookie, event.offset, event.length
 
         def done(buf: bytearray | Pipe | None, exc: BaseException | None) -> None:
-            self.in_flight -= 1
             if isinstance(buf, Pipe):
                 self._write_pipe(conn.reply_read_header(cookie, offset, length), buf)
             elif exc is None and buf is not None:
                 self._write_data(conn.reply_read_header(cookie, offset, length), buf, length)
             else:
                 self._write(conn.reply_error(cookie, _nbd_error(exc)))
-            self._update_reading()
-            self._close_when_idle()
+            self._finish(None)
 
         assert self.export is not None
         try:

@@ -91,6 +91,28 @@ async def test_io_error_reports_by_policy(registry: Registry, tmp_path: Path) ->
     assert (s["failed_rd_operations"], s["failed_wr_operations"]) == (1, 1)
 
 
+async def test_only_successful_writes_raise_wr_highest_offset(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """QEMU moves wr_highest_offset when a write succeeds, not when its error is ignored."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"\0" * 65536)
+    node = await registry.add_node(NodeOptions(driver="file", node_name="f0",
+                                               filename=str(img)))
+    dev = registry.add_device("hd", "hd0", "f0", werror="ignore")
+    await dev.pwrite(4096, b"x" * 512)
+    await dev.write_zeroes(8192, 4096)
+    assert node.wr_highest_offset == 8192 + 4096
+    import os
+    bad = os.open(tmp_path, os.O_RDONLY)  # writes on a directory fd fail (EBADF)
+    os.dup2(bad, node.driver.fd)  # type: ignore[attr-defined]
+    os.close(bad)
+    await dev.pwrite(32768, b"y" * 512)  # ignored: completes as success
+    s = dev.stats.to_qmp()
+    assert (s["failed_wr_operations"], s["wr_operations"]) == (1, 2)
+    assert node.wr_highest_offset == 8192 + 4096
+
+
 async def test_ignored_read_error_returns_zeroes_not_stale_memory(
         registry: Registry, tmp_path: Path) -> None:
     import os
