@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +27,8 @@ def run(*cmd: str) -> str:
 
 
 def export_file(blockd_factory: BlockdFactory, tmp_path: Path, size: int = 16 * MiB,
-                *extra: str) -> tuple[DaemonProcess, Path, str]:
-    img = tmp_path / "disk.img"
+                *extra: str, img_dir: Path | None = None) -> tuple[DaemonProcess, Path, str]:
+    img = (img_dir or tmp_path) / "disk.img"
     with open(img, "wb") as f:
         f.truncate(size)
     sock = str(tmp_path / "nbd.sock")
@@ -95,10 +98,24 @@ async def test_nbdinfo_and_nbdcopy(blockd_factory: BlockdFactory, tmp_path: Path
     assert img.read_bytes() == back.read_bytes()
 
 
+@pytest.fixture(params=["disk", "tmpfs"])
+def image_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """Where the image lives: on the disk's file system (page-cache reads on the spot,
+    writes through io_uring) or on tmpfs (memory-backed: reads and writes on the spot)."""
+    if request.param == "disk":
+        yield tmp_path
+        return
+    directory = Path(tempfile.mkdtemp(prefix="blockd-test-", dir="/dev/shm"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 async def test_libnbd_every_command_is_accounted(blockd_factory: BlockdFactory,
-                                                 tmp_path: Path) -> None:
+                                                 tmp_path: Path, image_dir: Path) -> None:
     nbd = libnbd()
-    d, img, sock = export_file(blockd_factory, tmp_path)
+    d, img, sock = export_file(blockd_factory, tmp_path, img_dir=image_dir)
     qmp = await d.client()
     before = await stats_of(qmp, "e0")  # the implicit device is named after the export
     assert before["rd_operations"] == before["wr_operations"] == 0
