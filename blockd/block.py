@@ -295,7 +295,7 @@ class Device:
     # The common request, served on the loop thread where that cannot block: a
     # medium in, the device running, the range valid, and a memory-backed
     # driver (or, for reads, a page-cache hit).  It is accounted like any other
-    # and costs a third of the callback path in Python.  Anything else (a
+    # and costs about a third less Python than the callback path.  Anything else (a
     # miss, a paused device, an error, a bad range) makes it decline without
     # side effects on the counters, and the caller takes the full path, which
     # checks, accounts and applies the error policy as usual; an error is thus

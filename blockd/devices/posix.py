@@ -346,7 +346,8 @@ class PosixDriver:
         """
         if not self._nowait_supported:
             raise BlockingIOError(errno.EAGAIN, "non-blocking reads are not supported")
-        wanted = sum(len(b) for b in buffers)
+        # One buffer is the hot path's case (a generator costs more than the check).
+        wanted = len(buffers[0]) if len(buffers) == 1 else sum(len(b) for b in buffers)
         try:
             count = os.preadv(self._fd, buffers, offset, os.RWF_NOWAIT)
         except OSError as exc:
