@@ -298,8 +298,9 @@ class Device:
     # and costs about a third less Python than the callback path.  Anything else (a
     # miss, a paused device, an error, a bad range) makes it decline without
     # side effects on the counters, and the caller takes the full path, which
-    # checks, accounts and applies the error policy as usual; an error is thus
-    # met twice (reads and writes at an offset can be repeated).
+    # checks, accounts and applies the error policy as usual.  A page-cache miss
+    # or an error is thus met twice (one more non-blocking system call before a
+    # disk read; reads and writes at an offset can be repeated).
 
     def try_read(self, offset: int, buf: bytearray) -> int | None:
         """Read ``len(buf)`` bytes at ``offset`` into ``buf`` now; the count, or None.
