@@ -448,6 +448,15 @@ def _prewarm(path: str) -> None:
             pass
 
 
+def cached_path(blockdev: str) -> str | None:
+    """The file or device whose page cache a ``--blockdev`` string reads, if any."""
+    for option in blockdev.split(","):
+        key, _, value = option.partition("=")
+        if key == "filename":
+            return value
+    return None
+
+
 class Shielded:
     """Run cleanup steps with SIGINT/SIGTERM blocked, so a second Ctrl-C cannot cut one short.
 
@@ -615,8 +624,16 @@ class Runner:
                     self.params[(kind, wl.key, peer.spec.label)] = param
                     what = {"fio": "runtime (s)", "nbdcopy": "copies"}.get(wl.tool, "count")
                     _log(f"{kind}/{wl.key}/{peer.spec.label}: {what} {param}")
+            warm = cached_path(blockdev)
             for rnd in range(opts.repeats):
                 order = peers if rnd % 2 == 0 else peers[::-1]
+                if warm is not None:
+                    # Read the whole backing again before each round: a kernel that
+                    # reclaims cold page cache on its own (DAMON's pageout scheme on
+                    # the standard VM evicts what was not touched for about a minute)
+                    # would otherwise turn a "warm" run into disk reads, for
+                    # whichever peer comes late.
+                    _prewarm(warm)
                 for wl in opts.workloads:
                     for peer in order:
                         key = (kind, wl.key, peer.spec.label)

@@ -128,3 +128,11 @@ def test_peer_labels_and_definitions() -> None:
                                  {"X": "1", "Y": "a b"})
     with pytest.raises(nb.BenchError):
         nb.resolve_peers(["nosuch"], {})
+
+
+def test_cached_path_is_the_blockdev_filename() -> None:
+    """Each round re-reads this path, so a reclaimed page cache is warm again."""
+    assert nb.cached_path("driver=file,filename=/var/tmp/nbd-bench-x.img,locking=off") == (
+        "/var/tmp/nbd-bench-x.img")
+    assert nb.cached_path("driver=host_device,filename=/dev/loop7,locking=off") == "/dev/loop7"
+    assert nb.cached_path("driver=null-co,size=1073741824,read-zeroes=on") is None
