@@ -291,11 +291,12 @@ class _Client(asyncio.Protocol):
                     self._start()
                     self._submit_read(event)
             case Write():
-                if not self._write_now(event):
+                # writethrough: every write is durable before it is acknowledged.
+                fua = bool(event.flags & _FUA) or self._writethrough
+                if not self._write_now(event, fua):
                     self._start()
-                    # writethrough: every write is durable before it is acknowledged.
                     self._submit(event.cookie, self._device().submit_write, event.offset,
-                                 event.data, bool(event.flags & _FUA) or self._writethrough)
+                                 event.data, fua)
             case Flush():
                 self._start()
                 self._submit(event.cookie, self._device().submit_flush)
@@ -346,9 +347,8 @@ class _Client(asyncio.Protocol):
         self._schedule_flush()
         return True
 
-    def _write_now(self, event: Write) -> bool:
+    def _write_now(self, event: Write, fua: bool) -> bool:
         """Serve a write now if the device can; False: submit it instead."""
-        fua = bool(event.flags & _FUA) or self._writethrough
         if not self._device().try_write(event.offset, event.data, fua):
             return False
         self._out.append(self.conn.reply_ok(event.cookie))
@@ -365,10 +365,8 @@ class _Client(asyncio.Protocol):
     def _finish(self, data: bytes | None) -> None:
         """A request is done: queue its reply (if any) and see what its slot frees."""
         self.in_flight -= 1
-        if data is not None and not self.closed:
-            self._out.append(data)
-            if not self._flush_scheduled:
-                self._schedule_flush()
+        if data is not None:
+            self._write(data)
         if self._reading_paused:
             self._update_reading()
         if self._disconnecting:
