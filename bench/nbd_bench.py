@@ -37,6 +37,7 @@ from types import FrameType
 from typing import Literal
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_PEER = REPO_ROOT / "bench" / "reference_peer.py"
 MiB = 1 << 20
 GiB = 1 << 30
 # qemu-img bench has no random mode: it adds the step to the offset modulo the
@@ -301,6 +302,8 @@ def builtin_peer(name: str) -> tuple[tuple[str, ...], dict[str, str]] | None:
             return blockd, {}
         case "blockd-noacct":
             return blockd, {"BLOCKD_NO_ACCOUNTING": "1"}
+        case "nbdkit" | "qemu-nbd":  # C references, translated by reference_peer.py
+            return (sys.executable, str(REFERENCE_PEER), name), {}
     return None
 
 
@@ -328,8 +331,8 @@ def resolve_peers(names: Sequence[str],
     for name in names:
         found = defined.get(name) or builtin_peer(name)
         if found is None:
-            raise BenchError(f"unknown peer {name!r}: use qsd, blockd, blockd-noacct or "
-                             "define it with --peer NAME=COMMAND")
+            raise BenchError(f"unknown peer {name!r}: use qsd, blockd, blockd-noacct, nbdkit, "
+                             "qemu-nbd or define it with --peer NAME=COMMAND")
         seen[name] = seen.get(name, 0) + 1
         label = name if seen[name] == 1 else f"{name}#{seen[name]}"
         specs.append(PeerSpec(label, name, found[0], found[1]))
@@ -747,8 +750,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=None,
                     help="rounds per backing (default 5; 3 with --quick)")
     ap.add_argument("--peers", default="blockd,qsd",
-                    help="comma-separated peers: qsd, blockd, blockd-noacct or names from "
-                         "--peer (default blockd,qsd; qsd,qsd is a smoke test)")
+                    help="comma-separated peers: qsd, blockd, blockd-noacct, nbdkit, qemu-nbd "
+                         "or names from --peer (default blockd,qsd; qsd,qsd is a smoke test)")
     ap.add_argument("--peer", action="append", default=[], metavar="NAME=COMMAND",
                     type=parse_peer_definition,
                     help="define a peer: leading VAR=value words are its environment, the "
@@ -808,11 +811,12 @@ def check_tools(opts: Options) -> None:
         if os.geteuid() != 0:
             raise BenchError("the loop backing needs root (or drop it: --backings "
                              "file,tmpfs,null)")
-    needed |= {p.argv[0] for p in opts.peers}
+    for p in opts.peers:  # a reference peer needs the server it runs, not just Python
+        needed.add(p.argv[2] if p.argv[1:2] == (str(REFERENCE_PEER),) else p.argv[0])
     missing = [t for t in sorted(needed) if shutil.which(t) is None]
     if missing:
         raise BenchError(f"missing tools: {', '.join(missing)} (Debian: qemu-utils, "
-                         "qemu-system-common, libnbd-bin, fio, util-linux)")
+                         "qemu-system-common, libnbd-bin, fio, util-linux, nbdkit)")
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

@@ -1,0 +1,79 @@
+"""bench/reference_peer.py: QSD-style peer options translated for nbdkit and qemu-nbd."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "reference_peer.py"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("reference_peer", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reference_peer"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+rp = _load()
+
+
+def _args(blockdev: str, writable: str = "on") -> list[str]:
+    """The options nbd_bench.Peer gives every peer."""
+    return ["--blockdev", f"node-name=n0,{blockdev}",
+            "--nbd-server", "addr.type=unix,addr.path=/run/b/x.sock",
+            "--export", f"type=nbd,id=e0,node-name=n0,name=e0,writable={writable}",
+            "--chardev", "socket,id=m0,path=/run/b/x.qmp,server=on,wait=off",
+            "--monitor", "chardev=m0",
+            "--pidfile", "/run/b/x.pid"]
+
+
+def test_nbdkit_file_and_null() -> None:
+    assert rp.command("nbdkit", _args("driver=file,filename=/var/tmp/a.img")) == [
+        "nbdkit", "--foreground", "--unix", "/run/b/x.sock", "--pidfile", "/run/b/x.pid",
+        "--exportname", "e0", "file", "file=/var/tmp/a.img"]
+    argv = rp.command("nbdkit", _args("driver=null-co,size=1024,read-zeroes=on", "off"))
+    assert argv[-3:] == ["--readonly", "null", "size=1024"]
+
+
+def test_qemu_nbd_keeps_the_blockdev_options() -> None:
+    argv = rp.command("qemu-nbd", _args("driver=host_device,filename=/dev/loop3,locking=off"))
+    assert argv == [
+        "qemu-nbd", "--persistent", "--shared=0", "--socket", "/run/b/x.sock",
+        "--export-name", "e0", "--pid-file", "/run/b/x.pid", "--cache=writeback",
+        "--aio=threads", "--image-opts", "driver=host_device,filename=/dev/loop3,locking=off"]
+    assert "--read-only" in rp.command("qemu-nbd", _args("driver=file,filename=/a", "off"))
+
+
+@pytest.mark.parametrize("server, args, message", [
+    ("nbdd", _args("driver=file,filename=/a"), "unknown server"),
+    ("nbdkit", _args("driver=qcow2,file=x"), "unsupported driver"),
+    ("nbdkit", _args("driver=file"), "needs filename"),
+    ("nbdkit", _args("driver=null-co"), "needs size"),
+    ("nbdkit", _args("driver=file,filename=/a")[:-2], "--pidfile is missing"),
+    ("nbdkit", [*_args("driver=file,filename=/a"), "--daemonize"], "needs a value"),
+    ("nbdkit", [*_args("driver=file,filename=/a"), "--trace", "x"], "unsupported option"),
+    ("qemu-nbd", [*_args("driver=file,filename=/a"),
+                  "--nbd-server", "addr.type=inet,addr.host=::,addr.port=1"], "UNIX socket"),
+])
+def test_what_cannot_be_translated(server: str, args: list[str], message: str) -> None:
+    with pytest.raises(rp.UsageError, match=message):
+        rp.command(server, args)
+
+
+def test_builtin_peers_run_the_script() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "nbd_bench", SCRIPT.with_name("nbd_bench.py"))
+    assert spec is not None and spec.loader is not None
+    nb = importlib.util.module_from_spec(spec)
+    sys.modules["nbd_bench"] = nb
+    spec.loader.exec_module(nb)
+    kit, qnbd = nb.resolve_peers(["nbdkit", "qemu-nbd"], {})
+    assert kit.argv[1:] == (str(SCRIPT), "nbdkit")
+    assert qnbd.argv[1:] == (str(SCRIPT), "qemu-nbd")
