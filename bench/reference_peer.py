@@ -40,9 +40,10 @@ def _keyval(text: str) -> dict[str, str]:
     return out
 
 
-def _options(args: Sequence[str]) -> dict[str, dict[str, str] | str]:
-    """The QSD-style options as a dict: keyval options parsed, --pidfile kept as a path."""
-    found: dict[str, dict[str, str] | str] = {}
+def _options(args: Sequence[str]) -> tuple[dict[str, str], dict[str, str], dict[str, str], str]:
+    """The --blockdev, --nbd-server and --export key-values, and the --pidfile path."""
+    keyvals: dict[str, dict[str, str]] = {}
+    pidfile = None
     it = iter(args)
     for opt in it:
         value = next(it, None)
@@ -51,24 +52,22 @@ def _options(args: Sequence[str]) -> dict[str, dict[str, str] | str]:
         if opt in _IGNORED:
             continue
         if opt == "--pidfile":
-            found["pidfile"] = value
+            pidfile = value
         elif opt in ("--blockdev", "--nbd-server", "--export"):
-            found[opt[2:]] = _keyval(value)
+            keyvals[opt[2:]] = _keyval(value)
         else:
             raise UsageError(f"unsupported option {opt}")
-    for need in ("blockdev", "nbd-server", "export", "pidfile"):
-        if need not in found:
+    for need in ("blockdev", "nbd-server", "export"):
+        if need not in keyvals:
             raise UsageError(f"--{need} is missing")
-    return found
+    if pidfile is None:
+        raise UsageError("--pidfile is missing")
+    return keyvals["blockdev"], keyvals["nbd-server"], keyvals["export"], pidfile
 
 
 def command(server: str, args: Sequence[str]) -> list[str]:
     """The argv that runs ``server`` with what the QSD-style ``args`` describe."""
-    opts = _options(args)
-    blockdev, nbd, export, pidfile = (opts["blockdev"], opts["nbd-server"], opts["export"],
-                                      opts["pidfile"])
-    assert isinstance(blockdev, dict) and isinstance(nbd, dict) and isinstance(export, dict)
-    assert isinstance(pidfile, str)
+    blockdev, nbd, export, pidfile = _options(args)
     if nbd.get("addr.type") != "unix" or "addr.path" not in nbd:
         raise UsageError("only a UNIX socket (addr.type=unix,addr.path=...) is supported")
     sock = nbd["addr.path"]

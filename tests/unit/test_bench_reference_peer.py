@@ -65,15 +65,3 @@ def test_qemu_nbd_keeps_the_blockdev_options() -> None:
 def test_what_cannot_be_translated(server: str, args: list[str], message: str) -> None:
     with pytest.raises(rp.UsageError, match=message):
         rp.command(server, args)
-
-
-def test_builtin_peers_run_the_script() -> None:
-    spec = importlib.util.spec_from_file_location(
-        "nbd_bench", SCRIPT.with_name("nbd_bench.py"))
-    assert spec is not None and spec.loader is not None
-    nb = importlib.util.module_from_spec(spec)
-    sys.modules["nbd_bench"] = nb
-    spec.loader.exec_module(nb)
-    kit, qnbd = nb.resolve_peers(["nbdkit", "qemu-nbd"], {})
-    assert kit.argv[1:] == (str(SCRIPT), "nbdkit")
-    assert qnbd.argv[1:] == (str(SCRIPT), "qemu-nbd")

@@ -123,6 +123,10 @@ def test_peer_labels_and_definitions() -> None:
     assert specs[2].argv[1:3] == ("-m", "blockd")
     noacct = nb.resolve_peers(["blockd-noacct"], {})[0]
     assert noacct.env == {"BLOCKD_NO_ACCOUNTING": "1"}
+    kit, qnbd = nb.resolve_peers(["nbdkit", "qemu-nbd"], {})  # bench/reference_peer.py
+    assert kit.argv[1:] == (str(nb.REFERENCE_PEER), "nbdkit")
+    assert qnbd.argv[1:] == (str(nb.REFERENCE_PEER), "qemu-nbd")
+    assert nb.REFERENCE_PEER.is_file()
     name, argv, env = nb.parse_peer_definition("fast=X=1 Y='a b' /usr/bin/qsd --trace foo")
     assert (name, argv, env) == ("fast", ("/usr/bin/qsd", "--trace", "foo"),
                                  {"X": "1", "Y": "a b"})
