@@ -324,6 +324,21 @@ class Device:
         self.stats.account(IoKind.READ, length, start)
         return count
 
+    def try_read_hole(self, offset: int, length: int) -> bool:
+        """Account a read the caller may answer as a hole: True for a zero-reading node.
+
+        False: the read needs :meth:`try_read` or :meth:`submit_read`.
+        """
+        node = self.node
+        if node is None or not node.reads_zeroes:
+            return False
+        if self.paused or self.tray_open or not node.has_medium:
+            return False
+        if offset < 0 or length <= 0 or offset + length > node.size:
+            return False
+        self.stats.account(IoKind.READ, length, self.stats.clock())
+        return True
+
     def try_write(self, offset: int, data: Buffer, fua: bool) -> bool:
         """Write ``data`` at ``offset`` now; False: it needs :meth:`submit_write`."""
         node = self.node

@@ -22,6 +22,7 @@ from .devices.base import (
     NowaitReader,
     Removable,
     SpliceReader,
+    ZeroReader,
 )
 from .errors import InvalidArgument
 
@@ -71,6 +72,8 @@ class Node:
     write_now: Callable[..., int] | None = field(init=False)
     # The driver's zero-copy read into a pipe, if it has one (see blockd.pipes).
     splice_read: Callable[[int, int, int], int] | None = field(init=False)
+    # Every read is zeroes that need no I/O (null-co with read-zeroes): NBD may send holes.
+    reads_zeroes: bool = field(init=False)
     # False while a host drive holds no disc (learnt at open and on media change,
     # so the data path can refuse with ENOMEDIUM without asking the drive).
     has_medium: bool = field(init=False)
@@ -83,6 +86,7 @@ class Node:
             if isinstance(driver, SpliceReader) and driver.can_splice
             else None
         )
+        self.reads_zeroes = isinstance(driver, ZeroReader) and driver.reads_zeroes
         self.read_now = driver.preadv if driver.memory_backed else self.nowait_read
         self.write_now = driver.pwritev if driver.memory_backed else None
         self.note_medium()

@@ -33,6 +33,7 @@ __all__ = [
     "ScsiResult",
     "SpliceReader",
     "TrayState",
+    "ZeroReader",
 ]
 
 Buffer = memoryview | bytearray | bytes
@@ -165,6 +166,16 @@ class NowaitReader(Protocol):
     def preadv_nowait(self, offset: int, buffers: Sequence[memoryview]) -> int:
         """Like preadv, but raise BlockingIOError instead of waiting for a device."""
         ...
+
+
+@runtime_checkable
+class ZeroReader(Protocol):
+    """A driver whose every read returns zeroes at once (null-co with read-zeroes).
+
+    The NBD server may then answer a read with a hole instead of the zeroes.
+    """
+
+    reads_zeroes: bool
 
 
 @runtime_checkable

@@ -1,7 +1,8 @@
 """The ``null-co`` driver: a device of a given size that stores nothing (QEMU's block/null.c).
 
 For benchmarks: reads return at once, zero-filled only with ``read-zeroes``
-(otherwise the caller's buffers are left as they were, as in QEMU), writes,
+(otherwise the caller's buffers are left as they were, as in QEMU; with it and
+no latency, ``reads_zeroes`` lets the NBD server answer reads with holes), writes,
 discards and write-zeroes are accepted and dropped, and ``latency-ns`` delays
 every read, write and flush.
 
@@ -80,6 +81,8 @@ class NullDriver:
         self.read_only = options.read_only
         # Without a simulated latency nothing here can wait: serve on the loop thread.
         self.memory_backed = options.latency_ns == 0
+        # Reads that need nothing at all (a simulated latency still needs its delay).
+        self.reads_zeroes = options.read_zeroes and self.memory_backed
         given = options.given
         self.filename = null_pseudo_filename(
             options.size if "size" in given else None,
@@ -118,15 +121,14 @@ class NullDriver:
         length = self._clamp(offset, sum(memoryview(b).nbytes for b in buffers))
         if not self.options.read_zeroes:
             return 0
-        if self.options.read_zeroes:
-            left = length
-            for buf in buffers:
-                view = memoryview(buf).cast("B")
-                n = min(left, view.nbytes)
-                view[:n] = bytes(n)
-                left -= n
-                if not left:
-                    break
+        left = length
+        for buf in buffers:
+            view = memoryview(buf).cast("B")
+            n = min(left, view.nbytes)
+            view[:n] = bytes(n)
+            left -= n
+            if not left:
+                break
         return length
 
     def _check_writable(self) -> None:

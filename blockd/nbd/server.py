@@ -113,6 +113,9 @@ class _Client(asyncio.Protocol):
         self._writing_paused = False
         self._disconnecting = False
         self._writethrough = False
+        # Structured replies to a node that reads zeroes: reads may go as holes.  Known
+        # at negotiation; a medium changed later only loses (or declines) the shortcut.
+        self._holes = False
         self._out: list[bytes | bytearray | memoryview] = []
         self._lent: list[bytearray] = []  # pooled buffers in the next flush
         self._unsent: list[bytearray] = []  # pooled buffers the transport may still hold
@@ -287,7 +290,11 @@ class _Client(asyncio.Protocol):
     def _handle(self, event: object) -> None:
         match event:
             case Read():
-                if event.length >= MIN_POOLED or not self._read_now(event):
+                if self._holes and self._device().try_read_hole(event.offset, event.length):
+                    self._out.append(
+                        self.conn.reply_read_hole(event.cookie, event.offset, event.length))
+                    self._schedule_flush()
+                elif event.length >= MIN_POOLED or not self._read_now(event):
                     self._start()
                     self._submit_read(event)
             case Write():
@@ -322,6 +329,8 @@ class _Client(asyncio.Protocol):
                 self.export = export
                 self.device = export.device
                 self._writethrough = export.writethrough
+                node = export.device.node
+                self._holes = event.structured_replies and node is not None and node.reads_zeroes
                 export.clients.add(self)
             case Disconnect() | Closed():
                 # Finish what is in flight, then close (the spec's NBD_CMD_DISC).

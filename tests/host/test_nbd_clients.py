@@ -159,6 +159,54 @@ async def test_libnbd_every_command_is_accounted(blockd_factory: BlockdFactory,
     assert blocks["e0"]["inserted"]["node-name"] == "f0"
 
 
+async def test_zero_reading_null_co_answers_reads_with_holes(blockd_factory: BlockdFactory,
+                                                             tmp_path: Path) -> None:
+    """As qemu-storage-daemon does: zeroes cost a hole chunk, not a payload, yet count."""
+    nbd = libnbd()
+    sock = str(tmp_path / "nbd.sock")
+    d = blockd_factory(
+        "--blockdev", f"driver=null-co,node-name=z0,size={16 * MiB},read-zeroes=on",
+        "--blockdev", f"driver=null-co,node-name=g0,size={16 * MiB}",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "type=nbd,id=ez,node-name=z0,name=zero",
+        "--export", "type=nbd,id=eg,node-name=g0,name=garbage")
+    qmp = await d.client()
+
+    def chunks(name: str, structured: bool) -> tuple[list[tuple[int, int, int]], bytes]:
+        h = nbd.NBD()
+        h.set_export_name(name)
+        h.set_request_structured_replies(structured)
+        h.connect_unix(sock)
+        assert h.get_structured_replies_negotiated() == structured
+        seen: list[tuple[int, int, int]] = []
+
+        def chunk(subbuf: bytes, offset: int, status: int, error: int) -> int:
+            seen.append((offset, len(subbuf), status))
+            return 0
+
+        data = b""
+        if structured:
+            data += h.pread_structured(MiB, 3 * MiB, chunk)
+            data += h.pread_structured(4096, 16 * MiB - 4096, chunk)
+        else:
+            data += h.pread(MiB, 3 * MiB) + h.pread(4096, 16 * MiB - 4096)
+        h.shutdown()
+        return seen, data
+
+    seen, data = await asyncio.to_thread(chunks, "zero", True)
+    assert seen == [(3 * MiB, MiB, nbd.READ_HOLE), (16 * MiB - 4096, 4096, nbd.READ_HOLE)]
+    assert data == bytes(MiB + 4096)
+    seen, data = await asyncio.to_thread(chunks, "zero", False)  # no chunks: the zeroes
+    assert data == bytes(MiB + 4096)
+    seen, data = await asyncio.to_thread(chunks, "garbage", True)  # no read-zeroes: data
+    assert [status for _, _, status in seen] == [nbd.READ_DATA, nbd.READ_DATA]
+    zero = await stats_of(qmp, "ez")
+    assert (zero["rd_operations"], zero["rd_bytes"]) == (4, 2 * (MiB + 4096))
+    assert zero["invalid_rd_operations"] == zero["failed_rd_operations"] == 0
+    garbage = await stats_of(qmp, "eg")
+    assert (garbage["rd_operations"], garbage["rd_bytes"]) == (2, MiB + 4096)
+
+
 async def test_export_qmp_commands(blockd_factory: BlockdFactory, tmp_path: Path) -> None:
     nbd = libnbd()
     d = blockd_factory()

@@ -1,4 +1,5 @@
-"""Device.try_read / try_write: the synchronous fast path, on real files and null nodes.
+"""Device.try_read / try_write / try_read_hole: the synchronous fast path, on real files
+and null nodes.
 
 A file on /dev/shm is memory-backed (served on the spot); a file on /var/tmp is
 on the disk's file system (reads on the spot only from the page cache, writes
@@ -174,6 +175,44 @@ async def test_null_reads_are_zeroes_and_writes_are_counted(registry: Registry) 
     assert buf == bytes(4096)  # and blockd never hands out what was not read
     assert dev.try_write(0, b"x" * 4096, True)
     assert _counts(dev) == (1, 4096, 1, 4096, 0, 0, 0, 0, 0)
+
+
+async def test_zero_reading_null_reads_are_accounted_as_holes(registry: Registry) -> None:
+    """null-co with read-zeroes needs no I/O for a read: the NBD server sends a hole."""
+    await registry.add_node(NodeOptions(driver="null-co", node_name="n0", size=MiB,
+                                        read_zeroes=True))
+    dev = registry.add_device("cd", "d0", "n0")
+    assert dev.try_read_hole(MiB - 4096, 4096)
+    assert _counts(dev) == (1, 4096, 0, 0, 0, 0, 0, 0, 0)
+    before = _counts(dev)
+    assert not dev.try_read_hole(MiB - 4096, 8192)  # past the end: the full path refuses it
+    assert not dev.try_read_hole(-4096, 4096)
+    assert not dev.try_read_hole(0, 0)  # a hole chunk may not be empty
+    dev.pause(publish=False)
+    assert not dev.try_read_hole(0, 4096)
+    dev.resume(publish=False)
+    dev.tray_open = True
+    assert not dev.try_read_hole(0, 4096)
+    dev.tray_open = False
+    assert _counts(dev) == before
+
+
+@pytest.mark.parametrize("options", [
+    {"read_zeroes": False},  # reads leave buffers alone: no promise of zeroes
+    {"read_zeroes": True, "latency_ns": 1000},  # each read must still take its time
+])
+async def test_other_null_nodes_send_data(registry: Registry, options: dict[str, object]) -> None:
+    await registry.add_node(NodeOptions(driver="null-co", node_name="n0", size=MiB,
+                                        **options))  # type: ignore[arg-type]
+    dev = registry.add_device("hd", "d0", "n0")
+    assert not dev.try_read_hole(0, 4096)
+    assert _counts(dev) == (0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+async def test_files_never_read_as_holes(registry: Registry, shm_image: Path) -> None:
+    dev = await _device(registry, shm_image)
+    assert not dev.try_read_hole(0, 4096)
+    assert _counts(dev) == (0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 async def test_accounting_off_counts_nothing(registry: Registry, shm_image: Path) -> None:
