@@ -20,6 +20,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # blockd, when run by hand
+from blockd.keyval import KeyvalError, parse_keyval
 
 SERVERS = ("nbdkit", "qemu-nbd")
 _IGNORED = ("--chardev", "--monitor")
@@ -30,14 +34,24 @@ class UsageError(Exception):
 
 
 def _keyval(text: str) -> dict[str, str]:
-    """``a=1,b=2`` -> ``{"a": "1", "b": "2"}`` (no escaped commas: bench values have none)."""
-    out: dict[str, str] = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"expected key=value, got {item!r} in {text!r}")
-        out[key] = value
-    return out
+    """One option in QSD's keyval syntax, flattened: ``addr.type=unix`` stays one key."""
+    try:
+        tree = parse_keyval(text)
+    except KeyvalError as exc:
+        raise UsageError(str(exc)) from None
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}{key}.", inner)
+        elif isinstance(value, str):
+            flat[prefix[:-1]] = value
+        else:  # a list (a.0=...): no benchmark option has one
+            raise UsageError(f"unsupported list in {text!r}")
+
+    walk("", tree)
+    return flat
 
 
 def _options(args: Sequence[str]) -> tuple[dict[str, str], dict[str, str], dict[str, str], str]:
@@ -94,7 +108,8 @@ def command(server: str, args: Sequence[str]) -> list[str]:
     if server == "qemu-nbd":
         # Same cache and AIO modes as a qemu-storage-daemon --blockdev by default;
         # --shared=0: any number of connections (nbdcopy opens several).
-        image = ",".join(f"{k}={v}" for k, v in blockdev.items() if k != "node-name")
+        image = ",".join(f"{k}={v.replace(',', ',,')}" for k, v in blockdev.items()
+                         if k != "node-name")
         argv = ["qemu-nbd", "--persistent", "--shared=0", "--socket", sock,
                 "--export-name", name, "--pid-file", pidfile, "--cache=writeback",
                 "--aio=threads", "--image-opts", image]

@@ -49,6 +49,10 @@ def test_qemu_nbd_keeps_the_blockdev_options() -> None:
         "--export-name", "e0", "--pid-file", "/run/b/x.pid", "--cache=writeback",
         "--aio=threads", "--image-opts", "driver=host_device,filename=/dev/loop3,locking=off"]
     assert "--read-only" in rp.command("qemu-nbd", _args("driver=file,filename=/a", "off"))
+    # keyval's ",," escape survives the round trip, and nested keys stay dotted
+    argv = rp.command("qemu-nbd", _args("driver=file,filename=/a,,b,cache.direct=off"))
+    assert argv[-1] == "driver=file,filename=/a,,b,cache.direct=off"
+    assert rp.command("nbdkit", _args("driver=file,filename=/a,,b"))[-1] == "file=/a,b"
 
 
 @pytest.mark.parametrize("server, args, message", [
@@ -59,6 +63,10 @@ def test_qemu_nbd_keeps_the_blockdev_options() -> None:
     ("nbdkit", _args("driver=file,filename=/a")[:-2], "--pidfile is missing"),
     ("nbdkit", [*_args("driver=file,filename=/a"), "--daemonize"], "needs a value"),
     ("nbdkit", [*_args("driver=file,filename=/a"), "--trace", "x"], "unsupported option"),
+    ("nbdkit", [*_args("driver=file,filename=/a"), "--export", "name"],
+     "Expected '=' after parameter 'name'"),
+    ("nbdkit", [*_args("driver=file,filename=/a"), "--blockdev", "driver=file,a.0=x"],
+     "unsupported list"),
     ("qemu-nbd", [*_args("driver=file,filename=/a"),
                   "--nbd-server", "addr.type=inet,addr.host=::,addr.port=1"], "UNIX socket"),
 ])
