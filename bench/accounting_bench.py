@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from blockd.stats import AcctCookie, BlockAcctStats, IoKind, NoAccounting
+from blockd.block.stats import AcctCookie, BlockAcctStats, IoKind, NoAccounting
 
 
 def _time_pairs(start: Callable[[IoKind, int], AcctCookie],

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # blockd, when run by hand
-from blockd.keyval import KeyvalError, parse_keyval
+from blockd.qmp.keyval import KeyvalError, parse_keyval
 
 SERVERS = ("nbdkit", "qemu-nbd")
 _IGNORED = ("--chardev", "--monitor")

@@ -9,8 +9,8 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from .config import ConfigError, InfoRequested, parse_command_line
-from .daemon import Daemon, StartupError
+from blockd.daemon.config import ConfigError, InfoRequested, parse_command_line
+from blockd.daemon.root import Daemon, StartupError
 
 __all__ = ["main"]
 

@@ -58,7 +58,7 @@ from qemu.qmp import (
     Runstate,
 )
 
-from blockd.keyval import KeyvalError, parse_keyval_words
+from blockd.qmp.keyval import KeyvalError, parse_keyval_words
 
 __all__ = [
     "UsageError",

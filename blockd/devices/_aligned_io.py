@@ -35,7 +35,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from blockd.devices._pybuffer import PYBUF_SIMPLE, PyBuffer, get_buffer, release_buffer
+from blockd.devices.pybuffer import PYBUF_SIMPLE, PyBuffer, get_buffer, release_buffer
 
 __all__ = [
     "AlignedIO",

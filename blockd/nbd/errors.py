@@ -40,7 +40,7 @@ import errno as _errno
 from collections.abc import Mapping
 from typing import Final
 
-from .constants import ErrorCode
+from blockd.nbd.constants import ErrorCode
 
 __all__ = ["NbdProtocolError", "errno_to_nbd"]
 

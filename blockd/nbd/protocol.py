@@ -73,7 +73,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from .constants import (
+from blockd.nbd.constants import (
     BASE_ALLOCATION,
     DOS_PAYLOAD_LIMIT,
     MAX_STRING,
@@ -87,8 +87,8 @@ from .constants import (
     OptionReply,
     TransmissionFlag,
 )
-from .errors import NbdProtocolError
-from .wire import (
+from blockd.nbd.errors import NbdProtocolError
+from blockd.nbd.wire import (
     CLIENT_FLAGS,
     OPTION_HEADER,
     REQUEST,

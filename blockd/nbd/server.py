@@ -28,18 +28,17 @@ import time
 from collections.abc import Callable, Sequence
 from typing import cast
 
-from ..block import Device
-from ..buffers import MIN_POOLED, BufferPool
-from ..devices.base import AllocationReporter
-from ..errors import BlockdError, InUse, InvalidArgument, NotFound, Unsupported
-from ..exports import Export
-from ..pipes import Pipe, PipePool
-from ..registry import Registry
-from .address import NbdAddress
-from .constants import CommandFlag, ErrorCode
-from .errors import NbdProtocolError, errno_to_nbd
-from .polling import AdaptivePoll, max_ns_from_env
-from .protocol import (
+from blockd.aio.buffers import MIN_POOLED, BufferPool
+from blockd.aio.pipes import Pipe, PipePool
+from blockd.aio.polling import AdaptivePoll, max_ns_from_env
+from blockd.block.device import Device
+from blockd.block.exports import Export, NbdAddress
+from blockd.block.registry import Registry
+from blockd.devices.base import AllocationReporter
+from blockd.errors import BlockdError, InUse, InvalidArgument, NotFound, Unsupported
+from blockd.nbd.constants import CommandFlag, ErrorCode
+from blockd.nbd.errors import NbdProtocolError, errno_to_nbd
+from blockd.nbd.protocol import (
     NEED_DATA,
     BlockStatus,
     Closed,

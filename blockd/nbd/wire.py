@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Final
 
-from .constants import (
+from blockd.nbd.constants import (
     MAX_STRING,
     HandshakeFlag,
     Info,

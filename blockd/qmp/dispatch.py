@@ -12,9 +12,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import BlockdError, DeviceNotFound
-from .commands import CommandContext, CommandTable
-from .schema import SchemaError
+from blockd.errors import BlockdError, DeviceNotFound
+from blockd.qmp.commands import CommandContext, CommandTable
+from blockd.qmp.schema import SchemaError
 
 __all__ = ["CommandError", "Dispatcher", "error_class"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..events import (
+from blockd.events import (
     BlockExportDeleted,
     BlockIoError,
     DeviceDeleted,

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from .message import JsonStreamParser, ParseError, encode
+from blockd.qmp.message import JsonStreamParser, ParseError, encode
 
 __all__ = [
     "KNOWN_CAPABILITIES",

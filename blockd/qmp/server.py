@@ -20,10 +20,10 @@ import stat
 import time
 from collections.abc import Mapping
 
-from ..events import Event, EventBus
-from .dispatch import CommandError, Dispatcher
-from .events import to_qmp
-from .protocol import Execute, QmpSession, Send
+from blockd.events import Event, EventBus
+from blockd.qmp.dispatch import CommandError, Dispatcher
+from blockd.qmp.events import to_qmp
+from blockd.qmp.protocol import Execute, QmpSession, Send
 
 __all__ = ["QmpServer"]
 

@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 from conftest import LoopFactory
 from qemu.qmp import QMPClient
 
+from blockd.block.registry import Registry
 from blockd.devices.base import NodeOptions
 from blockd.events import EventBus
-from blockd.registry import Registry
 
 
 async def test_loop_devices_through_qmp(qmp: QMPClient, loop_device: LoopFactory) -> None:

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from blockd.aio.uring import UringIo
+from blockd.block.registry import Registry
 from blockd.devices.base import NodeOptions
 from blockd.events import EventBus
-from blockd.registry import Registry
-from blockd.uring_io import UringIo
 
 MiB = 1 << 20
 

@@ -12,7 +12,7 @@ from daemons import BlockdFactory, DaemonProcess
 from nbdclients import libnbd
 from test_metrics import one, scrape
 
-from blockd.devices._uring import Ring, UringUnavailable
+from blockd.aio._ring import Ring, UringUnavailable
 
 MiB = 1 << 20
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from blockd import __version__
-from blockd.config import (
+from blockd.daemon.config import (
     DEFAULT_CONFIG_TOML,
     ConfigError,
     DaemonConfig,

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from blockd.block import Device
+from blockd.block.device import Device
+from blockd.block.registry import Registry
+from blockd.block.stats import NoAccounting
 from blockd.devices.base import NodeOptions
 from blockd.events import BlockIoError, Event, EventBus
-from blockd.registry import Registry
-from blockd.stats import NoAccounting
 
 MiB = 1 << 20
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from blockd.block.registry import Registry
 from blockd.devices.base import NodeOptions
 from blockd.errors import InvalidArgument, NoMedium, ReadOnly
 from blockd.events import BlockIoError, Event, EventBus
-from blockd.registry import Registry
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ async def test_ignored_read_error_returns_zeroes_not_stale_memory(
         registry: Registry, tmp_path: Path) -> None:
     import os
 
-    from blockd.buffers import BufferPool
+    from blockd.aio.buffers import BufferPool
 
     img = tmp_path / "disk.img"
     img.write_bytes(b"\x01" * (1 << 20))

@@ -11,13 +11,13 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from blockd import device_metrics
-from blockd.daemon_stats import DaemonStats
+from blockd.block.registry import Registry
+from blockd.block.stats import IoKind
 from blockd.devices.base import NodeOptions
 from blockd.events import EventBus
-from blockd.metrics import MetricsSource
-from blockd.registry import Registry
-from blockd.stats import IoKind
+from blockd.monitoring import device_families as device_metrics
+from blockd.monitoring.daemon_stats import DaemonStats
+from blockd.monitoring.samples import MetricsSource
 
 
 def samples(families: list[Metric]) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:

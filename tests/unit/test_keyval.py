@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from blockd.keyval import (
+from blockd.qmp.keyval import (
     KeyvalError,
     parse_keyval,
     parse_keyval_words,

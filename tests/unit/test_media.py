@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from blockd import media
-from blockd.block import Device
+from blockd.block import tray as media
+from blockd.block.device import Device
+from blockd.block.node import Node
+from blockd.block.registry import Registry
 from blockd.devices.base import DriverInfo, NodeOptions, Removable, TrayState
 from blockd.errors import BlockdError, DeviceNotFound, InUse, InvalidArgument, NoMedium, NotFound
 from blockd.events import DeviceTrayMoved, Event, EventBus
-from blockd.node import Node
-from blockd.registry import Registry
 
 
 class FakeDrive:
@@ -346,7 +346,7 @@ async def test_remove_medium_detaches_the_drive(registry: Registry) -> None:
 
 
 async def test_polling_sees_the_button(registry: Registry, events: list[Event]) -> None:
-    from blockd.media_watch import MediaWatcher
+    from blockd.hotplug.media_watch import MediaWatcher
 
     drive = FakeDrive()
     cd = cd_with_drive(registry, drive)
@@ -366,7 +366,7 @@ async def test_polling_sees_the_button(registry: Registry, events: list[Event]) 
 async def test_eject_request_honours_blockds_lock(
     registry: Registry, events: list[Event]
 ) -> None:
-    from blockd.media_watch import MediaWatcher
+    from blockd.hotplug.media_watch import MediaWatcher
 
     drive = FakeDrive()
     cd = cd_with_drive(registry, drive)

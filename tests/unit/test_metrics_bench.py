@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from blockd.config import load_config_file
+from blockd.daemon.config import load_config_file
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 

@@ -20,20 +20,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from blockd.daemon_stats import HOTPLUG_ACTIONS, DaemonStats
+from blockd.block.registry import Registry
+from blockd.block.stats import DEFAULT_LATENCY_BOUNDARIES_NS, BlockAcctStats, IoKind
 from blockd.devices.base import NodeOptions
 from blockd.errors import InvalidArgument, NoMedium
 from blockd.events import EventBus
-from blockd.metrics import (
-    BlockdCollector,
-    MetricsServer,
-    MetricsSource,
-    ScrapeError,
-    make_registry,
-    render,
-)
-from blockd.registry import Registry
-from blockd.stats import DEFAULT_LATENCY_BOUNDARIES_NS, BlockAcctStats, IoKind
+from blockd.monitoring.collector import BlockdCollector, ScrapeError, make_registry, render
+from blockd.monitoring.daemon_stats import HOTPLUG_ACTIONS, DaemonStats
+from blockd.monitoring.http import MetricsServer
+from blockd.monitoring.samples import MetricsSource
 
 US = 1_000  # ns
 MS = 1_000_000  # ns

@@ -74,9 +74,9 @@ def test_without_read_zeroes_nothing_is_read() -> None:
 async def test_device_never_returns_stale_memory() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from blockd.buffers import BufferPool
+    from blockd.aio.buffers import BufferPool
+    from blockd.block.registry import Registry
     from blockd.events import EventBus
-    from blockd.registry import Registry
 
     registry = Registry(executor=ThreadPoolExecutor(1), bus=EventBus())
     await registry.add_node(NodeOptions(driver="null-co", node_name="n", size=1 << 20))

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from blockd.aio.pipes import PAGE, Pipe, PipePool
 from blockd.devices.base import NodeOptions
 from blockd.devices.file import FileDriver
-from blockd.pipes import PAGE, Pipe, PipePool
 
 MiB = 1 << 20
 

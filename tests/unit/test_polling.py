@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from blockd.nbd.polling import DEFAULT_MAX_NS, START_NS, AdaptivePoll, max_ns_from_env
+from blockd.aio.polling import DEFAULT_MAX_NS, START_NS, AdaptivePoll, max_ns_from_env
 
 US = 1000
 

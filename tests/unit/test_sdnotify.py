@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from blockd.sdnotify import notify, notify_socket_address
+from blockd.daemon.sdnotify import notify, notify_socket_address
 
 
 @pytest.fixture

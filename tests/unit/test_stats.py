@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from blockd.stats import (
+from blockd.block.stats import (
     DEFAULT_LATENCY_BOUNDARIES_NS,
     AcctCookie,
     BlockAcctStats,

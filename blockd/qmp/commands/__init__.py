@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from . import block, control, devices, exports, media, nodes, runstate
-from .base import Args, Command, CommandContext, CommandTable
+from blockd.qmp.commands import block, control, devices, exports, media, nodes, runstate
+from blockd.qmp.commands.base import Args, Command, CommandContext, CommandTable
 
 __all__ = ["Args", "Command", "CommandContext", "CommandTable", "build_table"]
 

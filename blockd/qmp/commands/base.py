@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
-from ...nbd.server import NbdServer
-from ...registry import Registry
-from ..schema import Struct, Type, Union
+from blockd.block.exports import ExportService
+from blockd.block.registry import Registry
+from blockd.qmp.schema import Struct, Type, Union
 
 __all__ = ["ArgSpec", "Args", "Command", "CommandContext", "CommandTable", "Handler", "Validator"]
 
@@ -26,7 +26,7 @@ class CommandContext:
     """What handlers may touch: the registry and daemon-level hooks."""
 
     registry: Registry
-    nbd: NbdServer
+    nbd: ExportService
     version: dict[str, object]
     request_quit: Callable[[], None]
     command_names: Callable[[], Iterable[str]] = lambda: ()

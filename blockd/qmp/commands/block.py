@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ...errors import InvalidArgument
-from ...stats import BlockAcctStats, IoKind
-from ..schema import BOOL, STR, UINT64, Array, Member, Struct
-from .base import Args, CommandContext, CommandTable
+from blockd.block.stats import BlockAcctStats, IoKind
+from blockd.errors import InvalidArgument
+from blockd.qmp.commands.base import Args, CommandContext, CommandTable
+from blockd.qmp.schema import BOOL, STR, UINT64, Array, Member, Struct
 
 __all__ = ["register"]
 

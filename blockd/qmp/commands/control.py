@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Args, CommandContext, CommandTable
+from blockd.qmp.commands.base import Args, CommandContext, CommandTable
 
 __all__ = ["register"]
 

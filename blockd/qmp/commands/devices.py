@@ -7,10 +7,10 @@ Property errors use QEMU's texts with the model name in place of QEMU's.
 
 from __future__ import annotations
 
-from ... import media
-from ...block import ERROR_ACTIONS
-from ..schema import BOOL, STR, UINT32, Array, Enum, Member, SchemaError, Struct
-from .base import Args, CommandContext, CommandTable
+from blockd.block import tray as media
+from blockd.block.device import ERROR_ACTIONS
+from blockd.qmp.commands.base import Args, CommandContext, CommandTable
+from blockd.qmp.schema import BOOL, STR, UINT32, Array, Enum, Member, SchemaError, Struct
 
 __all__ = ["DEVICE_ADD", "register"]
 

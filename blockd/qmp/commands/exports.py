@@ -4,9 +4,10 @@ and the deprecated nbd-server-add/-remove, with qemu-storage-daemon's arguments 
 
 from __future__ import annotations
 
-from ...errors import InvalidArgument, NotFound, Unsupported
-from ...nbd.address import NbdAddress
-from ..schema import (
+from blockd.block.exports import NbdAddress
+from blockd.errors import InvalidArgument, NotFound, Unsupported
+from blockd.qmp.commands.base import Args, CommandContext, CommandTable
+from blockd.qmp.schema import (
     ANY,
     BOOL,
     STR,
@@ -18,7 +19,6 @@ from ..schema import (
     Struct,
     Union,
 )
-from .base import Args, CommandContext, CommandTable
 
 __all__ = ["BLOCK_EXPORT_OPTIONS", "NBD_SERVER_OPTIONS", "register"]
 

@@ -6,10 +6,10 @@ device holding a host drive they move the real tray (see blockd/media.py).
 
 from __future__ import annotations
 
-from ... import media
-from ...block import Device
-from ..schema import BOOL, STR, Enum, Member, Struct
-from .base import Args, CommandContext, CommandTable
+from blockd.block import tray as media
+from blockd.block.device import Device
+from blockd.qmp.commands.base import Args, CommandContext, CommandTable
+from blockd.qmp.schema import BOOL, STR, Enum, Member, Struct
 
 __all__ = ["register"]
 

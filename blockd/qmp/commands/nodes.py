@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...devices.base import NodeOptions
-from ...errors import InvalidArgument, Unsupported
-from ..schema import BOOL, INT, STR, UINT64, Enum, Member, Struct, Union
-from .base import Args, CommandContext, CommandTable
+from blockd.devices.base import NodeOptions
+from blockd.errors import InvalidArgument, Unsupported
+from blockd.qmp.commands.base import Args, CommandContext, CommandTable
+from blockd.qmp.schema import BOOL, INT, STR, UINT64, Enum, Member, Struct, Union
 
 __all__ = ["BLOCKDEV_OPTIONS", "node_options", "register"]
 

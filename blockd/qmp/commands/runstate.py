@@ -9,9 +9,9 @@ does the same for one device.
 
 from __future__ import annotations
 
-from ...events import Resume, Stop
-from ..schema import STR, Member, Struct
-from .base import Args, CommandContext, CommandTable
+from blockd.events import Resume, Stop
+from blockd.qmp.commands.base import Args, CommandContext, CommandTable
+from blockd.qmp.schema import STR, Member, Struct
 
 __all__ = ["register"]
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .uring_io import UringIo
+    from blockd.aio.uring import UringIo
 
 __all__ = ["Completion", "IoWorkers"]
 

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .devices.base import (
+from blockd.devices.base import (
     BlockDriver,
     DriverInfo,
     NodeOptions,
@@ -24,7 +24,7 @@ from .devices.base import (
     SpliceReader,
     ZeroReader,
 )
-from .errors import InvalidArgument
+from blockd.errors import InvalidArgument
 
 __all__ = ["Node", "check_node_name"]
 

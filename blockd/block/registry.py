@@ -15,15 +15,15 @@ import os
 import re
 from concurrent.futures import Executor
 
-from .block import Device, DeviceKind, ErrorAction
-from .devices import open_driver
-from .devices.base import BlockDriver, NodeOptions
-from .errors import BlockdError, DeviceNotFound, InUse, InvalidArgument, NotFound, ReadOnly
-from .events import BlockExportDeleted, DeviceDeleted, EventBus
-from .exports import MAX_NBD_STRING, Export, check_export_id
-from .iothread import IoWorkers
-from .node import Node, check_node_name
-from .stats import BlockAcctStats
+from blockd.aio.workers import IoWorkers
+from blockd.block.device import Device, DeviceKind, ErrorAction
+from blockd.block.exports import MAX_NBD_STRING, Export, check_export_id
+from blockd.block.node import Node, check_node_name
+from blockd.block.stats import BlockAcctStats
+from blockd.devices import open_driver
+from blockd.devices.base import BlockDriver, NodeOptions
+from blockd.errors import BlockdError, DeviceNotFound, InUse, InvalidArgument, NotFound, ReadOnly
+from blockd.events import BlockExportDeleted, DeviceDeleted, EventBus
 
 __all__ = ["Registry", "check_device_id"]
 

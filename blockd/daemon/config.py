@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from typing import NoReturn
 
 from blockd import __version__
-from blockd.keyval import KeyvalError, parse_option, parse_qemu_opts
+from blockd.qmp.keyval import KeyvalError, parse_option, parse_qemu_opts
 
 __all__ = [
     "DEFAULT_CONFIG_TOML",

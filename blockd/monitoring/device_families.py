@@ -23,10 +23,10 @@ from prometheus_client.core import (
     StateSetMetricFamily,
 )
 
-from .stats import DEFAULT_LATENCY_BOUNDARIES_NS, KindStats
+from blockd.block.stats import DEFAULT_LATENCY_BOUNDARIES_NS, KindStats
 
 if TYPE_CHECKING:
-    from .metrics import DeviceSample
+    from blockd.monitoring.samples import DeviceSample
 
 __all__ = ["IO_STATUSES", "families", "write"]
 

@@ -28,13 +28,13 @@ import weakref
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
-from .block import Device
-from .devices import DRIVERS
-from .devices.base import NodeOptions, Removable, TrayState
-from .errors import BlockdError, InUse, InvalidArgument, NotFound
-from .events import DeviceTrayMoved
-from .node import Node
-from .registry import Registry
+from blockd.block.device import Device
+from blockd.block.node import Node
+from blockd.block.registry import Registry
+from blockd.devices import DRIVERS
+from blockd.devices.base import NodeOptions, Removable, TrayState
+from blockd.errors import BlockdError, InUse, InvalidArgument, NotFound
+from blockd.events import DeviceTrayMoved
 
 __all__ = [
     "ReadOnlyMode",

@@ -26,16 +26,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .buffers import MIN_POOLED, BufferPool
-from .devices.base import Buffer
-from .devices.posix import PosixDriver
-from .errors import InvalidArgument, NoMedium, ReadOnly
-from .events import BlockIoError, EventBus, Resume, Stop
-from .iothread import IoWorkers
-from .node import Node
-from .pipes import MIN_SPLICE, Pipe, PipePool
-from .stats import AcctCookie, BlockAcctStats, IoKind
-from .uring_io import UringIo
+from blockd.aio.buffers import MIN_POOLED, BufferPool
+from blockd.aio.pipes import MIN_SPLICE, Pipe, PipePool
+from blockd.aio.uring import UringIo
+from blockd.aio.workers import IoWorkers
+from blockd.block.node import Node
+from blockd.block.stats import AcctCookie, BlockAcctStats, IoKind
+from blockd.devices.base import Buffer
+from blockd.devices.posix import PosixDriver
+from blockd.errors import InvalidArgument, NoMedium, ReadOnly
+from blockd.events import BlockIoError, EventBus, Resume, Stop
 
 __all__ = ["ERROR_ACTIONS", "Device", "DeviceKind", "ErrorAction"]
 

@@ -134,7 +134,7 @@ import struct
 from collections.abc import Sequence
 from typing import Final, Self, TypeAlias
 
-from blockd.devices._pybuffer import PyBuffer, get_buffer, release_buffer
+from blockd.devices.pybuffer import PyBuffer, get_buffer, release_buffer
 
 __all__ = ["BufferLike", "Ring", "UringUnavailable"]
 

@@ -20,7 +20,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 
-from .devices._uring import BufferLike, Ring, UringUnavailable
+from blockd.aio._ring import BufferLike, Ring, UringUnavailable
 
 __all__ = ["UringIo"]
 

@@ -16,23 +16,26 @@ import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
-from . import __version__, sdnotify
-from .config import DaemonConfig, OptionSpec
-from .daemon_stats import DaemonStats
-from .errors import BlockdError
-from .events import EventBus
-from .iothread import IoWorkers
-from .media_watch import MediaWatcher
-from .metrics import BlockdCollector, MetricsServer, MetricsSource
-from .nbd.server import NbdServer
-from .qmp.commands import CommandContext, build_table
-from .qmp.commands.exports import NBD_SERVER_OPTIONS, address_from_args, start_server
-from .qmp.dispatch import Dispatcher
-from .qmp.schema import SchemaError
-from .qmp.server import QmpServer
-from .registry import Registry
-from .stats import NoAccounting
-from .uring_io import UringIo
+from blockd import __version__
+from blockd.aio.uring import UringIo
+from blockd.aio.workers import IoWorkers
+from blockd.block.registry import Registry
+from blockd.block.stats import NoAccounting
+from blockd.daemon import sdnotify
+from blockd.daemon.config import DaemonConfig, OptionSpec
+from blockd.errors import BlockdError
+from blockd.events import EventBus
+from blockd.hotplug.media_watch import MediaWatcher
+from blockd.monitoring.collector import BlockdCollector
+from blockd.monitoring.daemon_stats import DaemonStats
+from blockd.monitoring.http import MetricsServer
+from blockd.monitoring.samples import MetricsSource
+from blockd.nbd.server import NbdServer
+from blockd.qmp.commands import CommandContext, build_table
+from blockd.qmp.commands.exports import NBD_SERVER_OPTIONS, address_from_args, start_server
+from blockd.qmp.dispatch import Dispatcher
+from blockd.qmp.schema import SchemaError
+from blockd.qmp.server import QmpServer
 
 __all__ = ["QEMU_VERSION", "Daemon", "StartupError", "version_info"]
 

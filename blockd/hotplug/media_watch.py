@@ -25,10 +25,10 @@ import logging
 import os
 from typing import Any
 
-from . import media
-from .block import Device
-from .errors import BlockdError
-from .registry import Registry
+from blockd.block import tray as media
+from blockd.block.device import Device
+from blockd.block.registry import Registry
+from blockd.errors import BlockdError
 
 __all__ = ["MediaWatcher"]
 

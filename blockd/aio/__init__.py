@@ -1,0 +1,9 @@
+"""How blocking work leaves the event loop: worker threads, io_uring, buffers, pipes, polling.
+
+``workers`` runs calls that may block on threads and hands results back in
+batches; ``uring`` queues buffered writes and flushes on an io_uring (whose
+ctypes ABI stays private in ``_ring``); ``buffers`` and ``pipes`` pool large
+read buffers and the pipes large reads are spliced through; ``polling`` is the
+adaptive busy-wait window.  May import ``blockd.devices`` (buffer helpers);
+nothing above it.
+"""
