@@ -33,8 +33,7 @@ from blockd.aio.workers import IoWorkers
 from blockd.block.node import Node
 from blockd.block.stats import AcctCookie, BlockAcctStats, IoKind
 from blockd.devices.base import Buffer
-from blockd.devices.posix import PosixDriver
-from blockd.errors import InvalidArgument, NoMedium, ReadOnly
+from blockd.errors import InvalidArgument, NoMedium, ReadOnly, Unsupported
 from blockd.events import BlockIoError, EventBus, Resume, Stop
 
 __all__ = ["ERROR_ACTIONS", "Device", "DeviceKind", "ErrorAction"]
@@ -438,7 +437,7 @@ class Device:
         self._check_writable(node, IoKind.WRITE)
 
         driver = node.driver
-        plan = driver.uring_write([data], fua) if isinstance(driver, PosixDriver) else None
+        plan = node.uring_write([data], fua) if node.uring_write is not None else None
         self._submit(_Request(
             IoKind.WRITE, length, driver.pwritev, (offset, [data], fua), done,
             node, driver.memory_backed, uring=("write", *plan) if plan is not None else None,
@@ -475,11 +474,45 @@ class Device:
         """Make completed writes durable."""
         node = self._medium(IoKind.FLUSH)
         driver = node.driver
-        fd = driver.uring_flush() if isinstance(driver, PosixDriver) else None
+        fd = node.uring_flush() if node.uring_flush is not None else None
         self._submit(_Request(
             IoKind.FLUSH, 0, driver.flush, (), done, node, driver.memory_backed,
             uring=("fsync", fd) if fd is not None else None,
         ))
+
+    def submit_block_status(self, offset: int, length: int, done: Done) -> None:
+        """The allocation extents ``[(length, flags), ...]`` from ``offset`` (NBD block status).
+
+        Checked like a read (medium, tray, range) but not counted as one: QEMU
+        accounts no block-status requests.  Raises Unsupported when the driver
+        keeps no allocation map, NoMedium or InvalidArgument as a read would.
+        SEEK_DATA/SEEK_HOLE may read file-system metadata from disk, so the
+        lookup runs on an I/O worker unless the driver is memory-backed.
+        """
+        node = self.node
+        if node is None or self.tray_open or not node.has_medium:
+            raise NoMedium(f"{self.id}: No medium found")
+        if offset < 0 or length <= 0 or offset + length > node.size:
+            raise InvalidArgument(
+                f"{self.id}: request at {offset}+{length} is beyond the end ({node.size})")
+        lookup = node.block_status
+        if lookup is None:
+            raise Unsupported("block status is not supported", errno.ENOTSUP)
+        if node.driver.memory_backed:
+            try:
+                extents = lookup(offset, length)
+            except OSError as exc:
+                done(None, exc)
+                return
+            done(extents, None)
+            return
+        node.in_flight += 1  # the driver must not close under the lookup
+
+        def looked_up(extents: object, exc: BaseException | None) -> None:
+            node.in_flight -= 1
+            done(extents, exc)
+
+        self._workers.submit(lookup, (offset, length), looked_up)
 
     # -- pausing --------------------------------------------------------------------
 

@@ -16,12 +16,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from blockd.devices.base import (
+    AllocationReporter,
     BlockDriver,
+    Buffer,
     DriverInfo,
     NodeOptions,
     NowaitReader,
     Removable,
     SpliceReader,
+    UringTarget,
     ZeroReader,
 )
 from blockd.errors import InvalidArgument
@@ -72,6 +75,12 @@ class Node:
     write_now: Callable[..., int] | None = field(init=False)
     # The driver's zero-copy read into a pipe, if it has one (see blockd.pipes).
     splice_read: Callable[[int, int, int], int] | None = field(init=False)
+    # io_uring's plan for a write or a flush, if the driver has a descriptor for it.
+    uring_write: Callable[[Sequence[Buffer], bool], tuple[int, Sequence[Buffer], int] | None] \
+        | None = field(init=False)
+    uring_flush: Callable[[], int | None] | None = field(init=False)
+    # The driver's allocation map (NBD block status), if it has one.
+    block_status: Callable[[int, int], list[tuple[int, int]]] | None = field(init=False)
     # Every read is zeroes that need no I/O (null-co with read-zeroes): NBD may send holes.
     reads_zeroes: bool = field(init=False)
     # False while a host drive holds no disc (learnt at open and on media change,
@@ -87,6 +96,10 @@ class Node:
             else None
         )
         self.reads_zeroes = isinstance(driver, ZeroReader) and driver.reads_zeroes
+        self.uring_write = driver.uring_write if isinstance(driver, UringTarget) else None
+        self.uring_flush = driver.uring_flush if isinstance(driver, UringTarget) else None
+        self.block_status = (
+            driver.block_status if isinstance(driver, AllocationReporter) else None)
         self.read_now = driver.preadv if driver.memory_backed else self.nowait_read
         self.write_now = driver.pwritev if driver.memory_backed else None
         self.note_medium()

@@ -192,6 +192,21 @@ class SpliceReader(Protocol):
         ...
 
 
+@runtime_checkable
+class UringTarget(Protocol):
+    """A driver whose plain writes and flushes io_uring may run (a descriptor underneath)."""
+
+    def uring_write(
+        self, buffers: Sequence[Buffer], fua: bool
+    ) -> tuple[int, Sequence[Buffer], int] | None:
+        """``(fd, buffers, rw_flags)`` for an io_uring write, or None for :meth:`pwritev`."""
+        ...
+
+    def uring_flush(self) -> int | None:
+        """The fd to fdatasync through io_uring, or None when there is nothing to flush."""
+        ...
+
+
 # Extent flags for block status, as NBD's base:allocation context defines them.
 EXTENT_HOLE = 1  # not allocated: reads as zeroes and takes no space
 EXTENT_ZERO = 2  # reads as zeroes

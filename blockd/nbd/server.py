@@ -34,8 +34,7 @@ from blockd.aio.polling import AdaptivePoll, max_ns_from_env
 from blockd.block.device import Device
 from blockd.block.exports import Export, NbdAddress
 from blockd.block.registry import Registry
-from blockd.devices.base import AllocationReporter
-from blockd.errors import BlockdError, InUse, InvalidArgument, NotFound, Unsupported
+from blockd.errors import BlockdError, InUse, InvalidArgument, NotFound
 from blockd.nbd.constants import CommandFlag, ErrorCode
 from blockd.nbd.errors import NbdProtocolError, errno_to_nbd
 from blockd.nbd.protocol import (
@@ -427,34 +426,16 @@ class _Client(asyncio.Protocol):
             self._finish(conn.reply_error(cookie, _nbd_error(exc)))
 
     def _block_status(self, event: BlockStatus) -> None:
-        """Answer from the driver's allocation map.
+        """Answer from the device's allocation map (Device.submit_block_status)."""
 
-        SEEK_DATA/SEEK_HOLE may have to read file-system metadata from disk, so
-        unless the driver is memory-backed the lookup runs on an I/O worker.
-        """
-        assert self.export is not None
-        node = self.export.device.node
-        driver = node.driver if node is not None else None
-        if not isinstance(driver, AllocationReporter) or node is None:
-            exc = Unsupported("block status is not supported", errno.ENOTSUP)
+        def looked_up(extents: object, exc: BaseException | None) -> None:
+            found = cast(list[tuple[int, int]], extents) if exc is None else []
+            self._block_status_done(event, found, exc)
+
+        try:
+            self._device().submit_block_status(event.offset, event.length, looked_up)
+        except (BlockdError, OSError) as exc:
             self._finish(self.conn.reply_error(event.cookie, _nbd_error(exc)))
-            return
-        if node.driver.memory_backed:
-            try:
-                extents = driver.block_status(event.offset, event.length)
-            except OSError as exc:
-                self._finish(self.conn.reply_error(event.cookie, _nbd_error(exc)))
-                return
-            self._block_status_done(event, extents, None)
-            return
-        node.in_flight += 1  # the driver must not close under the lookup
-
-        def looked_up(extents: list[tuple[int, int]], exc: BaseException | None) -> None:
-            node.in_flight -= 1
-            self._block_status_done(event, extents, exc)
-
-        self.server.registry.workers.submit(
-            driver.block_status, (event.offset, event.length), looked_up)
 
     def _block_status_done(
         self, event: BlockStatus, extents: list[tuple[int, int]], exc: BaseException | None
@@ -671,7 +652,7 @@ class NbdServer:
             can_write_zeroes=writable,
             can_fast_zero=False,
             can_multi_conn=self.max_connections != 1,
-            can_allocation=isinstance(node.driver, AllocationReporter),
+            can_allocation=node.block_status is not None,
             min_block=minimum,
             preferred_block=max(PREFERRED_BLOCK, minimum),
             max_block=MAX_BLOCK,

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from blockd.aio._ring import Ring, UringUnavailable
 from blockd.aio import _ring as _uring
+from blockd.aio._ring import Ring, UringUnavailable
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
