@@ -32,9 +32,10 @@ from blockd.aio.uring import UringIo
 from blockd.aio.workers import IoWorkers
 from blockd.block.node import Node
 from blockd.block.stats import AcctCookie, BlockAcctStats, IoKind
+from blockd.block.tray import Runner, Tray
 from blockd.devices.base import Buffer
-from blockd.errors import InvalidArgument, NoMedium, ReadOnly, Unsupported
-from blockd.events import BlockIoError, EventBus, Resume, Stop
+from blockd.errors import InUse, InvalidArgument, NoMedium, ReadOnly, Unsupported
+from blockd.events import BlockIoError, DeviceTrayMoved, EventBus, Resume, Stop
 
 __all__ = ["ERROR_ACTIONS", "Device", "DeviceKind", "ErrorAction"]
 
@@ -78,10 +79,11 @@ class Device:
         rerror: ErrorAction = "auto",
         werror: ErrorAction = "auto",
         stats: BlockAcctStats | None = None,
+        control: Runner | None = None,
     ) -> None:
         self.id = id
         self.kind: DeviceKind = kind
-        self.node = node
+        self.node: Node | None = None
         self.rerror: ErrorAction = "report" if rerror == "auto" else rerror
         self.werror: ErrorAction = "enospc" if werror == "auto" else werror
         self.tray_open = False
@@ -92,6 +94,9 @@ class Device:
         self.stats = stats if stats is not None else BlockAcctStats()
         self._workers = workers
         self._bus = bus
+        self.tray = Tray(self, control if control is not None else _run_in_default_executor)
+        if node is not None:
+            self.attach(node)
 
     # -- identity -----------------------------------------------------------
 
@@ -115,6 +120,38 @@ class Device:
     def is_available(self) -> bool:
         """Whether a medium is present and reachable (tray closed, a disc in a drive)."""
         return self.node is not None and not self.tray_open and self.node.has_medium
+
+    # -- the medium and the tray (the only writers of this state) -----------------
+
+    def attach(self, node: Node) -> None:
+        """Make a free ``node`` this device's medium."""
+        if node.user is not None:
+            raise InUse(f"Node '{node.name}' is already in use")
+        if self.node is not None:
+            raise InUse(f"Device '{self.id}' already has a medium")
+        node.user = self.id
+        self.node = node
+
+    def detach(self) -> Node | None:
+        """Take the medium out; the node it was (now free), or None."""
+        node, self.node = self.node, None
+        if node is not None:
+            node.user = None
+        return node
+
+    def note_tray(self, tray_open: bool) -> None:
+        """The tray moved (by a command or by the drive itself): record and announce it."""
+        self.tray_open = tray_open
+        self._bus.publish(DeviceTrayMoved(device=self.id, id=self.id, tray_open=tray_open))
+
+    def note_lock(self, locked: bool) -> None:
+        """The medium lock is now ``locked``."""
+        self.locked = locked
+
+    def note_medium(self, node: Node, size: int) -> None:
+        """A host drive's disc changed: its size (0 without a disc) and presence."""
+        node.size = size
+        node.note_medium()
 
     # -- QMP views ------------------------------------------------------------
 
@@ -241,6 +278,8 @@ class Device:
         """Account the outcome, apply the error policy, and tell the requester."""
         node = request.node
         node.in_flight -= 1
+        if not node.in_flight and node.idle_waiters:
+            node.wake_idle()
         if exc is None:
             self.stats.done(cookie)
             if request.written_at >= 0:
@@ -510,6 +549,8 @@ class Device:
 
         def looked_up(extents: object, exc: BaseException | None) -> None:
             node.in_flight -= 1
+            if not node.in_flight and node.idle_waiters:
+                node.wake_idle()
             done(extents, exc)
 
         self._workers.submit(lookup, (offset, length), looked_up)
@@ -538,39 +579,7 @@ class Device:
             self._bus.publish(Resume())
         return True
 
-    # -- awaitable forms (QMP handlers, tests) ------------------------------------
 
-    async def _wait(self, submit: Callable[..., None], *args: object) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-        def done(result: object, exc: BaseException | None) -> None:
-            if future.done():
-                return
-            if exc is None:
-                future.set_result(result)
-            else:
-                future.set_exception(exc)
-
-        submit(*args, done)
-        return await future
-
-    async def pread(self, offset: int, length: int) -> bytearray:
-        """Read ``length`` bytes at ``offset``."""
-        buf: bytearray = await self._wait(self.submit_read, offset, length)
-        return buf
-
-    async def pwrite(self, offset: int, data: Buffer, fua: bool = False) -> None:
-        """Write ``data`` at ``offset`` (``fua``: on stable storage before returning)."""
-        await self._wait(self.submit_write, offset, data, fua)
-
-    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
-        """Zero a range (accounted as a write, like QEMU)."""
-        await self._wait(self.submit_write_zeroes, offset, length, may_unmap)
-
-    async def discard(self, offset: int, length: int) -> None:
-        """Discard a range."""
-        await self._wait(self.submit_discard, offset, length)
-
-    async def flush(self) -> None:
-        """Make completed writes durable."""
-        await self._wait(self.submit_flush)
+async def _run_in_default_executor(fn: Callable[..., Any], *args: object) -> Any:
+    """The tray's runner when none is given: the loop's default executor."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)

@@ -10,6 +10,7 @@ export.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -68,6 +69,8 @@ class Node:
     discard_nb_failed: int = 0
     discard_bytes_ok: int = 0
     in_flight: int = 0  # requests running in the driver now (it must not close under them)
+    # Who waits for in_flight to reach zero (wait_idle); the device wakes them.
+    idle_waiters: list[asyncio.Future[None]] = field(default_factory=list, repr=False)
     # The driver's non-blocking read, if it has one (called on the loop thread).
     nowait_read: Callable[[int, Sequence[memoryview]], int] | None = field(init=False)
     # What the device may call on the loop thread (memory-backed drivers; page-cache reads).
@@ -108,6 +111,28 @@ class Node:
         """Take the driver's cached word on whether a disc is in (drives only)."""
         driver = self.driver
         self.has_medium = driver.medium_present if isinstance(driver, Removable) else True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request runs in the driver (so it can close); False on timeout."""
+        if not self.in_flight:
+            return True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.idle_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            if waiter in self.idle_waiters:
+                self.idle_waiters.remove(waiter)
+        return True
+
+    def wake_idle(self) -> None:
+        """Wake whoever waits in :meth:`wait_idle` (the device calls it at zero in flight)."""
+        waiters, self.idle_waiters = self.idle_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     @property
     def read_only(self) -> bool:

@@ -13,7 +13,9 @@ import contextlib
 import errno
 import os
 import re
+from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import TypeVar
 
 from blockd.aio.workers import IoWorkers
 from blockd.block.device import Device, DeviceKind, ErrorAction
@@ -27,8 +29,12 @@ from blockd.events import BlockExportDeleted, DeviceDeleted, EventBus
 
 __all__ = ["Registry", "check_device_id"]
 
+T = TypeVar("T")
+
 _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 _QOM_PREFIX = "/machine/peripheral/"
+QUIESCE_TIMEOUT = 30.0
+"""Seconds a node's close waits for the requests running in its driver."""
 
 
 def check_device_id(value: str) -> None:
@@ -50,6 +56,10 @@ class Registry:
         self.nodes: dict[str, Node] = {}
         self.devices: dict[str, Device] = {}
         self.exports: dict[str, Export] = {}
+
+    async def run_control(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a control call that may block (open, close, tray) in the control executor."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     # -- nodes ----------------------------------------------------------------
 
@@ -90,7 +100,7 @@ class Registry:
         if not node.monitor_owned and not implicit:
             raise InUse(f"Node {name} is not owned by the monitor")
         del self.nodes[name]
-        await _quiesce(node)
+        await node.wait_idle(QUIESCE_TIMEOUT)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, node.driver.close)
 
@@ -122,9 +132,8 @@ class Registry:
         elif kind == "hd":
             raise InvalidArgument("No drive specified")
         device = Device(id, kind, node, workers=self.workers, bus=self.bus,
-                        rerror=rerror, werror=werror, stats=stats or self.stats_class())
-        if node is not None:
-            node.user = id
+                        rerror=rerror, werror=werror, stats=stats or self.stats_class(),
+                        control=self.run_control)
         self.devices[id] = device
         return device
 
@@ -135,9 +144,7 @@ class Registry:
             if export.device is device:
                 raise InUse(f"Device '{id}' is in use by export '{export.id}'")
         del self.devices[device.id]
-        if device.node is not None:
-            device.node.user = None
-            device.node = None
+        device.detach()
         self.bus.publish(DeviceDeleted(device=device.id, path=device.qom_path))
 
     def find_device(self, *, id: str | None = None, device: str | None = None) -> Device:
@@ -195,8 +202,7 @@ class Registry:
             if id in self.devices:  # the implicit device takes the export's id
                 raise InUse(f"Duplicate device ID '{id}'")
             holder = Device(id, "hd", node, workers=self.workers, bus=self.bus,
-                            stats=self.stats_class())
-            node.user = id
+                            stats=self.stats_class(), control=self.run_control)
             self.devices[id] = holder
         export = Export(id, export_name, description, holder, node_name, writable,
                         writethrough, implicit_device=implicit)
@@ -224,9 +230,7 @@ class Registry:
         if export.implicit_device:
             device = export.device
             self.devices.pop(device.id, None)
-            if device.node is not None:
-                device.node.user = None
-                device.node = None
+            device.detach()
         if announce:
             self.bus.publish(BlockExportDeleted(export.id))
 
@@ -235,22 +239,14 @@ class Registry:
     async def close_all(self) -> None:
         """Detach every device and close every node (used at exit)."""
         for device in self.devices.values():
-            device.node = None
+            device.detach()
         self.devices.clear()
         loop = asyncio.get_running_loop()
         nodes, self.nodes = list(self.nodes.values()), {}
         for node in nodes:
-            await _quiesce(node)
+            await node.wait_idle(QUIESCE_TIMEOUT)
             with contextlib.suppress(OSError):
                 await loop.run_in_executor(self.executor, node.driver.close)
-
-
-async def _quiesce(node: Node, timeout: float = 30.0) -> None:
-    """Wait until no request is running in ``node``'s driver (so its fd can be closed)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while node.in_flight and loop.time() < deadline:
-        await asyncio.sleep(0.005)
 
 
 def _open_node(options: NodeOptions, monitor_owned: bool) -> Node:

@@ -207,13 +207,11 @@ class Daemon:
                 os.unlink(self.config.pidfile)
 
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DRAIN_TIMEOUT
-        while any(n.in_flight for n in self.registry.nodes.values()):
-            if loop.time() > deadline:
-                log.warning("giving up waiting for in-flight I/O")
-                return
-            await asyncio.sleep(0.01)
+        """Wait for the requests still running in drivers, for at most DRAIN_TIMEOUT."""
+        nodes = list(self.registry.nodes.values())
+        idle = await asyncio.gather(*(n.wait_idle(DRAIN_TIMEOUT) for n in nodes))
+        if not all(idle):
+            log.warning("giving up waiting for in-flight I/O")
 
 
 def _write_pidfile(path: str) -> None:

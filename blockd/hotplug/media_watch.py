@@ -25,7 +25,7 @@ import logging
 import os
 from typing import Any
 
-from blockd.block import tray as media
+from blockd.block import media
 from blockd.block.device import Device
 from blockd.block.registry import Registry
 from blockd.errors import BlockdError

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import devio
 import pytest
 
 from blockd.block.device import Device
@@ -137,7 +138,7 @@ async def test_disk_file_reads_only_from_the_page_cache(
     buf = bytearray(4096)
     assert dev.try_read(0, buf) is None  # not cached: it must not wait for the disk here
     assert _counts(dev) == (0, 0, 0, 0, 0, 0, 0, 0, 0)
-    assert await dev.pread(0, 4096) == disk_image.read_bytes()[:4096]  # full path caches it
+    assert await devio.pread(dev, 0, 4096) == disk_image.read_bytes()[:4096]  # full path caches it
     assert dev.try_read(0, buf) == 4096 and buf == disk_image.read_bytes()[:4096]
     assert _counts(dev)[:2] == (2, 8192)
     # Buffered writes to a disk may block: never on the spot.
@@ -161,7 +162,7 @@ async def test_error_declines_then_the_full_path_applies_the_policy(
     assert dev.try_read(0, bytearray(4096)) is None
     assert _counts(dev) == (0, 0, 0, 0, 0, 0, 0, 0, 0) and seen == []
     with pytest.raises(OSError) as info:
-        await dev.pread(0, 4096)
+        await devio.pread(dev, 0, 4096)
     assert info.value.errno == errno.EISDIR
     assert [type(e) for e in seen] == [BlockIoError]
     assert _counts(dev)[4] == 1  # failed once, not twice

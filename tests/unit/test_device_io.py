@@ -7,6 +7,7 @@ import errno
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import devio
 import pytest
 
 from blockd.block.registry import Registry
@@ -27,15 +28,15 @@ async def test_file_io_is_on_disk_and_accounted(registry: Registry, tmp_path: Pa
                                         discard="unmap"))
     dev = registry.add_device("hd", "hd0", "f0")
 
-    await dev.pwrite(4096, b"A" * 8192)
-    await dev.pwrite(65536, b"B" * 512, fua=True)
-    await dev.flush()
+    await devio.pwrite(dev, 4096, b"A" * 8192)
+    await devio.pwrite(dev, 65536, b"B" * 512, fua=True)
+    await devio.flush(dev)
     assert img.read_bytes()[4096:4096 + 8192] == b"A" * 8192
-    assert await dev.pread(4096, 4) == b"AAAA"
-    assert await dev.pread(65536 + 510, 4) == b"BB\0\0"
-    await dev.write_zeroes(4096, 4096)
-    assert await dev.pread(4096, 4096) == b"\0" * 4096
-    await dev.discard(0, 1 << 20)
+    assert await devio.pread(dev, 4096, 4) == b"AAAA"
+    assert await devio.pread(dev, 65536 + 510, 4) == b"BB\0\0"
+    await devio.write_zeroes(dev, 4096, 4096)
+    assert await devio.pread(dev, 4096, 4096) == b"\0" * 4096
+    await devio.discard(dev, 0, 1 << 20)
 
     stats = dev.block_stats()
     s = stats["stats"]
@@ -54,13 +55,13 @@ async def test_invalid_and_failed_requests(registry: Registry, tmp_path: Path) -
                                         read_only=True))
     dev = registry.add_device("hd", "hd0", "n0")
     with pytest.raises(InvalidArgument):
-        await dev.pread(4000, 200)
+        await devio.pread(dev, 4000, 200)
     with pytest.raises(ReadOnly) as info:
-        await dev.pwrite(0, b"x")
+        await devio.pwrite(dev, 0, b"x")
     assert info.value.errno == errno.EPERM
     cd = registry.add_device("cd", "cd0", None)
     with pytest.raises(NoMedium):
-        await cd.pread(0, 512)
+        await devio.pread(cd, 0, 512)
     s = dev.stats.to_qmp()
     assert (s["invalid_rd_operations"], s["invalid_wr_operations"], s["rd_operations"]) == (1, 1, 0)
     assert cd.stats.to_qmp()["failed_rd_operations"] == 1
@@ -79,10 +80,10 @@ async def test_io_error_reports_by_policy(registry: Registry, tmp_path: Path) ->
     bad = os.open(tmp_path, os.O_RDONLY)
     os.dup2(bad, node.driver.fd)  # type: ignore[attr-defined]
     os.close(bad)
-    data = await dev.pread(0, 512)  # ignored: completes as success
+    data = await devio.pread(dev, 0, 512)  # ignored: completes as success
     assert data == b"\0" * 512
     with pytest.raises(OSError):
-        await dev.pwrite(0, b"x" * 512)  # werror=enospc: not ENOSPC -> report
+        await devio.pwrite(dev, 0, b"x" * 512)  # werror=enospc: not ENOSPC -> report
     assert seen == [
         BlockIoError("hd0", "f0", "read", "ignore", False, os.strerror(errno.EISDIR)),
         BlockIoError("hd0", "f0", "write", "report", False, os.strerror(errno.EBADF)),
@@ -100,14 +101,14 @@ async def test_only_successful_writes_raise_wr_highest_offset(
     node = await registry.add_node(NodeOptions(driver="file", node_name="f0",
                                                filename=str(img)))
     dev = registry.add_device("hd", "hd0", "f0", werror="ignore")
-    await dev.pwrite(4096, b"x" * 512)
-    await dev.write_zeroes(8192, 4096)
+    await devio.pwrite(dev, 4096, b"x" * 512)
+    await devio.write_zeroes(dev, 8192, 4096)
     assert node.wr_highest_offset == 8192 + 4096
     import os
     bad = os.open(tmp_path, os.O_RDONLY)  # writes on a directory fd fail (EBADF)
     os.dup2(bad, node.driver.fd)  # type: ignore[attr-defined]
     os.close(bad)
-    await dev.pwrite(32768, b"y" * 512)  # ignored: completes as success
+    await devio.pwrite(dev, 32768, b"y" * 512)  # ignored: completes as success
     s = dev.stats.to_qmp()
     assert (s["failed_wr_operations"], s["wr_operations"]) == (1, 2)
     assert node.wr_highest_offset == 8192 + 4096

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import devio
 import pytest
 from prometheus_client.core import Metric
 from prometheus_client.openmetrics.parser import (
@@ -39,9 +40,9 @@ async def devices(tmp_path: Path) -> list[object]:
     odd.iostatus = "nospace"
     odd.stats.set_histogram(IoKind.READ, [10_000, 2_000_000])
     for _ in range(3):
-        await hd.pwrite(0, b"a" * 4096)
-        await odd.pread(512, 512)
-    await hd.flush()
+        await devio.pwrite(hd, 0, b"a" * 4096)
+        await devio.pread(odd, 512, 512)
+    await devio.flush(hd)
     return list(MetricsSource(registry, DaemonStats()).sample_now().devices)
 
 
@@ -78,7 +79,7 @@ async def test_the_writer_reuses_only_unchanged_devices(tmp_path: Path) -> None:
         return samples(list(parse_text(text)))
 
     first = scrape()
-    await registry.devices["hd1"].pwrite(0, b"z" * 512)
+    await devio.pwrite(registry.devices["hd1"], 0, b"z" * 512)
     second = scrape()
     assert ("blockd_device_written_bytes_total", (("device", "hd1"), ("node", "n1")), 512.0) \
         in second - first

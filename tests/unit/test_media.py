@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import devio
 import pytest
 
-from blockd.block import tray as media
+from blockd.block import media
 from blockd.block.device import Device
 from blockd.block.node import Node
 from blockd.block.registry import Registry
@@ -136,14 +137,14 @@ async def test_reads_fail_with_no_medium_while_the_tray_is_open(
     registry: Registry, tmp_path: Path
 ) -> None:
     cd = await cd_with_file(registry, tmp_path)
-    assert await cd.pread(0, 4) == b"DDDD"
+    assert await devio.pread(cd, 0, 4) == b"DDDD"
     await media.open_tray(registry, cd, "cd0", False)
     assert cd.node is not None  # open tray: still inserted, but unreachable
     with pytest.raises(NoMedium):
-        await cd.pread(0, 4)
+        await devio.pread(cd, 0, 4)
     assert cd.block_stats()["stats"]["failed_rd_operations"] == 1  # type: ignore[index]
     await media.close_tray(registry, cd, "cd0")
-    assert await cd.pread(0, 4) == b"DDDD"
+    assert await devio.pread(cd, 0, 4) == b"DDDD"
 
 
 async def test_locked_tray(registry: Registry, events: list[Event], tmp_path: Path) -> None:
@@ -191,7 +192,7 @@ async def test_remove_and_insert_medium(
     with pytest.raises(InUse, match=r"^Node 'iso1' is already in use$"):
         await media.insert_medium(registry, cd, "iso1")
     await media.close_tray(registry, cd, "cd0")
-    assert await cd.pread(0, 2) == b"EE"
+    assert await devio.pread(cd, 0, 2) == b"EE"
     assert trays(events) == [True, False]  # insert and remove move no tray
 
 
@@ -219,7 +220,7 @@ async def test_change_medium_swaps_in_a_new_image(
     assert trays(events) == [True, False]
     assert cd.node is not None and cd.node.name.startswith("#block")
     assert cd.node.size == 8192 and cd.node.read_only and not cd.node.monitor_owned
-    assert await cd.pread(0, 1) == b"N"
+    assert await devio.pread(cd, 0, 1) == b"N"
     assert registry.nodes["iso0"].user is None
     generated = cd.node.name
     await media.eject(registry, cd, "cd0", False)  # a medium blockd opened goes with it

@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import devio
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
@@ -153,7 +154,7 @@ def devices_in(families: dict[str, Metric]) -> set[str]:
 
 async def test_every_family_has_its_name_type_unit_and_labels(registry: Registry) -> None:
     await add_disk(registry, "hd0")
-    await registry.devices["hd0"].pread(0, 512)  # idle time exists from the first request
+    await devio.pread(registry.devices["hd0"], 0, 512)  # idle time exists from the first request
     registry.add_device("cd", "cd0", None)
     _, prom = collector_for(registry)
     families = await scrape(prom)
@@ -237,17 +238,17 @@ async def test_counters_equal_the_statistics(registry: Registry) -> None:
     name, clock = await add_disk(registry, "hd0")
     dev = registry.devices[name]
     clock.step = 30 * US
-    await dev.pwrite(0, b"A" * 4096)
-    await dev.pwrite(8192, b"B" * 512)
+    await devio.pwrite(dev, 0, b"A" * 4096)
+    await devio.pwrite(dev, 8192, b"B" * 512)
     clock.step = 2 * MS
-    await dev.pread(0, 1024)
-    await dev.flush()
-    await dev.discard(0, 65536)
+    await devio.pread(dev, 0, 1024)
+    await devio.flush(dev)
+    await devio.discard(dev, 0, 65536)
     with pytest.raises(InvalidArgument):
-        await dev.pread(1 << 20, 512)  # beyond the end: invalid
+        await devio.pread(dev, 1 << 20, 512)  # beyond the end: invalid
     cd = registry.add_device("cd", "cd0", None)
     with pytest.raises(NoMedium):
-        await cd.pread(0, 512)  # no medium: failed
+        await devio.pread(cd, 0, 512)  # no medium: failed
     _, prom = collector_for(registry)
     f = await scrape(prom)
     qmp = dev.block_stats()["stats"]
@@ -290,9 +291,9 @@ async def test_counters_never_go_backwards(registry: Registry) -> None:
     previous = counters(await scrape(prom))
     for round_ in range(5):
         for i in range(round_ + 1):
-            await dev.pwrite(i * 512, b"x" * 512)
-            await dev.pread(0, 512)
-        await dev.flush()
+            await devio.pwrite(dev, i * 512, b"x" * 512)
+            await devio.pread(dev, 0, 512)
+        await devio.flush(dev)
         now = counters(await scrape(prom))
         assert set(previous) <= set(now)
         assert all(now[k] >= v for k, v in previous.items())
@@ -314,7 +315,7 @@ async def test_default_histograms_are_cumulative_and_not_in_qmp(registry: Regist
     latencies = [10 * US, 50 * US, 50 * US + 1, 3 * MS, 2 * 10**9, 11 * 10**9]
     for latency in latencies:
         clock.step = latency
-        await dev.pread(0, 512)
+        await devio.pread(dev, 0, 512)
     _, prom = collector_for(registry)
     f = await scrape(prom)
     got = buckets(f, "blockd_device_read_latency_seconds", "hd0")
@@ -344,7 +345,7 @@ async def test_set_boundaries_replace_the_default_buckets(registry: Registry) ->
     dev.stats.set_histogram(IoKind.WRITE, [1_000, 2 * MS])
     for latency in (500, 1_500, 3 * MS, 3 * MS):
         clock.step = latency
-        await dev.pwrite(0, b"z" * 512)
+        await devio.pwrite(dev, 0, b"z" * 512)
     _, prom = collector_for(registry)
     f = await scrape(prom)
     assert buckets(f, "blockd_device_write_latency_seconds", "hd0") == [
@@ -365,7 +366,7 @@ async def test_set_boundaries_replace_the_default_buckets(registry: Registry) ->
 async def test_failed_requests_count_in_histograms(registry: Registry) -> None:
     registry.add_device("cd", "cd0", None, stats=BlockAcctStats(clock=StepClock()))
     with pytest.raises(NoMedium):
-        await registry.devices["cd0"].pread(0, 512)
+        await devio.pread(registry.devices["cd0"], 0, 512)
     _, prom = collector_for(registry)
     f = await scrape(prom)
     assert value(f, "blockd_device_read_latency_seconds_count", device="cd0") == 1

@@ -7,7 +7,7 @@ Property errors use QEMU's texts with the model name in place of QEMU's.
 
 from __future__ import annotations
 
-from blockd.block import tray as media
+from blockd.block import media
 from blockd.block.device import ERROR_ACTIONS
 from blockd.qmp.commands.base import Args, CommandContext, CommandTable
 from blockd.qmp.schema import BOOL, STR, UINT32, Array, Enum, Member, SchemaError, Struct

@@ -6,7 +6,7 @@ device holding a host drive they move the real tray (see blockd/media.py).
 
 from __future__ import annotations
 
-from blockd.block import tray as media
+from blockd.block import media
 from blockd.block.device import Device
 from blockd.qmp.commands.base import Args, CommandContext, CommandTable
 from blockd.qmp.schema import BOOL, STR, Enum, Member, Struct
