@@ -11,6 +11,7 @@ from typing import Any
 
 from blockd.daemon.config import ConfigError, InfoRequested, parse_command_line
 from blockd.daemon.root import Daemon, StartupError
+from blockd.daemon.tuning import Tuning
 
 __all__ = ["main"]
 
@@ -30,9 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="blockd: %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
-    daemon = Daemon(config)
+    tuning = Tuning.from_environ(os.environ)
+    daemon = Daemon(config, tuning)
     try:
-        _event_loop_runner()(_run(daemon, config.default_used))
+        _event_loop_runner(tuning.uvloop)(_run(daemon, config.default_used))
     except StartupError as err:
         print(f"blockd: {err}", file=sys.stderr)
         return 1
@@ -41,9 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
-    """uvloop's runner when uvloop is installed (much less overhead per request), else asyncio's."""
-    if os.environ.get("BLOCKD_EVENT_LOOP") != "asyncio":
+def _event_loop_runner(want_uvloop: bool) -> Callable[[Coroutine[Any, Any, None]], None]:
+    """uvloop's runner when wanted and installed (less overhead per request), else asyncio's."""
+    if want_uvloop:
         try:
             import uvloop
         except ImportError:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 from collections.abc import Callable, Sequence
 
 from blockd.aio._ring import BufferLike, Ring, UringUnavailable
@@ -45,8 +44,6 @@ class UringIo:
     @classmethod
     def create(cls, entries: int = 256) -> UringIo | None:
         """A ring for the running loop, or None where io_uring is not available."""
-        if os.environ.get("BLOCKD_IO_URING") == "0":
-            return None
         try:
             ring = Ring(entries)
         except (UringUnavailable, OSError) as exc:

@@ -23,6 +23,7 @@ from blockd.block.registry import Registry
 from blockd.block.stats import NoAccounting
 from blockd.daemon import sdnotify
 from blockd.daemon.config import DaemonConfig, OptionSpec
+from blockd.daemon.tuning import Tuning
 from blockd.errors import BlockdError
 from blockd.events import EventBus
 from blockd.hotplug.media_watch import MediaWatcher
@@ -60,13 +61,14 @@ def version_info() -> dict[str, object]:
 class Daemon:
     """One blockd instance."""
 
-    def __init__(self, config: DaemonConfig) -> None:
+    def __init__(self, config: DaemonConfig, tuning: Tuning | None = None) -> None:
         self.config = config
+        self.tuning = tuning if tuning is not None else Tuning()
         self.executor = ThreadPoolExecutor(EXECUTOR_THREADS, thread_name_prefix="blockd-ctl")
         self.workers = IoWorkers(IO_THREADS)
         self.bus = EventBus()
         self.registry = Registry(executor=self.executor, bus=self.bus, workers=self.workers)
-        if os.environ.get("BLOCKD_NO_ACCOUNTING") == "1":
+        if not self.tuning.accounting:
             log.warning("BLOCKD_NO_ACCOUNTING=1: I/O statistics are off (benchmarking only)")
             self.registry.stats_class = NoAccounting
         self.table = build_table()
@@ -95,7 +97,7 @@ class Daemon:
     async def start(self) -> None:
         """Apply the configuration and open the listeners; raise StartupError on failure."""
         self._stop = asyncio.Event()
-        self.workers.uring = UringIo.create()
+        self.workers.uring = UringIo.create() if self.tuning.io_uring else None
         self.qmp = QmpServer(self.dispatcher, self.bus, version_info())
         self.metrics_source.qmp = self.qmp
         if self.config.objects:
