@@ -12,7 +12,6 @@ Both read the table below, so names, types, help and units cannot drift apart.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -24,13 +23,10 @@ from prometheus_client.core import (
 )
 
 from blockd.block.stats import DEFAULT_LATENCY_BOUNDARIES_NS, KindStats
-
-if TYPE_CHECKING:
-    from blockd.monitoring.samples import DeviceSample
+from blockd.monitoring.samples import IO_STATUSES, DeviceSample
 
 __all__ = ["IO_STATUSES", "families", "write"]
 
-IO_STATUSES = ("ok", "failed", "nospace")
 _NS = 1e9
 
 Value = int | float | None  # None: the device has no such sample

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Protocol
 
 from blockd import __version__
 from blockd.block.stats import StatsSnapshot
-from blockd.monitoring import device_families as device_metrics
 from blockd.monitoring.daemon_stats import DaemonStats
 
 if TYPE_CHECKING:
@@ -55,7 +54,8 @@ __all__ = ["CHUNK", "IO_STATUSES", "DaemonSample", "DeviceSample", "MetricsSourc
 
 CHUNK = 200
 """Devices copied per turn of the event loop during one scrape."""
-IO_STATUSES = device_metrics.IO_STATUSES
+IO_STATUSES = ("ok", "failed", "nospace")
+"""The values of a device's I/O status (QEMU's BlockDeviceIoStatus)."""
 
 
 
