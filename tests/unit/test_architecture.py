@@ -147,3 +147,33 @@ def test_top_level_is_small_and_every_package_says_what_it_is_for() -> None:
     for init in ROOT.glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text()))
         assert doc and len(doc) > 60, init
+
+
+# A device's and its medium node's state, which only blockd/block/device.py may change.
+DEVICE_STATE = {"tray_open", "locked", "iostatus", "paused", "node", "user", "in_flight", "size",
+                "has_medium"}
+
+
+def test_only_the_device_writes_its_state() -> None:
+    writes = []
+    for module, path in modules().items():
+        if module in ("blockd.block.device", "blockd.block.stats"):  # stats: its own counters
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[ast.expr] = []
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+                targets = [node.target]
+            for target in targets:
+                if (isinstance(target, ast.Attribute) and target.attr in DEVICE_STATE
+                        and _root(target) != "self"):  # an object's own fields are its own
+                    writes.append(f"{module}:{node.lineno} {ast.unparse(target)}")
+    assert writes == []
+
+
+def _root(expr: ast.expr) -> str | None:
+    """The name an attribute or subscript chain starts from (``self`` in ``self.a[k].b``)."""
+    while isinstance(expr, (ast.Attribute, ast.Subscript)):
+        expr = expr.value
+    return expr.id if isinstance(expr, ast.Name) else None
