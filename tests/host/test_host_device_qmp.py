@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import devio
 from conftest import LoopFactory
 from qemu.qmp import QMPClient
 
@@ -47,13 +48,13 @@ async def test_accounting_equals_io_on_a_loop_device(loop_device: LoopFactory) -
     payload = os.urandom(64 << 10)
     writes = [(0, payload), (1 << 20, payload[:4096]), (4 << 20, payload[:12288])]
     for offset, data in writes:
-        await dev.pwrite(offset, data)
-    await dev.pwrite(100, b"unaligned", fua=True)  # read-modify-write path under O_DIRECT
-    await dev.flush()
+        await devio.pwrite(dev, offset, data)
+    await devio.pwrite(dev, 100, b"unaligned", fua=True)  # read-modify-write path under O_DIRECT
+    await devio.flush(dev)
     reads = [(0, 64 << 10), (1 << 20, 4096), ((4 << 20) + 1, 5)]
-    got = [await dev.pread(o, n) for o, n in reads]
-    await dev.write_zeroes(1 << 20, 4096)
-    await dev.discard(6 << 20, 1 << 20)
+    got = [await devio.pread(dev, o, n) for o, n in reads]
+    await devio.write_zeroes(dev, 1 << 20, 4096)
+    await devio.discard(dev, 6 << 20, 1 << 20)
 
     # What the loop device itself returns, read around blockd.
     fd = os.open(loop.path, os.O_RDONLY)

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import devio
 import pytest
 
 from blockd.aio.uring import UringIo
@@ -53,9 +54,9 @@ async def test_io_uring_route(image: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert not node.driver.memory_backed
     device = registry.add_device("hd", "hd0", "f0")
     payload = os.urandom(64 * 1024)
-    await device.pwrite(4096, payload)
-    await device.pwrite(MiB, b"F" * 4096, fua=True)
-    await device.flush()
+    await devio.pwrite(device, 4096, payload)
+    await devio.pwrite(device, MiB, b"F" * 4096, fua=True)
+    await devio.flush(device)
     assert seen == [("writev", 0), ("writev", os.RWF_DSYNC), ("fsync", 1)]
     data = image.read_bytes()
     assert data[4096:4096 + len(payload)] == payload and data[MiB:MiB + 4096] == b"F" * 4096
@@ -66,7 +67,7 @@ async def test_io_uring_route(image: Path, monkeypatch: pytest.MonkeyPatch) -> N
     os.dup2(ro_fd, node.driver.fd)  # type: ignore[attr-defined]
     os.close(ro_fd)
     with pytest.raises(OSError) as info:
-        await device.pwrite(0, b"x" * 512)
+        await devio.pwrite(device, 0, b"x" * 512)
     assert info.value.errno == 9  # EBADF, from the kernel through the ring
     assert device.stats.to_qmp()["failed_wr_operations"] == 1
     await registry.close_all()
@@ -88,9 +89,9 @@ async def test_a_broken_ring_fails_waiting_requests_and_falls_back(
 
     monkeypatch.setattr(uring._ring, "submit", refuse)
     with pytest.raises(OSError) as info:
-        await device.pwrite(0, b"a" * 4096)  # queued on the ring when it broke
+        await devio.pwrite(device, 0, b"a" * 4096)  # queued on the ring when it broke
     assert info.value.errno == 9
-    await device.pwrite(8192, b"b" * 4096)  # the next one goes to the worker threads
+    await devio.pwrite(device, 8192, b"b" * 4096)  # the next one goes to the worker threads
     assert image.read_bytes()[8192:12288] == b"b" * 4096
     await registry.close_all()
     monkeypatch.undo()
