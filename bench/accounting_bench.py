@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""Micro-benchmark: what I/O accounting costs per request (``blockd/stats.py``).
+"""Micro-benchmark: what I/O accounting costs per request (``blockd/block/stats.py``).
 
-Times ``start()`` + ``done()`` on one :class:`~blockd.stats.BlockAcctStats`, the pair
+Times ``start()`` + ``done()`` on one :class:`~blockd.block.stats.BlockAcctStats`, the pair
 every request pays on the hot path, in a few configurations:
 
 * ``plain``: a device as created (no QMP histogram, no timed intervals);
 * ``histogram``: with a QMP-set latency histogram (block-latency-histogram-set);
 * ``intervals``: with one timed-statistics interval;
-* ``noacct``: :class:`~blockd.stats.NoAccounting` (``BLOCKD_NO_ACCOUNTING=1``);
+* ``noacct``: :class:`~blockd.block.stats.NoAccounting` (``BLOCKD_NO_ACCOUNTING=1``);
 * ``empty``: the loop with two no-op calls, to subtract the harness's own cost.
 
 Each figure is the best of ``--repeats`` runs of ``--requests`` requests, in nanoseconds

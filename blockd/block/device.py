@@ -1,7 +1,7 @@
 """Devices: the named front ends that carry a medium (QEMU's BlockBackend + device).
 
 A :class:`Device` is what users name in commands, events and metrics.  It holds
-at most one :class:`~blockd.node.Node` as its medium and carries the state that
+at most one :class:`~blockd.block.node.Node` as its medium and carries the state that
 belongs to the front end rather than the backing: the tray and the medium lock
 (``cd`` devices), the I/O status, the error policy (``rerror``/``werror``) and
 the I/O accounting.
@@ -45,7 +45,7 @@ ERROR_ACTIONS = ("auto", "report", "ignore", "enospc", "stop")
 
 Done = Callable[[Any, BaseException | None], None]
 
-# Large reads go through pipes (blockd.pipes) unless BLOCKD_SPLICE=0 (for comparisons).
+# Large reads go through pipes (blockd.aio.pipes) unless BLOCKD_SPLICE=0 (for comparisons).
 SPLICE = os.environ.get("BLOCKD_SPLICE") != "0"
 
 
@@ -415,7 +415,7 @@ class Device:
         than ``length`` (the first ``length`` bytes are the data); the caller
         gives it back to the pool when it no longer needs it.  With ``pipes``,
         large reads from a driver that can splice arrive as a
-        :class:`~blockd.pipes.Pipe` holding exactly ``length`` bytes (by
+        :class:`~blockd.aio.pipes.Pipe` holding exactly ``length`` bytes (by
         reference, not copied); the caller sends it and puts it back.
         """
         node = self._medium(IoKind.READ)

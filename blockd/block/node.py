@@ -76,7 +76,7 @@ class Node:
     # What the device may call on the loop thread (memory-backed drivers; page-cache reads).
     read_now: Callable[[int, Sequence[memoryview]], int] | None = field(init=False)
     write_now: Callable[..., int] | None = field(init=False)
-    # The driver's zero-copy read into a pipe, if it has one (see blockd.pipes).
+    # The driver's zero-copy read into a pipe, if it has one (see blockd.aio.pipes).
     splice_read: Callable[[int, int, int], int] | None = field(init=False)
     # io_uring's plan for a write or a flush, if the driver has a descriptor for it.
     uring_write: Callable[[Sequence[Buffer], bool], tuple[int, Sequence[Buffer], int] | None] \

@@ -1,13 +1,13 @@
 """Daemon-wide counters that no other object keeps: QMP commands, hotplug events, start time.
 
 Everything else the metrics report is read from where it already lives: device
-statistics from each device's :class:`~blockd.stats.BlockAcctStats`, open and
+statistics from each device's :class:`~blockd.block.stats.BlockAcctStats`, open and
 accepted QMP sessions from the QMP server, NBD connections from the NBD server,
 exports and devices from the registry.  This object only holds what would
 otherwise not be counted at all.
 
 Like the rest of the daemon's state it is updated and read on the event loop
-thread only; the metrics collector copies it there (see :mod:`blockd.metrics`).
+thread only; the metrics collector copies it there (see :mod:`blockd.monitoring`).
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ class MetricsServer:
     default, OpenMetrics when the ``Accept`` header asks for it; gzip when
     ``Accept-Encoding`` allows it).  The daemon's registry gives the daemon
     and ``process_*`` families; the per-device families, nearly all of a large
-    scrape, are written directly by :mod:`blockd.device_metrics` from the same
+    scrape, are written directly by :mod:`blockd.monitoring.device_families` from the same
     sample.  ``/`` shows a link to ``/metrics``; every other path is 404.
     """
 

@@ -102,7 +102,7 @@ async def test_enospc_stops_holds_and_cont_retries(small_tmpfs: Path,
 async def test_eio_on_read(failing_file: FailingFile, blockd_factory: BlockdFactory,
                            tmp_path: Path, policy: str, length: int) -> None:
     # failing_file comes first so that it is torn down after blockd has closed it.
-    # 1 MiB reads go through a pipe (blockd.pipes): the policies apply the same.
+    # 1 MiB reads go through a pipe (blockd.aio.pipes): the policies apply the same.
     nbd = libnbd()
     d, sock = start(blockd_factory, tmp_path, failing_file.path, f"rerror={policy}")
     qmp = await d.client()

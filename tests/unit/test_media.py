@@ -1,4 +1,4 @@
-"""Tray, lock and medium operations (blockd/media.py) with QEMU's rules and events.
+"""Tray, lock and medium operations (blockd/block/media.py) with QEMU's rules and events.
 
 Virtual trays run on real file nodes.  Host-drive behaviour runs on a fake drive
 here (the layer under test is the one above the driver); the real drive is

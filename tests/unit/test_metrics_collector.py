@@ -1,4 +1,4 @@
-"""The Prometheus collector (blockd/metrics.py) against a real Registry of null-co devices.
+"""The Prometheus collector (blockd/monitoring/) against a real Registry of null-co devices.
 
 No HTTP here: the collector is driven as the HTTP thread drives it (``collect()`` from
 another thread while the event loop runs) and as the loop itself may (``sample()``).

@@ -1,4 +1,4 @@
-"""The arithmetic of adaptive polling (blockd/nbd/polling.py)."""
+"""The arithmetic of adaptive polling (blockd/aio/polling.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for blockd.stats: QEMU's block accounting rules, driven by a fake clock."""
+"""Tests for blockd.block.stats: QEMU's block accounting rules, driven by a fake clock."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Removable-media commands: QEMU's eject, tray and medium commands, and blockd-lock-medium.
 
 Arguments, replies, error texts and events are QEMU's (docs/qmp.md); on a
-device holding a host drive they move the real tray (see blockd/media.py).
+device holding a host drive they move the real tray (see blockd/block/media.py).
 """
 
 from __future__ import annotations
