@@ -147,10 +147,8 @@ _NR_IO_URING_ENTER: Final = 426
 _NR_IO_URING_REGISTER: Final = 427
 
 # Opcodes (enum io_uring_op).
-_IORING_OP_READV: Final = 1
 _IORING_OP_WRITEV: Final = 2
 _IORING_OP_FSYNC: Final = 3
-_IORING_OP_FALLOCATE: Final = 17
 
 _IORING_FSYNC_DATASYNC: Final = 1 << 0
 
@@ -174,7 +172,6 @@ _IORING_OFF_CQ_RING: Final = 0x8000000
 _IORING_OFF_SQES: Final = 0x10000000
 
 _PyBUF_SIMPLE: Final = 0
-_PyBUF_WRITABLE: Final = 0x0001
 
 _U32: Final = 0xFFFFFFFF
 _U64: Final = 0xFFFFFFFFFFFFFFFF
@@ -676,17 +673,6 @@ class Ring:
         if slot >= 0:
             self._free_slots.append(slot)
 
-    def prep_readv(
-        self, fd: int, buffers: Sequence[bytearray | memoryview], offset: int, user_data: int
-    ) -> bool:
-        """Queue ``preadv(fd, buffers, offset)``; False when the ring is full.
-
-        Buffers must be writable (BufferError otherwise) and C-contiguous.  They are
-        pinned until the completion is reaped.  ``res`` is the byte count or -errno.
-        ``user_data`` (0 <= user_data < 2**64) must not be in use by another request.
-        """
-        return self._prep_rw(_IORING_OP_READV, fd, buffers, offset, user_data, 0, _PyBUF_WRITABLE)
-
     def prep_writev(
         self, fd: int, buffers: Sequence[BufferLike], offset: int, user_data: int, rw_flags: int = 0
     ) -> bool:
@@ -706,20 +692,6 @@ class Ring:
             return False
         flags = _IORING_FSYNC_DATASYNC if datasync else 0
         self._push(_IORING_OP_FSYNC, fd, 0, 0, 0, flags, user_data, _NO_BUFFERS)
-        return True
-
-    def prep_fallocate(self, fd: int, mode: int, offset: int, length: int, user_data: int) -> bool:
-        """Queue ``fallocate(fd, mode, offset, length)``; False when the ring is full.
-
-        ``mode`` takes ``FALLOC_FL_*`` bits (see :mod:`blockd.devices.posix`), e.g.
-        ``PUNCH_HOLE | KEEP_SIZE`` to discard or ``ZERO_RANGE`` to write zeroes.
-        """
-        if self._full(user_data):
-            return False
-        if offset < 0 or length < 0:
-            raise ValueError(f"bad fallocate range offset={offset} length={length}")
-        # The kernel takes the length from sqe->addr and the mode from sqe->len.
-        self._push(_IORING_OP_FALLOCATE, fd, offset, length, mode, 0, user_data, _NO_BUFFERS)
         return True
 
     # -- submitting and reaping ---------------------------------------------------------
