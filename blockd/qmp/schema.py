@@ -7,21 +7,18 @@ that), its type annotation says what the member holds, and a field with a
 default is optional (``None`` when the handler must tell "not given" apart,
 else QEMU's default).  Annotations map to QMP types like this:
 
-==========================================  =========================================
-``str``, ``bool``, ``int``, ``float``       string, boolean, int64, number
-``object``                                  any JSON value, unchecked
-``Uint16``, ``Uint32``, ``Uint64``, ``Size``  sized integers (``Annotated[int, ...]``)
-``Literal["a", "b"]``                       an enum
-``tuple[T, ...]``                           an array of T
-a dataclass                                 a struct (an object with those members)
-``Annotated[A | B, Union("tag")]``          a flat union: ``A`` and ``B`` share a base
-                                            dataclass whose ``tag`` field is a
-                                            ``Literal`` of every value; each branch
-                                            narrows it to its own values
-``Annotated[A | B, Union("type", simple=True)]``  a legacy union, ``{"type": T, "data": {...}}``
-``T | None``                                the same as ``T`` (JSON ``null`` is refused);
-                                            only for fields with a default
-==========================================  =========================================
+- ``str``, ``bool``, ``int``, ``float``: string, boolean, int64, number;
+  ``object``: any JSON value, unchecked;
+- ``Uint16``, ``Uint32``, ``Uint64``, ``Size``: sized integers (``Annotated[int, ...]``);
+- ``Literal["a", "b"]``: an enum;
+- ``tuple[T, ...]``: an array of T;
+- a dataclass: a struct (an object with those members);
+- ``Annotated[A | B, Discriminator("tag")]``: a flat union.  ``A`` and ``B`` derive
+  from a base dataclass whose ``tag`` field is a ``Literal`` of every tag; each branch
+  narrows ``tag`` to its own tags and adds its members.  The result is the branch;
+- ``Annotated[A | B, Discriminator("type", legacy=True)]``: the same branches in QEMU's
+  legacy form ``{"type": tag, "data": {members}}`` (the base holds only the tag);
+- ``T | None``: the same as ``T`` (JSON ``null`` is refused), for fields with a default.
 
 :func:`compile_type` turns an annotation into a :class:`Type` once; :meth:`Type.check`
 walks a JSON value against it the way QEMU's QObject input visitor does, visiting
@@ -55,6 +52,7 @@ __all__ = [
     "UINT32",
     "UINT64",
     "Array",
+    "Discriminator",
     "Enum",
     "Member",
     "SchemaError",
@@ -64,7 +62,6 @@ __all__ = [
     "Uint16",
     "Uint32",
     "Uint64",
-    "Union",
     "compile_type",
     "given_members",
     "qmp_name",
@@ -274,16 +271,16 @@ class Member:
 
 
 @dataclass(frozen=True, slots=True)
-class Union:
-    """Marks a union of dataclasses in ``Annotated[A | B, Union("tag")]``.
+class Discriminator:
+    """Marks a union of dataclasses: ``Annotated[A | B, Discriminator("tag")]``.
 
-    ``discriminator`` is the field (and member) whose value picks the branch.
-    ``simple`` selects QEMU's legacy form ``{"type": tag, "data": {members}}``,
-    where the tag is not among the data's members.
+    ``name`` is the field (and member) whose value picks the branch.  ``legacy``
+    selects QEMU's legacy form ``{"type": tag, "data": {members}}``, where the tag
+    is not among the data's members.
     """
 
-    discriminator: str
-    simple: bool = False
+    name: str
+    legacy: bool = False
 
 
 def _mapping(type_: Type, value: object, path: str) -> Mapping[str, object]:
@@ -360,7 +357,7 @@ class _FlatUnion(Type):
         return branch.cls(**fields)
 
 
-class _SimpleUnion(Type):
+class _LegacyUnion(Type):
     """QEMU's legacy union: ``{"type": T, "data": {...}}`` with the branch's members in data."""
 
     json_name = "object"
@@ -370,7 +367,7 @@ class _SimpleUnion(Type):
         base = _common_base(branches)
         base_members = _members_of(base)
         if [m.field for m in base_members] != [discriminator]:
-            raise TypeError(f"{base.__name__}: a simple union's base holds only the tag")
+            raise TypeError(f"{base.__name__}: a legacy union's base holds only the tag")
         self.branches = _branches(discriminator, base, branches)
         self.tag = Enum(*self.branches)
 
@@ -413,7 +410,7 @@ def _without_none(annotation: object, optional: bool, where: str) -> object:
     if not optional:
         raise TypeError(f"{where}: a member that may be None needs a default")
     if len(rest) != 1:
-        raise TypeError(f"{where}: a union needs Annotated[..., Union(tag)]")
+        raise TypeError(f"{where}: a union needs Annotated[..., Discriminator(tag)]")
     return rest[0]
 
 
@@ -485,11 +482,11 @@ def _compile(annotation: object) -> Type:
         for item in metadata:
             if isinstance(item, Type):
                 return item
-            if isinstance(item, Union):
+            if isinstance(item, Discriminator):
                 if not _is_union(inner):
-                    raise TypeError(f"{annotation!r}: Union() marks a union of dataclasses")
-                kind = _SimpleUnion if item.simple else _FlatUnion
-                return kind(item.discriminator, get_args(inner))
+                    raise TypeError(f"{annotation!r}: Discriminator marks a union of dataclasses")
+                kind = _LegacyUnion if item.legacy else _FlatUnion
+                return kind(item.name, get_args(inner))
         return compile_type(inner)
     if origin is Literal:
         if not all(isinstance(value, str) for value in args):
@@ -500,7 +497,7 @@ def _compile(annotation: object) -> Type:
     if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         return Struct(annotation)
     if _is_union(annotation):
-        raise TypeError(f"{annotation!r}: a union needs Annotated[..., Union(tag)]")
+        raise TypeError(f"{annotation!r}: a union needs Annotated[..., Discriminator(tag)]")
     raise TypeError(f"{annotation!r} has no QMP type")
 
 

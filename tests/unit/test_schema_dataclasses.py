@@ -10,10 +10,10 @@ import pytest
 
 from blockd.qmp.commands import CommandContext, CommandTable, NoArgs
 from blockd.qmp.schema import (
+    Discriminator,
     SchemaError,
     Size,
     Uint16,
-    Union,
     compile_type,
     given_members,
     qmp_name,
@@ -56,7 +56,7 @@ class Null(Base):
     size: int = 0
 
 
-Device = Annotated[Disk | Null, Union("kind")]
+Device = Annotated[Disk | Null, Discriminator("kind")]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,7 +80,7 @@ class Inet(Tag):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Server:
     device: Device
-    addr: Annotated[Unix | Inet, Union("type", simple=True)]
+    addr: Annotated[Unix | Inet, Discriminator("type", legacy=True)]
     devices: tuple[Device, ...] = ()
 
 
@@ -235,10 +235,10 @@ class OnlyDisk(Base):
     (NoneWithoutDefault, "may be None needs a default"),
     (BareUnion, "a union needs Annotated"),
     (NumericEnum, "enum values are strings"),
-    (Annotated[OnlyDisk | Null, Union("kind")], "union tags"),
-    (Annotated[Disk | Null | Tape, Union("kind")], "has two branches"),
-    (Annotated[Unix | Disk, Union("type")], "no common dataclass base"),
-    (Annotated[Disk | Null, Union("kind", simple=True)], "base holds only the tag"),
+    (Annotated[OnlyDisk | Null, Discriminator("kind")], "union tags"),
+    (Annotated[Disk | Null | Tape, Discriminator("kind")], "has two branches"),
+    (Annotated[Unix | Disk, Discriminator("type")], "no common dataclass base"),
+    (Annotated[Disk | Null, Discriminator("kind", legacy=True)], "base holds only the tag"),
     (complex, "has no QMP type"),
 ])
 def test_meaningless_declarations(annotation: object, message: str) -> None:

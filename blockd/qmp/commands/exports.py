@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from blockd.block.exports import NbdAddress
 from blockd.errors import InvalidArgument, NotFound, Unsupported
 from blockd.qmp.commands.base import CommandContext, CommandTable, NoArgs
-from blockd.qmp.schema import Uint32, Union
+from blockd.qmp.schema import Discriminator, Uint32
 
 __all__ = [
     "BlockExportOptions",
@@ -71,9 +71,9 @@ class InetSocketAddress(SocketAddressBase):
     mptcp: bool | None = None
 
 
-SocketAddress = Annotated[UnixSocketAddress | InetSocketAddress, Union("type")]
+SocketAddress = Annotated[UnixSocketAddress | InetSocketAddress, Discriminator("type")]
 SocketAddressLegacy = Annotated[
-    UnixSocketAddress | InetSocketAddress, Union("type", simple=True)
+    UnixSocketAddress | InetSocketAddress, Discriminator("type", legacy=True)
 ]
 
 

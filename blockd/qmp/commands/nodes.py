@@ -18,7 +18,7 @@ from typing import Annotated, Literal, TypeVar
 from blockd.devices.base import NodeOptions
 from blockd.errors import InvalidArgument, Unsupported
 from blockd.qmp.commands.base import CommandContext, CommandTable
-from blockd.qmp.schema import Uint64, Union, given_members
+from blockd.qmp.schema import Discriminator, Uint64, given_members
 
 __all__ = [
     "SUPPORTED_DRIVERS",
@@ -85,7 +85,7 @@ class NullOptions(BlockdevOptionsBase):
     read_zeroes: bool | None = None
 
 
-BlockdevOptions = Annotated[FileOptions | NullOptions, Union("driver")]
+BlockdevOptions = Annotated[FileOptions | NullOptions, Discriminator("driver")]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
