@@ -13,7 +13,7 @@ QEMU's defaults.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar, get_args
 
 from blockd.devices.base import NodeOptions
 from blockd.errors import InvalidArgument, Unsupported
@@ -36,7 +36,7 @@ __all__ = [
 T = TypeVar("T")
 
 Driver = Literal["file", "host_cdrom", "host_device", "null-co", "null-aio"]
-SUPPORTED_DRIVERS: tuple[Driver, ...] = ("file", "host_cdrom", "host_device", "null-co", "null-aio")
+SUPPORTED_DRIVERS: tuple[Driver, ...] = get_args(Driver)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
