@@ -20,6 +20,10 @@ Values of ``--blockdev``, ``--device``, ``--nbd-server`` and ``--export`` are ke
 QMP schema must coerce) or from JSON/TOML (already typed).  This module checks syntax,
 the chardev/monitor wiring and blockd's own ``--device``; the argument schemas of
 ``blockdev-add`` and friends are checked when the daemon applies the options.
+``--monitor`` is QEMU's MonitorOptions, declared as a dataclass and checked by the QMP
+schema (:mod:`blockd.qmp.schema`), so its texts are QEMU's.  The rest is checked by hand
+on purpose: ``--chardev`` is QemuOpts (flat, bare flags), the TOML tables have blockd's
+own texts, and ``--device`` checks only its model and id here (device_add checks the rest).
 
 Every problem raises :class:`ConfigError` whose message is one line that names the
 option, e.g. ``--monitor chardev=mon0: chardev "mon0" not found``.
@@ -39,10 +43,11 @@ import tomllib
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import NoReturn
+from typing import Literal, NoReturn
 
 from blockd import __version__
 from blockd.qmp.keyval import KeyvalError, parse_option, parse_qemu_opts
+from blockd.qmp.schema import SchemaError, validate
 
 __all__ = [
     "DEFAULT_CONFIG_TOML",
@@ -498,39 +503,32 @@ def _port(name: str, text: str) -> int:
     return int(text)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _MonitorOptions:
+    """``--monitor``: QEMU's MonitorOptions, checked by the QMP schema (QEMU's texts)."""
+
+    id: str | None = None
+    mode: Literal["readline", "control"] = "control"
+    pretty: bool = False
+    chardev: str
+
+
 def _monitor_listener(builder: _Builder, value: str) -> QmpListener:
     """Resolve a ``--monitor`` against the chardevs defined before it."""
     try:
         args, from_keyval = parse_option(value, "chardev")
-    except KeyvalError as exc:
+        options = validate(_MonitorOptions, args, keyval=from_keyval)
+    except (KeyvalError, SchemaError) as exc:
         raise _OptionError(str(exc)) from None
-    for key in args:
-        if key not in {"chardev", "mode", "pretty", "id"}:
-            raise _OptionError(f"Parameter '{key}' is unexpected")
-    chardev_id = args.get("chardev")
-    if chardev_id is None:
-        raise _OptionError("Parameter 'chardev' is missing")
-    if not isinstance(chardev_id, str):
-        raise _OptionError("Invalid parameter type for 'chardev', expected: string")
-    mode = args.get("mode", "control")
-    if mode == "readline":
+    if options.mode == "readline":
         raise _OptionError("Only QMP is supported")
-    if mode != "control":
-        raise _OptionError(f"Parameter 'mode' does not accept value '{mode}'")
-    pretty_value = args.get("pretty", False)
-    if from_keyval and isinstance(pretty_value, str):
-        pretty = _qemu_bool("pretty", pretty_value)
-    elif isinstance(pretty_value, bool):
-        pretty = pretty_value
-    else:
-        raise _OptionError("Invalid parameter type for 'pretty', expected: boolean")
-    chardev = builder.chardevs.get(chardev_id)
+    chardev = builder.chardevs.get(options.chardev)
     if chardev is None:
-        raise _OptionError(f'chardev "{chardev_id}" not found')
-    if chardev_id in builder.used_chardevs:
-        raise _OptionError(f'chardev "{chardev_id}" is already used by another monitor')
-    builder.used_chardevs.add(chardev_id)
-    return QmpListener(chardev.path, chardev.host, chardev.port, pretty)
+        raise _OptionError(f'chardev "{options.chardev}" not found')
+    if options.chardev in builder.used_chardevs:
+        raise _OptionError(f'chardev "{options.chardev}" is already used by another monitor')
+    builder.used_chardevs.add(options.chardev)
+    return QmpListener(chardev.path, chardev.host, chardev.port, options.pretty)
 
 
 def _parse_seconds(value: str) -> float:

@@ -33,9 +33,9 @@ from blockd.monitoring.http import MetricsServer
 from blockd.monitoring.samples import MetricsSource
 from blockd.nbd.server import NbdServer
 from blockd.qmp.commands import CommandContext, build_table
-from blockd.qmp.commands.exports import NBD_SERVER_OPTIONS, address_from_args, start_server
+from blockd.qmp.commands.exports import NbdServerOptions, start_server
 from blockd.qmp.dispatch import Dispatcher
-from blockd.qmp.schema import SchemaError
+from blockd.qmp.schema import SchemaError, validate
 from blockd.qmp.server import QmpServer
 
 __all__ = ["QEMU_VERSION", "Daemon", "StartupError", "version_info"]
@@ -145,10 +145,8 @@ class Daemon:
     async def _start_nbd(self, spec: OptionSpec) -> None:
         """--nbd-server: qemu-storage-daemon's flat socket address form."""
         try:
-            args = NBD_SERVER_OPTIONS.check(dict(spec.args), "", spec.from_keyval)
-            addr = args["addr"]
-            assert isinstance(addr, dict)
-            await start_server(self.context, args, address_from_args(addr))
+            args = validate(NbdServerOptions, spec.args, keyval=spec.from_keyval)
+            await start_server(self.context, args)
         except (SchemaError, BlockdError) as err:
             raise StartupError(f"--nbd-server: {err}") from None
 

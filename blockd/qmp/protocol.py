@@ -31,9 +31,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal, get_args
 
 from blockd.qmp.message import JsonStreamParser, ParseError, encode
+from blockd.qmp.schema import SchemaError, validate
 
 __all__ = [
     "KNOWN_CAPABILITIES",
@@ -83,8 +84,16 @@ class Send:
 Action = Execute | Send
 
 QMP_CAPABILITIES: Final = "qmp_capabilities"
-# Every capability QEMU 7.2 knows.
-KNOWN_CAPABILITIES: Final = ("oob",)
+# Every capability QEMU 7.2 knows (QMPCapability).
+Capability = Literal["oob"]
+KNOWN_CAPABILITIES: Final = get_args(Capability)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _CapabilitiesArgs:
+    """qmp_capabilities's arguments: the capabilities to enable."""
+
+    enable: tuple[Capability, ...] = ()
 
 
 class _Refused(Exception):
@@ -100,24 +109,12 @@ def _generic(desc: str) -> _Refused:
     return _Refused("GenericError", desc)
 
 
-def _requested_capabilities(arguments: Mapping[str, object]) -> list[str]:
-    """Validate qmp_capabilities's arguments (``enable``: [QMPCapability], optional)."""
-    enable: list[str] = []
-    if "enable" in arguments:
-        items = arguments["enable"]
-        if not isinstance(items, list):
-            raise _generic("Invalid parameter type for 'enable', expected: array")
-        for index, item in enumerate(items):
-            if not isinstance(item, str):
-                raise _generic(f"Invalid parameter type for 'enable[{index}]', expected: string")
-            if item not in KNOWN_CAPABILITIES:
-                # QEMU names list elements 'null' in this message.
-                raise _generic(f"Parameter 'null' does not accept value '{item}'")
-            enable.append(item)
-    for name in arguments:
-        if name != "enable":
-            raise _generic(f"Parameter '{name}' is unexpected")
-    return enable
+def _requested_capabilities(arguments: Mapping[str, object]) -> tuple[Capability, ...]:
+    """Validate qmp_capabilities's arguments with the schema (QEMU's texts)."""
+    try:
+        return validate(_CapabilitiesArgs, arguments).enable
+    except SchemaError as err:
+        raise _generic(str(err)) from None
 
 
 class QmpSession:

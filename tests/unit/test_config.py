@@ -511,6 +511,11 @@ def test_duplicate_chardev_id() -> None:
             "Invalid parameter type for 'pretty', expected: boolean",
         ),
         ("c0,a", "Expected '=' after parameter 'a'"),
+        # QEMU's MonitorOptions, member by member in its order: id, mode, pretty, chardev.
+        ('{"chardev": "c0", "id": 1}', "Invalid parameter type for 'id', expected: string"),
+        ('{"chardev": "c0", "mode": 1}', "Invalid parameter type for 'mode', expected: string"),
+        ("mode=chatty,colour=red", "Parameter 'mode' does not accept value 'chatty'"),
+        ("pretty=on,colour=red", "Parameter 'chardev' is missing"),
     ],
 )
 def test_monitor_errors(monitor: str, message: str) -> None:

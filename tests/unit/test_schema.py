@@ -5,11 +5,21 @@ from __future__ import annotations
 import pytest
 
 from blockd.qmp.commands import build_table
-from blockd.qmp.commands.devices import check_device_args
-from blockd.qmp.commands.nodes import BLOCKDEV_OPTIONS, node_options
+from blockd.qmp.commands.devices import DeviceAddArgs
+from blockd.qmp.commands.nodes import BlockdevCacheOptions, NullOptions, node_options
 from blockd.qmp.schema import BOOL, INT, SIZE, STR, UINT32, UINT64, Array, Enum, SchemaError
 
 TABLE = build_table()
+
+
+def check_args(command: str, args: dict[str, object], keyval: bool = False) -> object:
+    cmd = TABLE.get(command)
+    assert cmd is not None
+    return cmd.check_args(args, keyval)
+
+
+def check_device_args(args: dict[str, object]) -> object:
+    return check_args("device_add", args)
 
 
 def error_of(command: str, args: dict[str, object], keyval: bool = False) -> str:
@@ -57,11 +67,13 @@ def test_blockdev_add_members_in_declaration_order() -> None:
 
 
 def test_keyval_strings_are_converted() -> None:
-    args = BLOCKDEV_OPTIONS.check(
+    args = check_args(
+        "blockdev-add",
         {"driver": "null-co", "node-name": "n", "size": "4096", "read-zeroes": "on",
-         "cache": {"direct": "off"}}, "", keyval=True)
-    assert args == {"driver": "null-co", "node-name": "n", "size": 4096,
-                    "read-zeroes": True, "cache": {"direct": False}}
+         "cache": {"direct": "off"}}, keyval=True)
+    assert args == NullOptions(driver="null-co", node_name="n", size=4096,
+                               read_zeroes=True, cache=BlockdevCacheOptions(direct=False))
+    assert isinstance(args, NullOptions)
     opts = node_options(args)
     assert (opts.size, opts.read_zeroes, opts.cache_direct) == (4096, True, False)
 
@@ -98,7 +110,7 @@ def test_scalars_accept_their_range() -> None:
 
 
 def test_device_add_properties() -> None:
-    assert check_device_args({"driver": "cd", "id": "cd0"}) == {"driver": "cd", "id": "cd0"}
+    assert check_device_args({"driver": "cd", "id": "cd0"}) == DeviceAddArgs(driver="cd", id="cd0")
     for args, desc in [
         ({"driver": "floppy", "id": "f"}, "'floppy' is not a valid device model name"),
         ({"driver": "hd", "id": "h", "serial": "x"}, "Property 'hd.serial' not found"),

@@ -1,11 +1,15 @@
-"""QMP commands, one module per area, gathered into one table."""
+"""QMP commands, one module per area, gathered into one table.
+
+Each module declares its commands' arguments as frozen dataclasses and registers
+handlers that take them (see :mod:`blockd.qmp.commands.base`).
+"""
 
 from __future__ import annotations
 
 from blockd.qmp.commands import block, control, devices, exports, media, nodes, runstate
-from blockd.qmp.commands.base import Args, Command, CommandContext, CommandTable
+from blockd.qmp.commands.base import Command, CommandContext, CommandTable, NoArgs
 
-__all__ = ["Args", "Command", "CommandContext", "CommandTable", "build_table"]
+__all__ = ["Command", "CommandContext", "CommandTable", "NoArgs", "build_table"]
 
 
 def build_table() -> CommandTable:

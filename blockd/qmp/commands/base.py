@@ -1,24 +1,41 @@
 """The command table: what a command is and how handlers see the daemon.
 
-A :class:`Command` pairs a QMP name with its declared argument type and an
-async handler.  Handlers receive validated arguments (a plain dict keyed by
-QMP member names) and a :class:`CommandContext` giving them the registry and
-the few daemon-level hooks they need.  They return the QMP ``return`` value or
+A command is an async handler registered under its QMP name; the annotation of
+its ``args`` parameter, a frozen dataclass (see :mod:`blockd.qmp.schema`), is
+the declaration of its arguments::
+
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class BlockdevDelArgs:
+        node_name: str                      # QMP member "node-name", required
+
+    @table.command("blockdev-del")
+    async def blockdev_del(ctx: CommandContext, args: BlockdevDelArgs) -> object:
+        await ctx.registry.del_node(args.node_name)
+        return {}
+
+Registration turns that annotation into a validator, so what the client is
+checked against and what mypy checks the handler against are one declaration.
+A command without arguments takes :class:`NoArgs`.  A command whose arguments
+need a check the schema cannot express before the usual one (device_add names
+unknown properties after the device model) adds a ``precheck``.
+
+Handlers also get a :class:`CommandContext` giving them the registry and the
+few daemon-level hooks they need.  They return the QMP ``return`` value or
 raise :class:`~blockd.errors.BlockdError` with QEMU's text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar, get_type_hints
 
 from blockd.block.exports import ExportService
 from blockd.block.registry import Registry
-from blockd.qmp.schema import Struct, Type, Union
+from blockd.qmp.schema import Type, compile_type
 
-__all__ = ["ArgSpec", "Args", "Command", "CommandContext", "CommandTable", "Handler", "Validator"]
-
-Args = dict[str, object]
+__all__ = ["Command", "CommandContext", "CommandTable", "Handler", "NoArgs", "Precheck"]
 
 
 @dataclass
@@ -32,32 +49,46 @@ class CommandContext:
     command_names: Callable[[], Iterable[str]] = lambda: ()
 
 
-Handler = Callable[[CommandContext, Args], Awaitable[object]]
-Validator = Callable[[dict[str, object], bool], Args]
-ArgSpec = Struct | Union | Validator | None
+@dataclass(frozen=True, slots=True)
+class NoArgs:
+    """The arguments of a command that takes none (any member is unexpected)."""
+
+
+# A handler's second parameter is its own arguments dataclass; the table only
+# knows that it gets what the validator built from that parameter's annotation.
+Handler = Callable[[CommandContext, Any], Awaitable[object]]
+H = TypeVar("H", bound=Handler)
+# Checks the raw arguments before the schema does; raises SchemaError.
+Precheck = Callable[[Mapping[str, object]], None]
 
 
 @dataclass(frozen=True)
 class Command:
-    """One QMP command: name, declared arguments (``None`` = takes none) and handler."""
+    """One QMP command: its name, handler and the argument type the handler declares."""
 
     name: str
-    args: ArgSpec
     handler: Handler
+    arguments: Type
+    precheck: Precheck | None = None
     deprecated: bool = False
 
-    def check_args(self, arguments: dict[str, object], keyval: bool = False) -> Args:
-        """Validate ``arguments``; raises SchemaError with QEMU's text.
+    def check_args(self, arguments: Mapping[str, object], keyval: bool = False) -> object:
+        """The handler's arguments dataclass for ``arguments``; raises SchemaError
+        with QEMU's text.  ``keyval``: the values are strings from key=value syntax."""
+        if self.precheck is not None:
+            self.precheck(arguments)
+        return self.arguments.check(arguments, "", keyval)
 
-        ``args`` is a declared type, ``None`` for commands without arguments,
-        or a function for commands that validate in their own way (device_add).
-        """
-        if self.args is None or isinstance(self.args, Type):
-            schema: Type = self.args if self.args is not None else Struct({})
-            checked = schema.check(arguments, "", keyval)
-            assert isinstance(checked, dict)
-            return checked
-        return self.args(arguments, keyval)
+
+def argument_type(handler: Handler) -> Type:
+    """The validator for the annotation of ``handler``'s second parameter (``args``)."""
+    parameters = list(inspect.signature(handler).parameters)
+    if len(parameters) != 2:
+        raise TypeError(f"handler {handler.__name__} must take (ctx, args)")
+    hints = get_type_hints(handler, include_extras=True)
+    if parameters[1] not in hints:
+        raise TypeError(f"handler {handler.__name__}: annotate its arguments")
+    return compile_type(hints[parameters[1]])
 
 
 @dataclass
@@ -67,14 +98,16 @@ class CommandTable:
     commands: dict[str, Command] = field(default_factory=dict)
 
     def command(
-        self, name: str, args: ArgSpec = None, *, deprecated: bool = False
-    ) -> Callable[[Handler], Handler]:
+        self, name: str, *, precheck: Precheck | None = None, deprecated: bool = False
+    ) -> Callable[[H], H]:
         """Decorator registering ``handler`` as QMP command ``name``."""
 
-        def register(handler: Handler) -> Handler:
+        def register(handler: H) -> H:
             if name in self.commands:
                 raise ValueError(f"command {name} registered twice")
-            self.commands[name] = Command(name, args, handler, deprecated)
+            self.commands[name] = Command(
+                name, handler, argument_type(handler), precheck, deprecated
+            )
             return handler
 
         return register

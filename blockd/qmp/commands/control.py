@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from blockd.qmp.commands.base import Args, CommandContext, CommandTable
+from blockd.qmp.commands.base import CommandContext, CommandTable, NoArgs
 
 __all__ = ["register"]
 
 
 def register(table: CommandTable) -> None:
     @table.command("query-version")
-    async def query_version(ctx: CommandContext, args: Args) -> object:
+    async def query_version(ctx: CommandContext, args: NoArgs) -> object:
         return ctx.version
 
     @table.command("query-commands")
-    async def query_commands(ctx: CommandContext, args: Args) -> object:
+    async def query_commands(ctx: CommandContext, args: NoArgs) -> object:
         # qmp_capabilities is handled by the session but is a command all the same.
         return [{"name": "qmp_capabilities"}] + [{"name": n} for n in ctx.command_names()]
 
     @table.command("quit")
-    async def quit_(ctx: CommandContext, args: Args) -> object:
+    async def quit_(ctx: CommandContext, args: NoArgs) -> object:
         ctx.request_quit()
         return {}

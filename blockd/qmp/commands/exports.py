@@ -1,121 +1,188 @@
 """NBD exports: nbd-server-start/-stop, block-export-add/-del, query-block-exports,
 and the deprecated nbd-server-add/-remove, with qemu-storage-daemon's arguments and texts.
+
+The socket address comes in two forms: QMP's nbd-server-start takes QEMU's legacy
+``{"type": "unix", "data": {"path": ...}}`` (:data:`SocketAddressLegacy`), the command
+line's ``--nbd-server`` the flat ``addr.type=unix,addr.path=...`` (:data:`SocketAddress`).
+Both give the same dataclasses, :class:`UnixSocketAddress` or :class:`InetSocketAddress`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
 from blockd.block.exports import NbdAddress
 from blockd.errors import InvalidArgument, NotFound, Unsupported
-from blockd.qmp.commands.base import Args, CommandContext, CommandTable
-from blockd.qmp.schema import (
-    ANY,
-    BOOL,
-    STR,
-    UINT32,
-    Array,
-    Enum,
-    Member,
-    SimpleUnion,
-    Struct,
-    Union,
-)
+from blockd.qmp.commands.base import CommandContext, CommandTable, NoArgs
+from blockd.qmp.schema import Discriminator, Uint32
 
-__all__ = ["BLOCK_EXPORT_OPTIONS", "NBD_SERVER_OPTIONS", "register"]
+__all__ = [
+    "BlockExportOptions",
+    "ExportDelArgs",
+    "InetSocketAddress",
+    "NbdServerAddArgs",
+    "NbdServerArgs",
+    "NbdServerOptions",
+    "NbdServerRemoveArgs",
+    "NbdServerStartArgs",
+    "SocketAddress",
+    "SocketAddressBase",
+    "SocketAddressLegacy",
+    "UnixSocketAddress",
+    "add_export",
+    "address_from_args",
+    "register",
+    "start_server",
+]
 
-_UNIX = Struct({
-    "path": Member(STR),
-    "abstract": Member(BOOL, optional=True),
-    "tight": Member(BOOL, optional=True),
-})
-_INET = Struct({
-    "host": Member(STR),
-    "port": Member(STR),
-    "numeric": Member(BOOL, optional=True),
-    "to": Member(UINT32, optional=True),
-    "ipv4": Member(BOOL, optional=True),
-    "ipv6": Member(BOOL, optional=True),
-    "keep-alive": Member(BOOL, optional=True),
-    "mptcp": Member(BOOL, optional=True),
-})
-
-# QMP's nbd-server-start uses the legacy form {"type": ..., "data": {...}};
-# the command line's --nbd-server uses the flat form (addr.type=unix,addr.path=...).
-LEGACY_ADDRESS = SimpleUnion({"unix": _UNIX, "inet": _INET})
-FLAT_ADDRESS = Union(Struct({"type": Member(Enum("unix", "inet"))}), "type",
-                     {"unix": _UNIX, "inet": _INET})
-
-_SERVER_COMMON = {
-    "tls-creds": Member(STR, optional=True),
-    "tls-authz": Member(STR, optional=True),
-    "max-connections": Member(UINT32, optional=True),
-}
-NBD_SERVER_START = Struct({"addr": Member(LEGACY_ADDRESS), **_SERVER_COMMON})
-NBD_SERVER_OPTIONS = Struct({"addr": Member(FLAT_ADDRESS), **_SERVER_COMMON})
-
-BLOCK_EXPORT_OPTIONS = Union(
-    base=Struct({
-        "type": Member(Enum("nbd")),
-        "id": Member(STR),
-        "fixed-iothread": Member(BOOL, optional=True),
-        "iothread": Member(STR, optional=True),
-        "node-name": Member(STR),
-        "writable": Member(BOOL, optional=True),
-        "writethrough": Member(BOOL, optional=True),
-    }),
-    discriminator="type",
-    branches={"nbd": Struct({
-        "name": Member(STR, optional=True),
-        "description": Member(STR, optional=True),
-        "bitmaps": Member(Array(ANY), optional=True),
-        "allocation-depth": Member(BOOL, optional=True),
-    })},
-)
+DeleteMode = Literal["safe", "hard"]
 
 
-def address_from_args(addr: dict[str, object]) -> NbdAddress:
-    """An NbdAddress from a validated legacy or flat socket address."""
-    data = addr.get("data", addr)
-    assert isinstance(data, dict)
-    if addr["type"] == "unix":
-        if data.get("abstract"):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SocketAddressBase:
+    """What every socket address has: its type."""
+
+    type: Literal["unix", "inet"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnixSocketAddress(SocketAddressBase):
+    """A UNIX socket (QEMU's UnixSocketAddress); blockd has no abstract sockets."""
+
+    type: Literal["unix"]
+    path: str
+    abstract: bool = False
+    tight: bool | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InetSocketAddress(SocketAddressBase):
+    """A TCP address (QEMU's InetSocketAddress); the port is a string, as in QEMU."""
+
+    type: Literal["inet"]
+    host: str
+    port: str
+    numeric: bool | None = None
+    to: Uint32 | None = None
+    ipv4: bool | None = None
+    ipv6: bool | None = None
+    keep_alive: bool | None = None
+    mptcp: bool | None = None
+
+
+SocketAddress = Annotated[UnixSocketAddress | InetSocketAddress, Discriminator("type")]
+SocketAddressLegacy = Annotated[
+    UnixSocketAddress | InetSocketAddress, Discriminator("type", legacy=True)
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NbdServerArgs:
+    """The NBD server's options; the subclasses say which form ``addr`` takes."""
+
+    addr: UnixSocketAddress | InetSocketAddress
+    tls_creds: str | None = None
+    tls_authz: str | None = None
+    max_connections: Uint32 = 100
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NbdServerStartArgs(NbdServerArgs):
+    """nbd-server-start (QMP): the legacy address form."""
+
+    addr: SocketAddressLegacy
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NbdServerOptions(NbdServerArgs):
+    """``--nbd-server`` (command line, QEMU's NbdServerOptions): the flat address form."""
+
+    addr: SocketAddress
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockExportOptions:
+    """block-export-add: QEMU's BlockExportOptions, whose only type in blockd is ``nbd``
+    (so the union is one struct: the base members, then the nbd branch's)."""
+
+    type: Literal["nbd"]
+    id: str
+    fixed_iothread: bool | None = None
+    iothread: str | None = None
+    node_name: str
+    writable: bool = False
+    writethrough: bool = False
+    name: str | None = None
+    description: str = ""
+    bitmaps: tuple[object, ...] = ()  # BlockDirtyBitmapOrStr; blockd has no bitmaps
+    allocation_depth: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExportDelArgs:
+    """block-export-del: the export id; ``hard`` disconnects its clients."""
+
+    id: str
+    mode: DeleteMode = "safe"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NbdServerAddArgs:
+    """nbd-server-add (deprecated): export ``device`` under ``name`` (also the export id)."""
+
+    device: str
+    name: str | None = None
+    description: str = ""
+    writable: bool = False
+    bitmap: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NbdServerRemoveArgs:
+    """nbd-server-remove (deprecated): the export id, as block-export-del."""
+
+    name: str
+    mode: DeleteMode = "safe"
+
+
+def address_from_args(addr: UnixSocketAddress | InetSocketAddress) -> NbdAddress:
+    """An NbdAddress from a validated socket address."""
+    if isinstance(addr, UnixSocketAddress):
+        if addr.abstract:
             raise Unsupported("abstract UNIX sockets are not supported")
-        return NbdAddress(path=str(data["path"]))
+        return NbdAddress(path=addr.path)
     try:
-        port = int(str(data["port"]))
+        port = int(addr.port)
     except ValueError:
-        raise InvalidArgument(f"Port '{data['port']}' should be a number") from None
-    return NbdAddress(host=str(data["host"]), port=port)
+        raise InvalidArgument(f"Port '{addr.port}' should be a number") from None
+    return NbdAddress(host=addr.host, port=port)
 
 
-async def start_server(ctx: CommandContext, args: Args, address: NbdAddress) -> None:
-    if args.get("tls-creds") is not None:
-        raise NotFound(f"No TLS credentials with id '{args['tls-creds']}'")
-    if args.get("tls-authz") is not None:
-        raise NotFound(f"No TLS authorization with id '{args['tls-authz']}'")
-    max_connections = args.get("max-connections", 100)
-    assert isinstance(max_connections, int)
-    await ctx.nbd.start(address, max_connections)
+async def start_server(ctx: CommandContext, args: NbdServerArgs) -> None:
+    """nbd-server-start and ``--nbd-server``: QEMU's checks in QEMU's order, then start."""
+    address = address_from_args(args.addr)
+    if args.tls_creds is not None:
+        raise NotFound(f"No TLS credentials with id '{args.tls_creds}'")
+    if args.tls_authz is not None:
+        raise NotFound(f"No TLS authorization with id '{args.tls_authz}'")
+    await ctx.nbd.start(address, args.max_connections)
 
 
-def add_export(ctx: CommandContext, args: Args) -> None:
+def add_export(ctx: CommandContext, args: BlockExportOptions) -> None:
     """block-export-add's checks that need no NBD server, then the export itself."""
-    if args.get("iothread") is not None:
-        raise NotFound(f'iothread "{args["iothread"]}" not found')
-    bitmaps = args.get("bitmaps") or []
-    assert isinstance(bitmaps, list)
-    if bitmaps:
-        first = bitmaps[0]
-        name = first if isinstance(first, str) else first.get("name") \
-            if isinstance(first, dict) else first
-        raise NotFound(f"Bitmap '{name}' is not found")
-    if args.get("allocation-depth"):
+    if args.iothread is not None:
+        raise NotFound(f'iothread "{args.iothread}" not found')
+    if args.bitmaps:
+        raise NotFound(f"Bitmap '{_bitmap_name(args.bitmaps[0])}' is not found")
+    if args.allocation_depth:
         raise Unsupported("allocation-depth is not supported by blockd")
     export = ctx.registry.add_export(
-        str(args["id"]), str(args["node-name"]),
-        name=args.get("name"),  # type: ignore[arg-type]
-        description=str(args.get("description", "")),
-        writable=bool(args.get("writable", False)),
-        writethrough=bool(args.get("writethrough", False)),
+        args.id, args.node_name,
+        name=args.name,
+        description=args.description,
+        writable=args.writable,
+        writethrough=args.writethrough,
         nbd_running=ctx.nbd.running,
     )
     try:
@@ -125,66 +192,56 @@ def add_export(ctx: CommandContext, args: Args) -> None:
         raise
 
 
+def _bitmap_name(bitmap: object) -> object:
+    """The name in a BlockDirtyBitmapOrStr: a bare name or ``{"node": ..., "name": ...}``."""
+    return bitmap.get("name") if isinstance(bitmap, dict) else bitmap
+
+
 def register(table: CommandTable) -> None:
-    @table.command("nbd-server-start", NBD_SERVER_START)
-    async def nbd_server_start(ctx: CommandContext, args: Args) -> object:
-        addr = args["addr"]
-        assert isinstance(addr, dict)
-        await start_server(ctx, args, address_from_args(addr))
+    @table.command("nbd-server-start")
+    async def nbd_server_start(ctx: CommandContext, args: NbdServerStartArgs) -> object:
+        await start_server(ctx, args)
         return {}
 
     @table.command("nbd-server-stop")
-    async def nbd_server_stop(ctx: CommandContext, args: Args) -> object:
+    async def nbd_server_stop(ctx: CommandContext, args: NoArgs) -> object:
         await ctx.nbd.stop()
         return {}
 
-    @table.command("block-export-add", BLOCK_EXPORT_OPTIONS)
-    async def block_export_add(ctx: CommandContext, args: Args) -> object:
+    @table.command("block-export-add")
+    async def block_export_add(ctx: CommandContext, args: BlockExportOptions) -> object:
         add_export(ctx, args)
         return {}
 
-    @table.command("block-export-del", Struct({
-        "id": Member(STR), "mode": Member(Enum("safe", "hard"), optional=True)}))
-    async def block_export_del(ctx: CommandContext, args: Args) -> object:
-        export = ctx.registry.find_export(str(args["id"]))
-        await ctx.nbd.delete_export(export, hard=args.get("mode") == "hard")
+    @table.command("block-export-del")
+    async def block_export_del(ctx: CommandContext, args: ExportDelArgs) -> object:
+        export = ctx.registry.find_export(args.id)
+        await ctx.nbd.delete_export(export, hard=args.mode == "hard")
         return {}
 
     @table.command("query-block-exports")
-    async def query_block_exports(ctx: CommandContext, args: Args) -> object:
+    async def query_block_exports(ctx: CommandContext, args: NoArgs) -> object:
         return [e.info() for e in reversed(ctx.registry.exports.values())]  # newest first
 
-    @table.command("nbd-server-add", Struct({
-        "device": Member(STR),
-        "name": Member(STR, optional=True),
-        "description": Member(STR, optional=True),
-        "writable": Member(BOOL, optional=True),
-        "bitmap": Member(STR, optional=True),
-    }), deprecated=True)
-    async def nbd_server_add(ctx: CommandContext, args: Args) -> object:
-        device = str(args["device"])
-        node = ctx.registry.nodes.get(device)
+    @table.command("nbd-server-add", deprecated=True)
+    async def nbd_server_add(ctx: CommandContext, args: NbdServerAddArgs) -> object:
+        node = ctx.registry.nodes.get(args.device)
         if node is None:
-            raise NotFound(f"Cannot find device='{device}' nor node-name='{device}'")
+            raise NotFound(f"Cannot find device='{args.device}' nor node-name='{args.device}'")
         if not ctx.nbd.running:
             raise InvalidArgument("NBD server not running")
-        name = str(args.get("name", device))
-        export_args: Args = {
-            "type": "nbd", "id": name, "node-name": device, "name": name,
+        name = args.name if args.name is not None else args.device
+        add_export(ctx, BlockExportOptions(
+            type="nbd", id=name, node_name=args.device, name=name,
+            description=args.description,
             # nbd-server-add quietly exports a read-only node read-only.
-            "writable": bool(args.get("writable", False)) and not node.read_only,
-        }
-        if "description" in args:
-            export_args["description"] = args["description"]
-        if "bitmap" in args:
-            export_args["bitmaps"] = [args["bitmap"]]
-        add_export(ctx, export_args)
+            writable=args.writable and not node.read_only,
+            bitmaps=(args.bitmap,) if args.bitmap is not None else (),
+        ))
         return {}
 
-    @table.command("nbd-server-remove", Struct({
-        "name": Member(STR), "mode": Member(Enum("safe", "hard"), optional=True)}),
-        deprecated=True)
-    async def nbd_server_remove(ctx: CommandContext, args: Args) -> object:
-        export = ctx.registry.find_export(str(args["name"]))
-        await ctx.nbd.delete_export(export, hard=args.get("mode") == "hard")
+    @table.command("nbd-server-remove", deprecated=True)
+    async def nbd_server_remove(ctx: CommandContext, args: NbdServerRemoveArgs) -> object:
+        export = ctx.registry.find_export(args.name)
+        await ctx.nbd.delete_export(export, hard=args.mode == "hard")
         return {}

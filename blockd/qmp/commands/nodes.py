@@ -1,118 +1,163 @@
 """Node commands: blockdev-add, blockdev-del, query-named-block-nodes.
 
 The blockdev-add schema is QEMU's BlockdevOptions restricted to the drivers
-blockd implements; every member QEMU accepts for those drivers is accepted
-here, and those blockd cannot honour are refused with a clear message rather
-than silently ignored.
+blockd implements: a flat union on ``driver`` whose base is
+:class:`BlockdevOptionsBase`, with one branch per kind of driver.  Every member
+QEMU accepts for those drivers is accepted here, and those blockd cannot honour
+are refused with a clear message rather than silently ignored.  Optional members
+are ``None`` when not given, because QEMU shows only given members in some
+places (null-co's ``json:{...}`` filename); :func:`node_options` applies
+QEMU's defaults.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Annotated, Literal, TypeVar, get_args
 
 from blockd.devices.base import NodeOptions
 from blockd.errors import InvalidArgument, Unsupported
-from blockd.qmp.commands.base import Args, CommandContext, CommandTable
-from blockd.qmp.schema import BOOL, INT, STR, UINT64, Enum, Member, Struct, Union
+from blockd.qmp.commands.base import CommandContext, CommandTable
+from blockd.qmp.schema import Discriminator, Uint64, given_members
 
-__all__ = ["BLOCKDEV_OPTIONS", "node_options", "register"]
+__all__ = [
+    "SUPPORTED_DRIVERS",
+    "BlockdevCacheOptions",
+    "BlockdevDelArgs",
+    "BlockdevOptions",
+    "BlockdevOptionsBase",
+    "FileOptions",
+    "NullOptions",
+    "QueryNamedBlockNodesArgs",
+    "node_options",
+    "register",
+]
 
-SUPPORTED_DRIVERS = ("file", "host_cdrom", "host_device", "null-co", "null-aio")
+T = TypeVar("T")
 
-_BASE = Struct({
-    "driver": Member(Enum(*SUPPORTED_DRIVERS)),
-    "node-name": Member(STR, optional=True),
-    "discard": Member(Enum("ignore", "unmap"), optional=True),
-    "cache": Member(Struct({
-        "direct": Member(BOOL, optional=True),
-        "no-flush": Member(BOOL, optional=True),
-    }), optional=True),
-    "read-only": Member(BOOL, optional=True),
-    "auto-read-only": Member(BOOL, optional=True),
-    "force-share": Member(BOOL, optional=True),
-    "detect-zeroes": Member(Enum("off", "on", "unmap"), optional=True),
-})
-
-_FILE = Struct({
-    "filename": Member(STR),
-    "pr-manager": Member(STR, optional=True),
-    "locking": Member(Enum("auto", "on", "off"), optional=True),
-    "aio": Member(Enum("threads", "native", "io_uring"), optional=True),
-    "aio-max-batch": Member(INT, optional=True),
-    "drop-cache": Member(BOOL, optional=True),
-    "x-check-cache-dropped": Member(BOOL, optional=True),
-})
-
-_NULL = Struct({
-    "size": Member(INT, optional=True),
-    "latency-ns": Member(UINT64, optional=True),
-    "read-zeroes": Member(BOOL, optional=True),
-})
-
-BLOCKDEV_OPTIONS = Union(
-    base=_BASE,
-    discriminator="driver",
-    branches={
-        "file": _FILE, "host_cdrom": _FILE, "host_device": _FILE,
-        "null-co": _NULL, "null-aio": _NULL,
-    },
-)
+Driver = Literal["file", "host_cdrom", "host_device", "null-co", "null-aio"]
+SUPPORTED_DRIVERS: tuple[Driver, ...] = get_args(Driver)
 
 
-def node_options(args: Args) -> NodeOptions:
-    """Turn validated blockdev-add arguments into driver options.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockdevCacheOptions:
+    """``cache``: O_DIRECT, and whether flushes are ignored."""
+
+    direct: bool = False
+    no_flush: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockdevOptionsBase:
+    """The members every driver takes (QEMU's BlockdevOptionsBase)."""
+
+    driver: Driver
+    node_name: str | None = None
+    discard: Literal["ignore", "unmap"] | None = None
+    cache: BlockdevCacheOptions | None = None
+    read_only: bool | None = None
+    auto_read_only: bool | None = None
+    force_share: bool | None = None
+    detect_zeroes: Literal["off", "on", "unmap"] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileOptions(BlockdevOptionsBase):
+    """file, host_device and host_cdrom (QEMU's BlockdevOptionsFile)."""
+
+    driver: Literal["file", "host_cdrom", "host_device"]
+    filename: str
+    pr_manager: str | None = None
+    locking: Literal["auto", "on", "off"] | None = None
+    aio: Literal["threads", "native", "io_uring"] | None = None
+    aio_max_batch: int | None = None
+    drop_cache: bool | None = None
+    x_check_cache_dropped: bool | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NullOptions(BlockdevOptionsBase):
+    """null-co and null-aio (QEMU's BlockdevOptionsNull)."""
+
+    driver: Literal["null-co", "null-aio"]
+    size: int | None = None
+    latency_ns: Uint64 | None = None
+    read_zeroes: bool | None = None
+
+
+BlockdevOptions = Annotated[FileOptions | NullOptions, Discriminator("driver")]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockdevDelArgs:
+    """blockdev-del: the node to close."""
+
+    node_name: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueryNamedBlockNodesArgs:
+    """query-named-block-nodes: ``flat`` is accepted (blockd's nodes have no children)."""
+
+    flat: bool = False
+
+
+def node_options(args: FileOptions | NullOptions) -> NodeOptions:
+    """Turn validated blockdev-add arguments into driver options, with QEMU's defaults.
 
     Raises InvalidArgument with QEMU's text for combinations QEMU refuses.
     """
-    name = args.get("node-name")
-    if not isinstance(name, str):
+    if args.node_name is None:
         raise InvalidArgument("'node-name' must be specified for the root node")
-    if args.get("pr-manager") is not None:
+    if isinstance(args, FileOptions) and args.pr_manager is not None:
         raise Unsupported("blockd does not support persistent reservation managers (pr-manager)")
-    if args.get("force-share") and not args.get("read-only"):
+    if args.force_share and not args.read_only:
         raise InvalidArgument("force-share=on can only be used with read-only images")
-    cache: Any = args.get("cache", {})
-    driver = str(args["driver"])
-    size = args.get("size", 1 << 30)
-    if isinstance(size, int) and size < 0:
+    if isinstance(args, NullOptions) and args.size is not None and args.size < 0:
         raise InvalidArgument("Parameter 'size' expects a non-negative value")
-    return NodeOptions(
-        driver="null-co" if driver == "null-aio" else driver,
-        node_name=name,
-        filename=_opt_str(args, "filename"),
-        read_only=bool(args.get("read-only", False)),
-        auto_read_only=bool(args.get("auto-read-only", False)),
-        cache_direct=bool(cache.get("direct", False)),
-        cache_no_flush=bool(cache.get("no-flush", False)),
-        discard=args.get("discard", "ignore"),  # type: ignore[arg-type]
-        detect_zeroes=args.get("detect-zeroes", "off"),  # type: ignore[arg-type]
-        aio=args.get("aio", "threads"),  # type: ignore[arg-type]
-        locking=args.get("locking", "auto"),  # type: ignore[arg-type]
-        force_share=bool(args.get("force-share", False)),
-        size=int(size),  # type: ignore[call-overload]
-        read_zeroes=bool(args.get("read-zeroes", False)),
-        latency_ns=int(args.get("latency-ns", 0)),  # type: ignore[call-overload]
-        given=frozenset(args),
+    cache = args.cache or BlockdevCacheOptions()
+    common = NodeOptions(
+        driver="null-co" if args.driver == "null-aio" else args.driver,
+        node_name=args.node_name,
+        read_only=_or(args.read_only, False),
+        auto_read_only=_or(args.auto_read_only, False),
+        cache_direct=cache.direct,
+        cache_no_flush=cache.no_flush,
+        discard=_or(args.discard, "ignore"),
+        detect_zeroes=_or(args.detect_zeroes, "off"),
+        force_share=_or(args.force_share, False),
+        given=given_members(args),
+    )
+    if isinstance(args, FileOptions):
+        return replace(
+            common, filename=args.filename, aio=_or(args.aio, "threads"),
+            locking=_or(args.locking, "auto"),
+        )
+    return replace(
+        common, size=_or(args.size, 1 << 30), read_zeroes=_or(args.read_zeroes, False),
+        latency_ns=_or(args.latency_ns, 0),
     )
 
 
-def _opt_str(args: Args, key: str) -> str | None:
-    value = args.get(key)
-    return value if isinstance(value, str) else None
+def _or(value: T | None, default: T) -> T:
+    """QEMU's default for a member that was not given."""
+    return default if value is None else value
 
 
 def register(table: CommandTable) -> None:
-    @table.command("blockdev-add", BLOCKDEV_OPTIONS)
-    async def blockdev_add(ctx: CommandContext, args: Args) -> object:
+    @table.command("blockdev-add")
+    async def blockdev_add(ctx: CommandContext, args: BlockdevOptions) -> object:
         await ctx.registry.add_node(node_options(args))
         return {}
 
-    @table.command("blockdev-del", Struct({"node-name": Member(STR)}))
-    async def blockdev_del(ctx: CommandContext, args: Args) -> object:
-        await ctx.registry.del_node(str(args["node-name"]))
+    @table.command("blockdev-del")
+    async def blockdev_del(ctx: CommandContext, args: BlockdevDelArgs) -> object:
+        await ctx.registry.del_node(args.node_name)
         return {}
 
-    @table.command("query-named-block-nodes", Struct({"flat": Member(BOOL, optional=True)}))
-    async def query_named_block_nodes(ctx: CommandContext, args: Args) -> object:
+    @table.command("query-named-block-nodes")
+    async def query_named_block_nodes(
+        ctx: CommandContext, args: QueryNamedBlockNodesArgs
+    ) -> object:
         # Newest first, as QEMU lists them.
         return [node.device_info() for node in reversed(ctx.registry.nodes.values())]

@@ -9,35 +9,43 @@ does the same for one device.
 
 from __future__ import annotations
 
-from blockd.events import Resume, Stop
-from blockd.qmp.commands.base import Args, CommandContext, CommandTable
-from blockd.qmp.schema import STR, Member, Struct
+from dataclasses import dataclass
 
-__all__ = ["register"]
+from blockd.events import Resume, Stop
+from blockd.qmp.commands.base import CommandContext, CommandTable, NoArgs
+
+__all__ = ["DeviceResumeArgs", "register"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceResumeArgs:
+    """blockd-device-resume: the device to resume."""
+
+    id: str
 
 
 def register(table: CommandTable) -> None:
     @table.command("stop")
-    async def stop(ctx: CommandContext, args: Args) -> object:
+    async def stop(ctx: CommandContext, args: NoArgs) -> object:
         paused = [d.pause(publish=False) for d in ctx.registry.devices.values()]
         if any(paused):
             ctx.registry.bus.publish(Stop())  # one STOP for the whole daemon, as QEMU
         return {}
 
     @table.command("cont")
-    async def cont(ctx: CommandContext, args: Args) -> object:
+    async def cont(ctx: CommandContext, args: NoArgs) -> object:
         resumed = [d.resume(publish=False) for d in ctx.registry.devices.values()]
         if any(resumed):
             ctx.registry.bus.publish(Resume())
         return {}
 
-    @table.command("blockd-device-resume", Struct({"id": Member(STR)}))
-    async def device_resume(ctx: CommandContext, args: Args) -> object:
-        ctx.registry.find_device(id=str(args["id"])).resume()
+    @table.command("blockd-device-resume")
+    async def device_resume(ctx: CommandContext, args: DeviceResumeArgs) -> object:
+        ctx.registry.find_device(id=args.id).resume()
         return {}
 
     @table.command("query-status")
-    async def query_status(ctx: CommandContext, args: Args) -> object:
+    async def query_status(ctx: CommandContext, args: NoArgs) -> object:
         devices = list(ctx.registry.devices.values())
         if any(d.paused and d.iostatus != "ok" for d in devices):
             status = "io-error"
