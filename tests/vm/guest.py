@@ -48,6 +48,7 @@ REPORT_ENV = "BLOCKD_VM_REPORT"  # where the inner run writes its JSON-lines rep
 KERNEL_ENV = "BLOCKD_VM_KERNEL"  # a kernel image to boot instead of the newest in /boot
 TIMEOUT_ENV = "BLOCKD_VM_TIMEOUT"  # seconds for one group's boot and run (default 600)
 VERBOSE_ENV = "BLOCKD_VM_VERBOSE"  # "1": the guest kernel's console goes to the log too
+STRICT_ENV = "BLOCKD_STRICT_SKIPS"  # tests/allowed_skips.py; never set in the guest's run
 
 WITNESS_PORT = "org.blockd.witness"
 WITNESS_DEV = f"/dev/virtio-ports/{WITNESS_PORT}"
@@ -883,7 +884,9 @@ def main(argv: Sequence[str]) -> int:
         print(f"blockd-vm: guest setup exited {setup.returncode}", flush=True)
     env = dict(os.environ, **{IN_VM_ENV: "1", MANIFEST_ENV: job["manifest"],
                               REPORT_ENV: job["report"], "PYTHONDONTWRITEBYTECODE": "1"})
-    env.pop(REQUIRE_ENV, None)
+    # Skips come back as skips: the outer run judges them against tests/allowed_skips.py.
+    for var in (REQUIRE_ENV, STRICT_ENV):
+        env.pop(var, None)
     # No cache (the shared root is read-only) and no hypothesis plugin: importing it
     # costs ~10 s under TCG, and @given works without it.
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:hypothesispytest",

@@ -139,8 +139,10 @@ def test_one(vm): pass
 
 
 def run_fake(tmp_path: Path, mode: str, records: list[dict[str, Any]], *args: str,
-             require: bool = False) -> tuple[subprocess.CompletedProcess[str], list[Any]]:
-    """A pytest run over a copy of this tier's conftest and a fabricated group."""
+             require: bool = False,
+             strict: bool = False) -> tuple[subprocess.CompletedProcess[str], list[Any]]:
+    """A pytest run over a copy of this tier's conftest and a fabricated group
+    (``strict``: with the skip policy of tests/allowed_skips.py, in strict mode)."""
     for name in ("conftest.py", "guest.py"):
         shutil.copy(HERE / name, tmp_path / name)
     (tmp_path / "fakevm.py").write_text(FAKE_PLUGIN)
@@ -151,13 +153,18 @@ def run_fake(tmp_path: Path, mode: str, records: list[dict[str, Any]], *args: st
     calls = tmp_path / "calls.jsonl"
     calls.unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items()
-           if k not in (guest.IN_VM_ENV, guest.REQUIRE_ENV, "PYTEST_ADDOPTS")}
+           if k not in (guest.IN_VM_ENV, guest.REQUIRE_ENV, guest.STRICT_ENV, "PYTEST_ADDOPTS")}
     env.update(PYTHONPATH=str(tmp_path), FAKE_MODE=mode, FAKE_CALLS=str(calls),
                FAKE_RECORDS=json.dumps(records))
     if require:
         env[guest.REQUIRE_ENV] = "1"
+    policy: list[str] = []
+    if strict:
+        env[guest.STRICT_ENV] = "1"
+        env["PYTHONPATH"] += os.pathsep + str(HERE.parent)  # tests/allowed_skips.py
+        policy = ["-p", "allowed_skips"]
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "fakevm", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "-p", "fakevm", *policy, "-p", "no:cacheprovider",
          "--rootdir", str(tmp_path), "-c", str(tmp_path / "pytest.ini"), "-rA",
          "--basetemp", str(tmp_path / "basetemp"), *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
@@ -228,6 +235,20 @@ def test_missing_vm_tools_skip_unless_required(tmp_path: Path) -> None:
     proc, _ = run_fake(tmp_path, "unavailable", [], "test_group_two.py", require=True)
     assert proc.returncode == 1
     assert f"{guest.REQUIRE_ENV}=1" in proc.stdout and "1 failed" in proc.stdout
+
+
+def test_strict_mode_fails_skips_from_the_guest(tmp_path: Path) -> None:
+    """A skip inside the guest counts as a skip of the outer test: it fails unless allowed."""
+    m = "test_group.py"
+    records = [*passed(f"{m}::test_a"), rec(f"{m}::test_c", "setup", "skipped",
+                                            reason="needs a disc")]
+    proc, _ = run_fake(tmp_path, "ok", records, f"{m}::test_a", f"{m}::test_c", strict=True)
+    assert proc.returncode == 1, proc.stdout
+    assert f"FAILED {m}::test_c" in proc.stdout and "[guest] needs a disc" in proc.stdout
+    assert f"{guest.STRICT_ENV}=1" in proc.stdout and "1 failed, 1 passed" in proc.stdout
+    proc, _ = run_fake(tmp_path, "unavailable", [], "test_group_two.py", strict=True)
+    assert proc.returncode == 1 and "1 failed" in proc.stdout, proc.stdout
+    assert "VM tier unavailable: qemu-system-x86_64 is missing" in proc.stdout
 
 
 # -- hardware presets
