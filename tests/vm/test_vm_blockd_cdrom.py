@@ -6,6 +6,11 @@ contrib/udev/61-blockd-cdrom.rules installed.  Each test starts blockd in the gu
 a host_cdrom node of a drive and checks what it did through blockd's QMP (qemu.qmp)
 and through the emulator's own QMP (the witness): what the hardware saw.  The witness
 also plays the user at the drive (the eject button, a disc swap).
+
+blockd follows a drive through udev (pyudev's netlink monitor: change events, with
+DISK_EJECT_REQUEST for the button of a locked drive) and by polling its status every
+2 s (``--media-poll``).  Either alone would see most tray movements, so the tests
+marked ``udev-only`` run blockd with ``--media-poll 0``: there only udev can tell it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from daemons import DaemonProcess, blockd_argv, start_daemon
 from guest import SECTOR, VM, GuestDevice, QMPError, Witness, disc_sector, make_image
 from nbdclients import libnbd, uri
 from qemu.qmp import EventListener, ExecuteError, QMPClient
+
+from blockd.devices._ioctl import CDROM_LOCKDOOR, ioctl_value
 
 VM_HARDWARE = ["atapi-cd", "atapi-cd-empty"]
 
@@ -67,9 +74,18 @@ class Blockd:
 
 
 @pytest.fixture
-async def blockd(cdrom0: GuestDevice, tmp_path: Path) -> AsyncIterator[Blockd]:
-    daemon = _start(cdrom0, tmp_path)
+def media_poll() -> float | None:
+    """blockd's ``--media-poll`` (None: its default); tests parametrize it to 0."""
+    return None
+
+
+@pytest.fixture
+async def blockd(cdrom0: GuestDevice, tmp_path: Path,
+                 media_poll: float | None) -> AsyncIterator[Blockd]:
+    daemon = _start(cdrom0, tmp_path, media_poll=media_poll)
     qmp = await daemon.client()
+    if media_poll == 0:  # then udev is all blockd has: its monitor must be up
+        assert "no udev events" not in daemon.stderr(), daemon.stderr()
     yield Blockd(daemon, qmp)
     await qmp.disconnect()
     assert daemon.stop() == 0, daemon.stderr()
@@ -78,11 +94,13 @@ async def blockd(cdrom0: GuestDevice, tmp_path: Path) -> AsyncIterator[Blockd]:
 EXPORT = {"type": "nbd", "id": "e0", "node-name": "drive0", "name": "cd"}
 
 
-def _start(dev: GuestDevice, tmp_path: Path, *, export: bool = True) -> DaemonProcess:
+def _start(dev: GuestDevice, tmp_path: Path, *, export: bool = True,
+           media_poll: float | None = None) -> DaemonProcess:
     sock = str(tmp_path / "qmp.sock")
     exporting = ["--export", "type=nbd,id=e0,node-name=drive0,name=cd"] if export else []
+    polling = [] if media_poll is None else ["--media-poll", str(media_poll)]
     return start_daemon(blockd_argv(
-        "--qmp", sock,
+        "--qmp", sock, *polling,
         "--blockdev", f"driver=host_cdrom,node-name=drive0,filename={dev.node}",
         "--device", "cd,id=cd0,drive=drive0",
         "--nbd-server", f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}",
@@ -166,6 +184,7 @@ async def test_locked_eject_needs_force(blockd: Blockd, witness: Witness) -> Non
 # -- the hardware moves by itself -----------------------------------------------------
 
 
+@pytest.mark.parametrize("media_poll", [None, 0], ids=["polling", "udev-only"])
 async def test_the_button_is_seen_within_three_seconds(blockd: Blockd, witness: Witness) -> None:
     await asyncio.sleep(1)  # blockd settled (udev's events from its own open are over)
     started = time.monotonic()
@@ -303,6 +322,11 @@ async def test_eject_while_another_program_holds_the_drive(blockd: Blockd, witne
         await blockd.qmp.execute("eject", {"id": "cd0"})
         assert (await blockd.tray_event(5))["tray-open"] is True
         assert await witnessed(witness, "tray_open", True) is True
+        # The fallback happened: the kernel refused CDROMEJECT, and what blockd does after
+        # logging this is PREVENT ALLOW MEDIUM REMOVAL and START STOP UNIT through SG_IO
+        # (host_cdrom's _scsi_eject), which raises unless the drive said GOOD.
+        refused = f"{cdrom0.node}: CDROMEJECT refused (Device or resource busy), using SG_IO"
+        assert refused in blockd.daemon.stderr(), blockd.daemon.stderr()
     finally:
         holder.kill()
         holder.wait()
@@ -324,3 +348,26 @@ async def test_the_button_on_a_drive_blockd_locked(blockd: Blockd, witness: Witn
     assert await witnessed(witness, "locked", False) is False
     witness.execute("eject", {"id": "cdrom0"})
     assert (await blockd.tray_event(TRAY_EVENT_DEADLINE + 1))["tray-open"] is True
+
+
+@pytest.mark.parametrize("media_poll", [0], ids=["udev-only"])
+async def test_the_button_on_a_drive_another_program_locked(blockd: Blockd, witness: Witness,
+                                                            cdrom0: GuestDevice) -> None:
+    """Another program locked the drive (as udev's cdrom_id does after a media change):
+    the button then only sends an eject request, which reaches blockd as udev's
+    DISK_EJECT_REQUEST; blockd, not holding the lock itself, opens the tray."""
+    await asyncio.sleep(1)  # blockd settled (udev's events from its own open are over)
+    fd = os.open(cdrom0.node, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        assert ioctl_value(fd, CDROM_LOCKDOOR, 1) == 0
+    finally:
+        os.close(fd)  # not the last opener: the lock stays
+    assert await witnessed(witness, "locked", True) is True
+    started = time.monotonic()
+    with pytest.raises(QMPError):  # the emulator passes an eject request to the guest
+        witness.execute("eject", {"id": "cdrom0"})
+    event = await blockd.tray_event(TRAY_EVENT_DEADLINE + 1)
+    print(f"DEVICE_TRAY_MOVED after {time.monotonic() - started:.1f} s")
+    assert event == {"device": "cd0", "id": "cd0", "tray-open": True}
+    assert await witnessed(witness, "tray_open", True) is True
+    assert (await blockd.cd0())["locked"] is False
