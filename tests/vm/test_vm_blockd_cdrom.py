@@ -9,8 +9,12 @@ also plays the user at the drive (the eject button, a disc swap).
 
 blockd follows a drive through udev (pyudev's netlink monitor: change events, with
 DISK_EJECT_REQUEST for the button of a locked drive) and by polling its status every
-2 s (``--media-poll``).  Either alone would see most tray movements, so the tests
-marked ``udev-only`` run blockd with ``--media-poll 0``: there only udev can tell it.
+2 s (``--media-poll``).  Polling alone would see most tray movements and hide a broken
+udev path, so the tests marked ``udev-only`` run blockd with ``--media-poll 0``.  What
+udev can report depends on the drive: QEMU's drives report a media event when the tray
+closes and an eject request, but none while the tray is open (``event_status_media``
+in hw/ide/atapi.c and hw/scsi/scsi-disk.c), so the guest kernel sends no uevent when the
+button opens the tray; only polling sees that.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import asyncio
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,16 +99,17 @@ EXPORT = {"type": "nbd", "id": "e0", "node-name": "drive0", "name": "cd"}
 
 
 def _start(dev: GuestDevice, tmp_path: Path, *, export: bool = True,
-           media_poll: float | None = None) -> DaemonProcess:
+           media_poll: float | None = None, prefix: Sequence[str] = ()) -> DaemonProcess:
+    """blockd on ``dev``; ``prefix`` runs it through another command (``setpriv ...``)."""
     sock = str(tmp_path / "qmp.sock")
     exporting = ["--export", "type=nbd,id=e0,node-name=drive0,name=cd"] if export else []
     polling = [] if media_poll is None else ["--media-poll", str(media_poll)]
-    return start_daemon(blockd_argv(
+    return start_daemon([*prefix, *blockd_argv(
         "--qmp", sock, *polling,
         "--blockdev", f"driver=host_cdrom,node-name=drive0,filename={dev.node}",
         "--device", "cd,id=cd0,drive=drive0",
         "--nbd-server", f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}",
-        *exporting), tmp_path, "blockd", timeout=60)
+        *exporting)], tmp_path, "blockd", timeout=120)
 
 
 def until(probe: Callable[[], Any], want: Callable[[Any], bool], timeout: float = 15) -> Any:
@@ -184,8 +189,8 @@ async def test_locked_eject_needs_force(blockd: Blockd, witness: Witness) -> Non
 # -- the hardware moves by itself -----------------------------------------------------
 
 
-@pytest.mark.parametrize("media_poll", [None, 0], ids=["polling", "udev-only"])
 async def test_the_button_is_seen_within_three_seconds(blockd: Blockd, witness: Witness) -> None:
+    """By polling: the emulated drive gives the kernel no media event for it (see above)."""
     await asyncio.sleep(1)  # blockd settled (udev's events from its own open are over)
     started = time.monotonic()
     await asyncio.to_thread(witness.press_button, "cdrom0")
@@ -194,6 +199,24 @@ async def test_the_button_is_seen_within_three_seconds(blockd: Blockd, witness: 
     assert event == {"device": "cd0", "id": "cd0", "tray-open": True}
     assert took <= TRAY_EVENT_DEADLINE, f"DEVICE_TRAY_MOVED after {took:.1f} s"
     assert (await blockd.cd0())["tray_open"] is True
+
+
+@pytest.mark.parametrize("media_poll", [0], ids=["udev-only"])
+async def test_a_tray_closed_by_hand_is_seen_within_three_seconds(blockd: Blockd,
+                                                                  witness: Witness) -> None:
+    """The drive reports a media event when its tray closes: a DISK_MEDIA_CHANGE uevent,
+    which is all blockd has with polling off."""
+    await blockd.qmp.execute("eject", {"id": "cd0"})
+    assert (await blockd.tray_event(5))["tray-open"] is True
+    assert await witnessed(witness, "tray_open", True) is True
+    await asyncio.sleep(1)
+    started = time.monotonic()
+    await asyncio.to_thread(witness.execute, "blockdev-close-tray", {"id": "cdrom0"})
+    event = await blockd.tray_event(TRAY_EVENT_DEADLINE + 1)
+    took = time.monotonic() - started
+    assert event == {"device": "cd0", "id": "cd0", "tray-open": False}
+    assert took <= TRAY_EVENT_DEADLINE, f"DEVICE_TRAY_MOVED after {took:.1f} s"
+    assert (await blockd.cd0())["tray_open"] is False
 
 
 async def test_a_new_disc_shows_through_nbd(blockd: Blockd, witness: Witness, vm: VM,
@@ -315,21 +338,52 @@ async def test_an_empty_drive_at_start(vm: VM, witness: Witness, tmp_path: Path)
 
 async def test_eject_while_another_program_holds_the_drive(blockd: Blockd, witness: Witness,
                                                            cdrom0: GuestDevice) -> None:
-    """The cdrom layer refuses CDROMEJECT (EBUSY) then; blockd ejects with SCSI commands."""
+    """Another opener does not keep the tray shut.  The cdrom layer would refuse
+    CDROMEJECT then (EBUSY, which host_cdrom answers with SCSI commands through SG_IO),
+    but since Linux 5.18 sr sends CDROMEJECT straight to START STOP UNIT without asking
+    the cdrom layer (commit bc5519c18a32), so with the guest's kernel CDROMEJECT itself
+    opens the tray.  test_unlock_while_another_program_holds_the_drive makes the cdrom
+    layer refuse for real."""
     holder = subprocess.Popen(["sleep", "60"], stdin=os.open(cdrom0.node, os.O_RDONLY
                                                                 | os.O_NONBLOCK))
     try:
         await blockd.qmp.execute("eject", {"id": "cd0"})
         assert (await blockd.tray_event(5))["tray-open"] is True
         assert await witnessed(witness, "tray_open", True) is True
-        # The fallback happened: the kernel refused CDROMEJECT, and what blockd does after
-        # logging this is PREVENT ALLOW MEDIUM REMOVAL and START STOP UNIT through SG_IO
-        # (host_cdrom's _scsi_eject), which raises unless the drive said GOOD.
-        refused = f"{cdrom0.node}: CDROMEJECT refused (Device or resource busy), using SG_IO"
-        assert refused in blockd.daemon.stderr(), blockd.daemon.stderr()
     finally:
         holder.kill()
         holder.wait()
+
+
+# What setpriv leaves blockd: root without CAP_SYS_ADMIN (CAP_SYS_RAWIO stays, which
+# PREVENT ALLOW MEDIUM REMOVAL through SG_IO on a read-only descriptor needs).
+WITHOUT_SYS_ADMIN = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", "--"]
+
+
+async def test_unlock_while_another_program_holds_the_drive(cdrom0: GuestDevice,
+                                                            witness: Witness,
+                                                            tmp_path: Path) -> None:
+    """Without CAP_SYS_ADMIN the cdrom layer refuses to unlock a drive that another
+    program has open (CDROM_LOCKDOOR(0): EBUSY); blockd then sends PREVENT ALLOW MEDIUM
+    REMOVAL through SG_IO, and the drive unlocks."""
+    daemon = _start(cdrom0, tmp_path, prefix=WITHOUT_SYS_ADMIN)
+    qmp = await daemon.client()
+    holder = os.open(cdrom0.node, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        await qmp.execute("blockd-lock-medium", {"id": "cd0", "locked": True})
+        assert await witnessed(witness, "locked", True) is True
+        # (blockd may have unlocked this way at start already, while udev had the drive.)
+        refused = f"{cdrom0.node}: CDROM_LOCKDOOR refused (Device or resource busy), using SG_IO"
+        before = daemon.stderr().count(refused)
+        await qmp.execute("blockd-lock-medium", {"id": "cd0", "locked": False})
+        assert await witnessed(witness, "locked", False) is False
+        # The fallback happened: the kernel refused, and what blockd does after logging
+        # this is the SCSI command, which raises unless the drive answers GOOD.
+        assert daemon.stderr().count(refused) == before + 1, daemon.stderr()
+    finally:
+        os.close(holder)
+        await qmp.disconnect()
+        assert daemon.stop() == 0, daemon.stderr()
 
 
 async def test_the_button_on_a_drive_blockd_locked(blockd: Blockd, witness: Witness) -> None:
