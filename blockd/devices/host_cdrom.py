@@ -509,6 +509,8 @@ class HostCdromDriver(HostDeviceDriver):
             except OSError as exc:
                 if exc.errno == errno.EBUSY:
                     # Unlocking while others have the drive open needs CAP_SYS_ADMIN.
+                    log.info("%s: CDROM_LOCKDOOR refused (%s), using SG_IO",
+                             self.filename, _why(exc))
                     self._send(
                         _scsi.prevent_allow_medium_removal(locked), what, PREVENT_ALLOW_TIMEOUT_MS
                     )

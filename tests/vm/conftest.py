@@ -67,6 +67,9 @@ class VMReplayItem(pytest.Item):
                 groups[key] = guest.run_group(key, nodeids, self.hardware, workdir)
             except VMUnavailable as e:
                 groups[key] = e
+            except BaseException as e:  # pytest-timeout, ^C: the next test must not boot again
+                groups[key] = GroupRun(key, error=f"the group's run was interrupted: {e!r}")
+                raise
         return groups[key]
 
     def runtest(self) -> None:
@@ -105,6 +108,9 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                                                                     **marker.kwargs))
         if replay.get_closest_marker("vm") is None:
             replay.add_marker("vm")
+        # The first test of a group boots it and runs the whole group (pytest-timeout).
+        replay.add_marker(pytest.mark.timeout(guest.group_timeout()
+                                              + guest.REPLAY_TIMEOUT_MARGIN))
         items[i] = replay
 
 

@@ -46,8 +46,17 @@ REQUIRE_ENV = "BLOCKD_REQUIRE_VM"  # "1" (CI): a missing VM tool fails instead o
 MANIFEST_ENV = "BLOCKD_VM_MANIFEST"  # the guest's hardware description (JSON)
 REPORT_ENV = "BLOCKD_VM_REPORT"  # where the inner run writes its JSON-lines report
 KERNEL_ENV = "BLOCKD_VM_KERNEL"  # a kernel image to boot instead of the newest in /boot
-TIMEOUT_ENV = "BLOCKD_VM_TIMEOUT"  # seconds for one group's boot and run (default 600)
+TIMEOUT_ENV = "BLOCKD_VM_TIMEOUT"  # seconds for one group's boot and run (default 900)
 VERBOSE_ENV = "BLOCKD_VM_VERBOSE"  # "1": the guest kernel's console goes to the log too
+STRICT_ENV = "BLOCKD_STRICT_SKIPS"  # tests/allowed_skips.py; never set in the guest's run
+
+# pytest-timeout limits (the default for other tests is pyproject's ``timeout``).  A
+# replay item on the host may boot and run its whole group: the group's own limit
+# (``BLOCKD_VM_TIMEOUT``) ends that first, this margin is for a runner that hangs.
+REPLAY_TIMEOUT_MARGIN = 120
+# One test inside the guest: TCG makes everything slow (starting blockd alone takes
+# 5-30 s), so the guest's pytest gets this instead of pyproject's default.
+INNER_TEST_TIMEOUT = 240
 
 WITNESS_PORT = "org.blockd.witness"
 WITNESS_DEV = f"/dev/virtio-ports/{WITNESS_PORT}"
@@ -764,6 +773,13 @@ def _tail(path: Path, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def group_timeout() -> float:
+    """Seconds one group's boot and run may take (``BLOCKD_VM_TIMEOUT``, default 900).
+
+    test_vm_blockd_cdrom's boot and 9 tests took 385 s on a loaded 2-core machine."""
+    return float(os.environ.get(TIMEOUT_ENV, "900"))
+
+
 def run_group(module: str, nodeids: Sequence[str], hardware: Sequence[Hardware],
               workdir: Path, timeout: float | None = None) -> GroupRun:
     """Boot a guest with ``hardware``, run ``nodeids`` in it, collect their results.
@@ -773,7 +789,7 @@ def run_group(module: str, nodeids: Sequence[str], hardware: Sequence[Hardware],
     """
     vng, kernel = requirements()
     if timeout is None:
-        timeout = float(os.environ.get(TIMEOUT_ENV, "600"))
+        timeout = group_timeout()
     shared = workdir / "shared"
     shared.mkdir(parents=True, exist_ok=True)
     images: dict[str, Path] = {lbl: make_image(shared / f"disc-{lbl}.img", lbl, DISC_SIZE)
@@ -883,11 +899,14 @@ def main(argv: Sequence[str]) -> int:
         print(f"blockd-vm: guest setup exited {setup.returncode}", flush=True)
     env = dict(os.environ, **{IN_VM_ENV: "1", MANIFEST_ENV: job["manifest"],
                               REPORT_ENV: job["report"], "PYTHONDONTWRITEBYTECODE": "1"})
-    env.pop(REQUIRE_ENV, None)
+    # Skips come back as skips: the outer run judges them against tests/allowed_skips.py.
+    for var in (REQUIRE_ENV, STRICT_ENV):
+        env.pop(var, None)
     # No cache (the shared root is read-only) and no hypothesis plugin: importing it
     # costs ~10 s under TCG, and @given works without it.
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:hypothesispytest",
-           "-v", "-rA", "--rootdir", str(ROOT), *job["nodeids"]]
+           "-v", "-rA", "--durations=0", f"--timeout={INNER_TEST_TIMEOUT}",
+           "--rootdir", str(ROOT), *job["nodeids"]]
     print(f"blockd-vm: setup done at uptime {_uptime()}; {shlex.join(cmd)}", flush=True)
     rc = subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode
     print(f"blockd-vm: pytest exited {rc} at uptime {_uptime()}", flush=True)

@@ -6,6 +6,15 @@ contrib/udev/61-blockd-cdrom.rules installed.  Each test starts blockd in the gu
 a host_cdrom node of a drive and checks what it did through blockd's QMP (qemu.qmp)
 and through the emulator's own QMP (the witness): what the hardware saw.  The witness
 also plays the user at the drive (the eject button, a disc swap).
+
+blockd follows a drive through udev (pyudev's netlink monitor: change events, with
+DISK_EJECT_REQUEST for the button of a locked drive) and by polling its status every
+2 s (``--media-poll``).  Polling alone would see most tray movements and hide a broken
+udev path, so the tests marked ``udev-only`` run blockd with ``--media-poll 0``.  What
+udev can report depends on the drive: QEMU's drives report a media event when the tray
+closes and an eject request, but none while the tray is open (``event_status_media``
+in hw/ide/atapi.c and hw/scsi/scsi-disk.c), so the guest kernel sends no uevent when the
+button opens the tray; only polling sees that.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import asyncio
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +32,8 @@ from daemons import DaemonProcess, blockd_argv, start_daemon
 from guest import SECTOR, VM, GuestDevice, QMPError, Witness, disc_sector, make_image
 from nbdclients import libnbd, uri
 from qemu.qmp import EventListener, ExecuteError, QMPClient
+
+from blockd.devices._ioctl import CDROM_LOCKDOOR, ioctl_value
 
 VM_HARDWARE = ["atapi-cd", "atapi-cd-empty"]
 
@@ -67,9 +78,18 @@ class Blockd:
 
 
 @pytest.fixture
-async def blockd(cdrom0: GuestDevice, tmp_path: Path) -> AsyncIterator[Blockd]:
-    daemon = _start(cdrom0, tmp_path)
+def media_poll() -> float | None:
+    """blockd's ``--media-poll`` (None: its default); tests parametrize it to 0."""
+    return None
+
+
+@pytest.fixture
+async def blockd(cdrom0: GuestDevice, tmp_path: Path,
+                 media_poll: float | None) -> AsyncIterator[Blockd]:
+    daemon = _start(cdrom0, tmp_path, media_poll=media_poll)
     qmp = await daemon.client()
+    if media_poll == 0:  # then udev is all blockd has: its monitor must be up
+        assert "no udev events" not in daemon.stderr(), daemon.stderr()
     yield Blockd(daemon, qmp)
     await qmp.disconnect()
     assert daemon.stop() == 0, daemon.stderr()
@@ -78,15 +98,18 @@ async def blockd(cdrom0: GuestDevice, tmp_path: Path) -> AsyncIterator[Blockd]:
 EXPORT = {"type": "nbd", "id": "e0", "node-name": "drive0", "name": "cd"}
 
 
-def _start(dev: GuestDevice, tmp_path: Path, *, export: bool = True) -> DaemonProcess:
+def _start(dev: GuestDevice, tmp_path: Path, *, export: bool = True,
+           media_poll: float | None = None, prefix: Sequence[str] = ()) -> DaemonProcess:
+    """blockd on ``dev``; ``prefix`` runs it through another command (``setpriv ...``)."""
     sock = str(tmp_path / "qmp.sock")
     exporting = ["--export", "type=nbd,id=e0,node-name=drive0,name=cd"] if export else []
-    return start_daemon(blockd_argv(
-        "--qmp", sock,
+    polling = [] if media_poll is None else ["--media-poll", str(media_poll)]
+    return start_daemon([*prefix, *blockd_argv(
+        "--qmp", sock, *polling,
         "--blockdev", f"driver=host_cdrom,node-name=drive0,filename={dev.node}",
         "--device", "cd,id=cd0,drive=drive0",
         "--nbd-server", f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}",
-        *exporting), tmp_path, "blockd", timeout=60)
+        *exporting)], tmp_path, "blockd", timeout=120)
 
 
 def until(probe: Callable[[], Any], want: Callable[[Any], bool], timeout: float = 15) -> Any:
@@ -167,6 +190,7 @@ async def test_locked_eject_needs_force(blockd: Blockd, witness: Witness) -> Non
 
 
 async def test_the_button_is_seen_within_three_seconds(blockd: Blockd, witness: Witness) -> None:
+    """By polling: the emulated drive gives the kernel no media event for it (see above)."""
     await asyncio.sleep(1)  # blockd settled (udev's events from its own open are over)
     started = time.monotonic()
     await asyncio.to_thread(witness.press_button, "cdrom0")
@@ -175,6 +199,24 @@ async def test_the_button_is_seen_within_three_seconds(blockd: Blockd, witness: 
     assert event == {"device": "cd0", "id": "cd0", "tray-open": True}
     assert took <= TRAY_EVENT_DEADLINE, f"DEVICE_TRAY_MOVED after {took:.1f} s"
     assert (await blockd.cd0())["tray_open"] is True
+
+
+@pytest.mark.parametrize("media_poll", [0], ids=["udev-only"])
+async def test_a_tray_closed_by_hand_is_seen_within_three_seconds(blockd: Blockd,
+                                                                  witness: Witness) -> None:
+    """The drive reports a media event when its tray closes: a DISK_MEDIA_CHANGE uevent,
+    which is all blockd has with polling off."""
+    await blockd.qmp.execute("eject", {"id": "cd0"})
+    assert (await blockd.tray_event(5))["tray-open"] is True
+    assert await witnessed(witness, "tray_open", True) is True
+    await asyncio.sleep(1)
+    started = time.monotonic()
+    await asyncio.to_thread(witness.execute, "blockdev-close-tray", {"id": "cdrom0"})
+    event = await blockd.tray_event(TRAY_EVENT_DEADLINE + 1)
+    took = time.monotonic() - started
+    assert event == {"device": "cd0", "id": "cd0", "tray-open": False}
+    assert took <= TRAY_EVENT_DEADLINE, f"DEVICE_TRAY_MOVED after {took:.1f} s"
+    assert (await blockd.cd0())["tray_open"] is False
 
 
 async def test_a_new_disc_shows_through_nbd(blockd: Blockd, witness: Witness, vm: VM,
@@ -296,7 +338,12 @@ async def test_an_empty_drive_at_start(vm: VM, witness: Witness, tmp_path: Path)
 
 async def test_eject_while_another_program_holds_the_drive(blockd: Blockd, witness: Witness,
                                                            cdrom0: GuestDevice) -> None:
-    """The cdrom layer refuses CDROMEJECT (EBUSY) then; blockd ejects with SCSI commands."""
+    """Another opener does not keep the tray shut.  The cdrom layer would refuse
+    CDROMEJECT then (EBUSY, which host_cdrom answers with SCSI commands through SG_IO),
+    but since Linux 5.18 sr sends CDROMEJECT straight to START STOP UNIT without asking
+    the cdrom layer (commit bc5519c18a32), so with the guest's kernel CDROMEJECT itself
+    opens the tray.  test_unlock_while_another_program_holds_the_drive makes the cdrom
+    layer refuse for real."""
     holder = subprocess.Popen(["sleep", "60"], stdin=os.open(cdrom0.node, os.O_RDONLY
                                                                 | os.O_NONBLOCK))
     try:
@@ -306,6 +353,37 @@ async def test_eject_while_another_program_holds_the_drive(blockd: Blockd, witne
     finally:
         holder.kill()
         holder.wait()
+
+
+# What setpriv leaves blockd: root without CAP_SYS_ADMIN (CAP_SYS_RAWIO stays, which
+# PREVENT ALLOW MEDIUM REMOVAL through SG_IO on a read-only descriptor needs).
+WITHOUT_SYS_ADMIN = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", "--"]
+
+
+async def test_unlock_while_another_program_holds_the_drive(cdrom0: GuestDevice,
+                                                            witness: Witness,
+                                                            tmp_path: Path) -> None:
+    """Without CAP_SYS_ADMIN the cdrom layer refuses to unlock a drive that another
+    program has open (CDROM_LOCKDOOR(0): EBUSY); blockd then sends PREVENT ALLOW MEDIUM
+    REMOVAL through SG_IO, and the drive unlocks."""
+    daemon = _start(cdrom0, tmp_path, prefix=WITHOUT_SYS_ADMIN)
+    qmp = await daemon.client()
+    holder = os.open(cdrom0.node, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        await qmp.execute("blockd-lock-medium", {"id": "cd0", "locked": True})
+        assert await witnessed(witness, "locked", True) is True
+        # (blockd may have unlocked this way at start already, while udev had the drive.)
+        refused = f"{cdrom0.node}: CDROM_LOCKDOOR refused (Device or resource busy), using SG_IO"
+        before = daemon.stderr().count(refused)
+        await qmp.execute("blockd-lock-medium", {"id": "cd0", "locked": False})
+        assert await witnessed(witness, "locked", False) is False
+        # The fallback happened: the kernel refused, and what blockd does after logging
+        # this is the SCSI command, which raises unless the drive answers GOOD.
+        assert daemon.stderr().count(refused) == before + 1, daemon.stderr()
+    finally:
+        os.close(holder)
+        await qmp.disconnect()
+        assert daemon.stop() == 0, daemon.stderr()
 
 
 async def test_the_button_on_a_drive_blockd_locked(blockd: Blockd, witness: Witness) -> None:
@@ -324,3 +402,26 @@ async def test_the_button_on_a_drive_blockd_locked(blockd: Blockd, witness: Witn
     assert await witnessed(witness, "locked", False) is False
     witness.execute("eject", {"id": "cdrom0"})
     assert (await blockd.tray_event(TRAY_EVENT_DEADLINE + 1))["tray-open"] is True
+
+
+@pytest.mark.parametrize("media_poll", [0], ids=["udev-only"])
+async def test_the_button_on_a_drive_another_program_locked(blockd: Blockd, witness: Witness,
+                                                            cdrom0: GuestDevice) -> None:
+    """Another program locked the drive (as udev's cdrom_id does after a media change):
+    the button then only sends an eject request, which reaches blockd as udev's
+    DISK_EJECT_REQUEST; blockd, not holding the lock itself, opens the tray."""
+    await asyncio.sleep(1)  # blockd settled (udev's events from its own open are over)
+    fd = os.open(cdrom0.node, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        assert ioctl_value(fd, CDROM_LOCKDOOR, 1) == 0
+    finally:
+        os.close(fd)  # not the last opener: the lock stays
+    assert await witnessed(witness, "locked", True) is True
+    started = time.monotonic()
+    with pytest.raises(QMPError):  # the emulator passes an eject request to the guest
+        witness.execute("eject", {"id": "cdrom0"})
+    event = await blockd.tray_event(TRAY_EVENT_DEADLINE + 1)
+    print(f"DEVICE_TRAY_MOVED after {time.monotonic() - started:.1f} s")
+    assert event == {"device": "cd0", "id": "cd0", "tray-open": True}
+    assert await witnessed(witness, "tray_open", True) is True
+    assert (await blockd.cd0())["locked"] is False

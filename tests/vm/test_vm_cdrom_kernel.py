@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import guest
 import pytest
 from guest import (
     CDS_DISC_OK,
@@ -37,6 +38,7 @@ from guest import (
     udev_settle,
 )
 
+import blockd
 from blockd.devices._ioctl import (
     CDROM_DRIVE_STATUS,
     CDROM_LOCKDOOR,
@@ -141,6 +143,13 @@ def cdrom0(vm: VM, witness: Witness) -> Iterator[GuestDevice]:
         os.close(fd)
     witness.change_medium("cdrom0", vm.disc("a"))
     drive_ready(dev)
+
+
+def test_the_guest_runs_this_tree() -> None:
+    """The guest imports the blockd of the tree under test (the runner's cwd comes first
+    on sys.path), not the one the venv's editable install points to, if that differs."""
+    assert Path(blockd.__file__).resolve().is_relative_to(guest.ROOT), blockd.__file__
+    assert Path(__file__).resolve().is_relative_to(guest.ROOT)
 
 
 def test_guest_has_the_declared_hardware(vm: VM) -> None:

@@ -94,7 +94,7 @@ def test_report_writer_lines_read_back(tmp_path: Path) -> None:
 # -- the whole outer path, in a separate pytest run with run_group replaced
 
 FAKE_PLUGIN = '''
-import json, os
+import json, os, time
 import guest
 
 def fake_run_group(module, nodeids, hardware, workdir, timeout=None):
@@ -104,6 +104,8 @@ def fake_run_group(module, nodeids, hardware, workdir, timeout=None):
     mode = os.environ["FAKE_MODE"]
     if mode == "unavailable":
         raise guest.VMUnavailable("qemu-system-x86_64 is missing (test)")
+    if mode == "hang":
+        time.sleep(60)
     run = guest.GroupRun(module, log=workdir / "guest.log", boot_seconds=1.0)
     if mode == "bootfail":
         run.error = "the guest boot failed (vng exited 1)\\n---- tail ----\\nKernel panic XYZZY"
@@ -139,8 +141,10 @@ def test_one(vm): pass
 
 
 def run_fake(tmp_path: Path, mode: str, records: list[dict[str, Any]], *args: str,
-             require: bool = False) -> tuple[subprocess.CompletedProcess[str], list[Any]]:
-    """A pytest run over a copy of this tier's conftest and a fabricated group."""
+             require: bool = False, strict: bool = False,
+             **env_vars: str) -> tuple[subprocess.CompletedProcess[str], list[Any]]:
+    """A pytest run over a copy of this tier's conftest and a fabricated group
+    (``strict``: with the skip policy of tests/allowed_skips.py, in strict mode)."""
     for name in ("conftest.py", "guest.py"):
         shutil.copy(HERE / name, tmp_path / name)
     (tmp_path / "fakevm.py").write_text(FAKE_PLUGIN)
@@ -151,13 +155,18 @@ def run_fake(tmp_path: Path, mode: str, records: list[dict[str, Any]], *args: st
     calls = tmp_path / "calls.jsonl"
     calls.unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items()
-           if k not in (guest.IN_VM_ENV, guest.REQUIRE_ENV, "PYTEST_ADDOPTS")}
+           if k not in (guest.IN_VM_ENV, guest.REQUIRE_ENV, guest.STRICT_ENV, "PYTEST_ADDOPTS")}
     env.update(PYTHONPATH=str(tmp_path), FAKE_MODE=mode, FAKE_CALLS=str(calls),
-               FAKE_RECORDS=json.dumps(records))
+               FAKE_RECORDS=json.dumps(records), **env_vars)
     if require:
         env[guest.REQUIRE_ENV] = "1"
+    policy: list[str] = []
+    if strict:
+        env[guest.STRICT_ENV] = "1"
+        env["PYTHONPATH"] += os.pathsep + str(HERE.parent)  # tests/allowed_skips.py
+        policy = ["-p", "allowed_skips"]
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "fakevm", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "-p", "fakevm", *policy, "-p", "no:cacheprovider",
          "--rootdir", str(tmp_path), "-c", str(tmp_path / "pytest.ini"), "-rA",
          "--basetemp", str(tmp_path / "basetemp"), *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
@@ -221,6 +230,17 @@ def test_boot_failure_fails_every_test_of_the_group(tmp_path: Path) -> None:
     assert len(calls) == 1  # booted once, not once per test
 
 
+def test_a_hung_group_fails_by_timeout_and_boots_once(tmp_path: Path) -> None:
+    """Replay items have their own pytest-timeout (the group's limit plus a margin)."""
+    group = str(2 - guest.REPLAY_TIMEOUT_MARGIN)  # the replay items' limit: 2 s
+    proc, calls = run_fake(tmp_path, "hang", [], "test_group.py::test_a",
+                           "test_group.py::test_c", **{guest.TIMEOUT_ENV: group})
+    assert proc.returncode == 1, proc.stdout
+    assert "Timeout (>2.0s) from pytest-timeout" in proc.stdout
+    assert "2 failed" in proc.stdout and "the group's run was interrupted" in proc.stdout
+    assert len(calls) == 1  # the second test did not boot the group again
+
+
 def test_missing_vm_tools_skip_unless_required(tmp_path: Path) -> None:
     proc, _ = run_fake(tmp_path, "unavailable", [], "test_group_two.py")
     assert proc.returncode == 0, proc.stdout
@@ -228,6 +248,20 @@ def test_missing_vm_tools_skip_unless_required(tmp_path: Path) -> None:
     proc, _ = run_fake(tmp_path, "unavailable", [], "test_group_two.py", require=True)
     assert proc.returncode == 1
     assert f"{guest.REQUIRE_ENV}=1" in proc.stdout and "1 failed" in proc.stdout
+
+
+def test_strict_mode_fails_skips_from_the_guest(tmp_path: Path) -> None:
+    """A skip inside the guest counts as a skip of the outer test: it fails unless allowed."""
+    m = "test_group.py"
+    records = [*passed(f"{m}::test_a"), rec(f"{m}::test_c", "setup", "skipped",
+                                            reason="needs a disc")]
+    proc, _ = run_fake(tmp_path, "ok", records, f"{m}::test_a", f"{m}::test_c", strict=True)
+    assert proc.returncode == 1, proc.stdout
+    assert f"FAILED {m}::test_c" in proc.stdout and "[guest] needs a disc" in proc.stdout
+    assert f"{guest.STRICT_ENV}=1" in proc.stdout and "1 failed, 1 passed" in proc.stdout
+    proc, _ = run_fake(tmp_path, "unavailable", [], "test_group_two.py", strict=True)
+    assert proc.returncode == 1 and "1 failed" in proc.stdout, proc.stdout
+    assert "VM tier unavailable: qemu-system-x86_64 is missing" in proc.stdout
 
 
 # -- hardware presets
