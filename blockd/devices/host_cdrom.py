@@ -442,10 +442,19 @@ class HostCdromDriver(HostDeviceDriver):
                 # above): lift theirs and ask again, then through SG_IO.
                 log.info("%s: CDROMEJECT returned %d; unlocking and trying again",
                          self.filename, answer)
-                self._ioctls.ioctl(self.fd, CDROM_LOCKDOOR, 0)
-                answer = self._ioctls.ioctl(self.fd, CDROMEJECT, 0)
-                if answer != 0 and self._status() is not TrayState.TRAY_OPEN:
+                try:
+                    self._ioctls.ioctl(self.fd, CDROM_LOCKDOOR, 0)
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        raise OSError(exc.errno or errno.EIO, f"{what}: {_why(exc)}") from exc
+                    # Another opener, and no CAP_SYS_ADMIN to unlock past it.
+                    log.info("%s: CDROM_LOCKDOOR refused (%s), using SG_IO",
+                             self.filename, _why(exc))
                     self._scsi_eject(what)
+                else:
+                    answer = self._ioctls.ioctl(self.fd, CDROMEJECT, 0)
+                    if answer != 0 and self._status() is not TrayState.TRAY_OPEN:
+                        self._scsi_eject(what)
         self._inserted = False
         self._medium_size = 0
 

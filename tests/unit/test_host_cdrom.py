@@ -505,6 +505,28 @@ def test_positive_return_with_the_tray_open_counts_as_done(
     assert drive.tray_open and not cd.medium_present
 
 
+def test_a_foreign_lock_held_by_another_opener_is_lifted_through_sg_io(
+    drive: FakeDrive, cd: HostCdromDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Linux >= 5.18: CDROMEJECT ignores other openers but cannot lift a foreign lock
+    # (it returns the SCSI result 2), and without CAP_SYS_ADMIN CDROM_LOCKDOOR(0)
+    # refuses with EBUSY while another program holds the drive: SCSI it is.
+    real = drive.ioctl
+
+    def modern_eject(fd: int, request: int, arg: int = 0) -> int:
+        if request == CDROMEJECT and drive.prevented:
+            drive.calls.append(("eject", arg))
+            return 2
+        return real(fd, request, arg)
+
+    monkeypatch.setattr(drive, "ioctl", modern_eject)
+    drive.prevented, drive.other_openers = True, 1
+    cd.eject(True)
+    assert drive.calls[:3] == [("eject", 0), ("status", CDSL_CURRENT), ("lockdoor", 0)]
+    assert drive.cdbs == [bytes.fromhex("1e0000000000"), bytes.fromhex("1b0000000200")]
+    assert drive.tray_open and not drive.prevented and not cd.medium_present
+
+
 def test_ebusy_eject_falls_back_to_sg_io(drive: FakeDrive, cd: HostCdromDriver) -> None:
     drive.other_openers = 1  # udev's cdrom_id, a prober, a mount
     cd.eject(True)
