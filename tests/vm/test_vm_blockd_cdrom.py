@@ -386,6 +386,33 @@ async def test_unlock_while_another_program_holds_the_drive(cdrom0: GuestDevice,
         assert daemon.stop() == 0, daemon.stderr()
 
 
+async def test_eject_of_a_drive_another_program_locked_and_holds(cdrom0: GuestDevice,
+                                                                  witness: Witness,
+                                                                  tmp_path: Path) -> None:
+    """Another program locked the drive and keeps it open, and blockd runs without
+    CAP_SYS_ADMIN: CDROMEJECT cannot lift the foreign lock and CDROM_LOCKDOOR(0) refuses
+    with EBUSY, so blockd ejects with SCSI commands through SG_IO (ALLOW MEDIUM REMOVAL,
+    START STOP UNIT), and the tray opens."""
+    if witness.device("cdrom0")["tray_open"]:
+        witness.execute("blockdev-close-tray", {"id": "cdrom0"})
+    daemon = _start(cdrom0, tmp_path, prefix=WITHOUT_SYS_ADMIN)
+    qmp = await daemon.client()
+    holder = os.open(cdrom0.node, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        await asyncio.sleep(1)  # blockd settled (its start re-asserts its own lock)
+        assert ioctl_value(holder, CDROM_LOCKDOOR, 1) == 0
+        assert await witnessed(witness, "locked", True) is True
+        refused = f"{cdrom0.node}: CDROM_LOCKDOOR refused (Device or resource busy), using SG_IO"
+        before = daemon.stderr().count(refused)
+        await qmp.execute("eject", {"id": "cd0"})
+        assert await witnessed(witness, "tray_open", True) is True
+        assert daemon.stderr().count(refused) == before + 1, daemon.stderr()
+    finally:
+        os.close(holder)
+        await qmp.disconnect()
+        assert daemon.stop() == 0, daemon.stderr()
+
+
 async def test_the_button_on_a_drive_blockd_locked(blockd: Blockd, witness: Witness) -> None:
     """With the contrib udev rule, an eject request (the button of a locked drive) is
     blockd's to answer: its lock holds.  Unlocked, the button opens the tray."""
