@@ -691,13 +691,6 @@ class NbdServer:
         self.address = address
         self.max_connections = max_connections
 
-    def bound_port(self) -> int | None:
-        """The TCP port actually bound (useful with port 0)."""
-        if self._server is None or self.address is None or self.address.path is not None:
-            return None
-        sockets = getattr(self._server, "sockets", ())
-        return int(sockets[0].getsockname()[1]) if sockets else None
-
     def export_added(self, export: Export) -> None:
         """Check that a new export can be served now (QEMU checks the length at once)."""
         try:
