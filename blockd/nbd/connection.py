@@ -1,0 +1,423 @@
+"""One NBD client connection: the thin asyncio adapter between a socket and a device.
+
+``data_received`` feeds the sans-IO :class:`~blockd.nbd.protocol.NbdServerConnection`
+and hands each request it yields to the export's :class:`~blockd.block.device.Device`.
+No coroutine or task is created per request: what the device can serve at once is
+answered before ``data_received`` returns, the rest when the device calls back.
+Replies may go out in any order (NBD allows it); :mod:`blockd.nbd.replies` writes them,
+:mod:`blockd.nbd.poller` waits on the CPU for what comes next.
+
+Every way a connection ends goes through :meth:`NbdClient.disconnect`.  Requests still
+in flight then complete (acknowledged writes are never lost); their replies are dropped.
+Back-pressure: while ``MAX_IN_FLIGHT`` requests run, or the client leaves too many
+replies unread (:meth:`ReplyWriter.backlogged`), its requests are not read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NoReturn, cast
+
+from blockd.aio.buffers import MIN_POOLED
+from blockd.aio.pipes import Pipe, PipePool
+from blockd.block.device import Device
+from blockd.block.exports import Export
+from blockd.errors import BlockdError, InvalidArgument
+from blockd.nbd.constants import CommandFlag
+from blockd.nbd.errors import NbdProtocolError, errno_to_nbd
+from blockd.nbd.poller import Poller
+from blockd.nbd.protocol import (
+    NEED_DATA,
+    BlockStatus,
+    Closed,
+    Disconnect,
+    Flush,
+    NbdServerConnection,
+    Read,
+    Ready,
+    Rejected,
+    Send,
+    Trim,
+    Write,
+    WriteZeroes,
+)
+from blockd.nbd.replies import ReplyWriter
+
+if TYPE_CHECKING:
+    from blockd.nbd.server import NbdServer
+
+__all__ = ["MAX_IN_FLIGHT", "NbdClient"]
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 128
+SEND_BUFFER = 4 << 20  # socket send buffer per client
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+# Plain ints: IntFlag arithmetic costs microseconds on the hot path.
+_FUA = int(CommandFlag.FUA)
+_NO_HOLE = int(CommandFlag.NO_HOLE)
+_REQ_ONE = int(CommandFlag.REQ_ONE)
+_MAX_EXTENT = (1 << 32) - 4096
+
+_monotonic_ns = time.monotonic_ns
+
+
+def _not_negotiated(*args: object) -> NoReturn:
+    raise AssertionError("a request before the transmission phase")
+
+
+class NbdClient(asyncio.Protocol):
+    """One NBD client connection."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self._server = server
+        self._conn = conn = NbdServerConnection(server.catalog)
+        self.transport: asyncio.Transport | None = None
+        self.export: Export | None = None
+        self.device: Device | None = None  # the export's, once negotiated
+        self.in_flight = 0
+        self.closed = False  # the transport is gone
+        self.stopping = False  # no more requests will be read: the connection is ending
+        self.reading_paused = False
+        self._writethrough = False
+        # Structured replies to a node that reads zeroes: reads may go as holes.  Known
+        # at negotiation; a medium changed later only loses (or declines) the shortcut.
+        self._holes = False
+        self._pipes: PipePool | None = None  # while data can be spliced into the socket
+        self._replies = replies = ReplyWriter(
+            asyncio.get_running_loop(), server.buffers, server.pipes,
+            turn_end=self.flush, backpressure=self._update_reading, failed=self._splice_failed,
+        )
+        self._poller = poller = Poller(server, self, server.poll_max_ns)
+        # Bound once: the per-request paths pay no lookups for them.
+        self._out = replies.out
+        self._write = replies.write
+        self._send = replies.flush
+        self._receive = conn.receive_data
+        self._next_event = conn.next_event
+        self._reply_ok = conn.reply_ok
+        self._reply_read_header = conn.reply_read_header
+        self._polling = poller.enabled
+        self._poll = poller.run
+        self._request_came = poller.requests.busy
+        self._request_awaited = poller.requests.idle
+        self._completion_seen = poller.completions.busy
+        self._try_read: Callable[[int, bytearray], int | None] = _not_negotiated
+        self._try_write: Callable[[int, memoryview, bool], bool] = _not_negotiated
+        self._try_read_hole: Callable[[int, int], bool] = _not_negotiated
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not derive from asyncio.Transport, but behave like one.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=0, low=0)
+        sock = self.transport.get_extra_info("socket")
+        _enlarge_send_buffer(sock)
+        sock_fd = sock.fileno() if sock is not None else -1
+        self._replies.attach(self.transport, sock_fd)
+        self._poller.attach(self.transport, sock_fd)
+        if sock_fd >= 0:
+            self._pipes = self._server.pipes
+        if not self._server.admit(self):
+            self.disconnect(logging.WARNING, "refusing a client: %d connections",
+                            self._server.connection_count - 1)
+            return
+        self.transport.write(self._conn.initial_data())
+
+    def data_received(self, data: bytes) -> None:
+        if self._polling:
+            self._request_came(_monotonic_ns())
+        self.process(data)
+        if self._polling:
+            self._poll()
+
+    def eof_received(self) -> bool | None:
+        self.process(b"")
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Where every end completes, whoever started it (disconnect() or the transport)."""
+        if exc is not None:
+            log.debug("NBD: connection lost: %s", exc)
+        self.closed = True
+        self.stopping = True
+        self._replies.close()
+        self._poller.close()
+        self._pipes = None
+        self._server.client_gone(self)
+
+    # The transport's limits are zero: these say "something is buffered" and
+    # "everything has gone to the kernel" (see replies.py).
+
+    def pause_writing(self) -> None:
+        self._replies.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._replies.drained()
+        self._update_reading()
+
+    # -- the one way out -----------------------------------------------------------------
+
+    def disconnect(
+        self, level: int, msg: str, *args: object, hard: bool = False, exc_info: bool = False
+    ) -> None:
+        """End the connection, saying why (``msg % args``, logged at ``level``).
+
+        Every end the server starts goes through here: after the client's
+        NBD_CMD_DISC, a protocol violation, an unexpected event or exception,
+        a failed splice, a refused or deleted export; the transport ends by
+        itself only when the peer goes.  No more requests are read; those in
+        flight still complete, their replies dropped (connection_lost).
+        Graceful, the replies queued so far are sent first; ``hard`` drops
+        them.  Idempotent: once the transport is closing, it does nothing.
+        """
+        self.stopping = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        log.log(level, "NBD: " + msg, *args, exc_info=exc_info)
+        if hard:
+            transport.abort()
+        else:
+            self.flush()
+            transport.close()
+
+    def _splice_failed(self, exc: OSError) -> None:
+        self.disconnect(logging.DEBUG, "splicing a reply failed: %s", exc, hard=True)
+
+    # -- requests ----------------------------------------------------------------------
+
+    def process(self, data: bytes) -> None:
+        """Handle ``data`` and every request it completes; flush the replies once, at the end.
+
+        Replies produced meanwhile are appended to the writer's queue and
+        sent by that one flush, without a trip through call_soon (that
+        matters at queue depth 1).
+        """
+        next_event = self._next_event
+        self._replies.scheduled = True
+        try:
+            self._receive(data)
+            while not self.stopping:
+                event = next_event()
+                if event is NEED_DATA:
+                    break
+                self._handle(event)
+        except NbdProtocolError as exc:
+            self.disconnect(logging.INFO, "client broke the protocol: %s", exc)
+            return
+        except Exception as exc:
+            self.disconnect(logging.ERROR, "disconnecting after an internal error: %r", exc,
+                            exc_info=True)
+            return
+        finally:
+            # flush(), inlined: at queue depth 1 this runs once per request.
+            if self._send() and self._polling and not self.in_flight:
+                now = _monotonic_ns()
+                self._completion_seen(now)
+                self._request_awaited(now)
+        if self.reading_paused or self.in_flight >= MAX_IN_FLIGHT:
+            self._update_reading()
+
+    def _handle(self, event: object) -> None:
+        match event:
+            case Read():
+                offset, length = event.offset, event.length
+                if self._holes and self._try_read_hole(offset, length):
+                    self._out.append(
+                        self._conn.reply_read_hole(event.cookie, offset, length))
+                    return
+                if length < MIN_POOLED:
+                    # Served on the spot if the device can (memory-backed, page-cache
+                    # hit): no callback; the flush at the end of process() sends it.
+                    buf = bytearray(length)
+                    if self._try_read(offset, buf) is not None:
+                        self._out += (self._reply_read_header(event.cookie, offset, length), buf)
+                        return
+                self.in_flight += 1
+                self._submit_read(event)
+            case Write():
+                # writethrough: every write is durable before it is acknowledged.
+                fua = bool(event.flags & _FUA) or self._writethrough
+                if self._try_write(event.offset, event.data, fua):
+                    self._out.append(self._reply_ok(event.cookie))
+                    return
+                self.in_flight += 1
+                self._submit(event.cookie, self._device().submit_write, event.offset,
+                             event.data, fua)
+            case Flush():
+                self.in_flight += 1
+                self._submit(event.cookie, self._device().submit_flush)
+            case Trim():
+                self.in_flight += 1
+                self._submit(event.cookie, self._device().submit_discard, event.offset,
+                             event.length, fua=bool(event.flags & _FUA))
+            case WriteZeroes():
+                self.in_flight += 1
+                self._submit(event.cookie, self._device().submit_write_zeroes, event.offset,
+                             event.length, not event.flags & _NO_HOLE,
+                             fua=bool(event.flags & _FUA))
+            case BlockStatus():
+                self.in_flight += 1
+                self._block_status(event)
+            case Rejected():
+                self._write(self._conn.reply_error(event.cookie, event.error, event.reason))
+            case Send():
+                self._write(event.data)
+            case Ready():
+                self._ready(event)
+            case Disconnect() | Closed():
+                # Finish what is in flight, then close (the spec's NBD_CMD_DISC).
+                self.stopping = True
+                self._close_when_idle()
+            case _:
+                self.disconnect(logging.ERROR, "unexpected event %r", event)
+
+    def _ready(self, event: Ready) -> None:
+        export = event.export.handle
+        assert isinstance(export, Export)
+        device = export.device
+        self.export = export
+        self.device = device
+        self._writethrough = export.writethrough
+        node = device.node
+        self._holes = event.structured_replies and node is not None and node.reads_zeroes
+        self._try_read = device.try_read
+        self._try_write = device.try_write
+        self._try_read_hole = device.try_read_hole
+        export.clients.add(self)
+
+    def _device(self) -> Device:
+        assert self.device is not None
+        return self.device
+
+    def _close_when_idle(self) -> None:
+        if self.in_flight == 0:
+            self.disconnect(logging.DEBUG, "the client disconnected")
+
+    def _finish(self, reply: bytes | None) -> None:
+        """A request is done: queue its reply (if any) and see what its slot frees."""
+        self.in_flight -= 1
+        if reply is not None:
+            self._write(reply)
+        if self.reading_paused:
+            self._update_reading()
+        if self.stopping:
+            self._close_when_idle()
+
+    def _finish_error(self, cookie: int, exc: BaseException | None) -> None:
+        """A request failed: its error reply (the errno mapped to NBD's), then :meth:`_finish`."""
+        err = getattr(exc, "errno", None)
+        self._finish(self._conn.reply_error(
+            cookie, errno_to_nbd(err if isinstance(err, int) else errno.EIO)))
+
+    def _submit(
+        self, cookie: int, submit: Callable[..., None], *args: object, fua: bool = False
+    ) -> None:
+        """Start one request; its reply is written when the device calls back.
+
+        ``fua`` on commands without their own FUA (trim, write-zeroes) is honoured
+        with a flush after the command.
+        """
+        reply_ok = self._reply_ok
+        device = self._device()
+
+        def done(result: object, exc: BaseException | None) -> None:
+            if exc is not None:
+                self._finish_error(cookie, exc)
+            elif fua:
+                self._submit(cookie, device.submit_flush)  # keeps this request's slot
+            else:
+                self._finish(reply_ok(cookie))
+
+        try:
+            submit(*args, done)
+        except (BlockdError, OSError) as exc:
+            self._finish_error(cookie, exc)
+
+    def _submit_read(self, event: Read) -> None:
+        replies = self._replies
+        reply_read_header = self._reply_read_header
+        cookie, offset, length = event.cookie, event.offset, event.length
+
+        def done(buf: bytearray | Pipe | None, exc: BaseException | None) -> None:
+            if isinstance(buf, Pipe):
+                replies.write_pipe(reply_read_header(cookie, offset, length), buf)
+            elif exc is None and buf is not None:
+                replies.write_data(reply_read_header(cookie, offset, length), buf, length)
+            else:
+                self._finish_error(cookie, exc)
+                return
+            self._finish(None)
+
+        try:
+            self._device().submit_read(offset, length, done, self._server.buffers, self._pipes)
+        except (BlockdError, OSError) as exc:
+            self._finish_error(cookie, exc)
+
+    def _block_status(self, event: BlockStatus) -> None:
+        """Answer from the device's allocation map (Device.submit_block_status)."""
+
+        def looked_up(extents: object, exc: BaseException | None) -> None:
+            if exc is not None:
+                self._finish_error(event.cookie, exc)
+                return
+            found = cast(list[tuple[int, int]], extents)
+            if event.flags & _REQ_ONE:
+                found = [(min(found[0][0], event.length), found[0][1])] if found else []
+            # Extent lengths are 32-bit on the wire; a longer one is cut (the client asks again).
+            found = [(min(length, _MAX_EXTENT), flags) for length, flags in found]
+            if not found:
+                self._finish_error(event.cookie, InvalidArgument("no extents"))
+                return
+            self._finish(self._conn.reply_block_status(event.cookie, found))
+
+        try:
+            self._device().submit_block_status(event.offset, event.length, looked_up)
+        except (BlockdError, OSError) as exc:
+            self._finish_error(event.cookie, exc)
+
+    # -- output and flow control ---------------------------------------------------------
+
+    def flush(self) -> None:
+        """End of a turn: send the queued replies; with nothing in flight, the client's turn."""
+        if self._send() and self._polling and not self.in_flight:
+            now = _monotonic_ns()
+            self._completion_seen(now)  # one that came through the loop: learn its latency
+            self._request_awaited(now)
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        want_pause = self.in_flight >= MAX_IN_FLIGHT or self._replies.backlogged()
+        if want_pause and not self.reading_paused:
+            self.reading_paused = True
+            transport.pause_reading()
+        elif not want_pause and self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
+
+
+def _enlarge_send_buffer(sock: socket.socket | None) -> None:
+    """Let the kernel queue a few large replies at once (fewer wake-ups per MiB sent).
+
+    The default (about 208 KiB on Linux) is smaller than one 1 MiB read reply,
+    so each such reply would take several trips through the event loop.
+    SO_SNDBUFFORCE goes past the system's limit when we may (root); otherwise
+    SO_SNDBUF gets what the limit allows.
+    """
+    if sock is None:
+        return
+    for option in (SO_SNDBUFFORCE, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, SEND_BUFFER)
+            return
+        except OSError:
+            continue
