@@ -22,23 +22,10 @@ This class only keeps the arithmetic; the server does the polling.
 
 from __future__ import annotations
 
-import os
-
-__all__ = ["DEFAULT_MAX_NS", "AdaptivePoll", "max_ns_from_env"]
+__all__ = ["DEFAULT_MAX_NS", "AdaptivePoll"]
 
 DEFAULT_MAX_NS = 128_000
 START_NS = 8_000  # the first window once waits are seen to be short
-
-
-def max_ns_from_env() -> int:
-    """``BLOCKD_POLL_MAX_NS`` (0 turns polling off), else the default."""
-    value = os.environ.get("BLOCKD_POLL_MAX_NS")
-    if value is None:
-        return DEFAULT_MAX_NS
-    try:
-        return max(0, int(value))
-    except ValueError:
-        return DEFAULT_MAX_NS
 
 
 class AdaptivePoll:

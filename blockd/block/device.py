@@ -45,8 +45,6 @@ ERROR_ACTIONS = ("auto", "report", "ignore", "enospc", "stop")
 
 Done = Callable[[Any, BaseException | None], None]
 
-# Large reads go through pipes (blockd.aio.pipes) unless BLOCKD_SPLICE=0 (for comparisons).
-SPLICE = os.environ.get("BLOCKD_SPLICE") != "0"
 
 
 @dataclass(slots=True)
@@ -420,7 +418,7 @@ class Device:
         """
         node = self._medium(IoKind.READ)
         self._check_range(node, IoKind.READ, offset, length)
-        if SPLICE and pipes is not None and length >= MIN_SPLICE and node.splice_read is not None:
+        if pipes is not None and length >= MIN_SPLICE and node.splice_read is not None:
             pipe = pipes.get(offset, length)
             if pipe is not None:
                 self._submit_splice(node, offset, length, pipe, pipes, done)

@@ -73,7 +73,8 @@ class Daemon:
             self.registry.stats_class = NoAccounting
         self.table = build_table()
         self.daemon_stats = DaemonStats()
-        self.nbd = NbdServer(self.registry)
+        self.nbd = NbdServer(self.registry, poll_max_ns=self.tuning.poll_max_ns,
+                             splice=self.tuning.splice)
         self.context = CommandContext(
             registry=self.registry,
             nbd=self.nbd,

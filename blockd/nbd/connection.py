@@ -21,21 +21,22 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn, cast
+from typing import NoReturn, Protocol, cast
 
-from blockd.aio.buffers import MIN_POOLED
+from blockd.aio.buffers import MIN_POOLED, BufferPool
 from blockd.aio.pipes import Pipe, PipePool
 from blockd.block.device import Device
 from blockd.block.exports import Export
 from blockd.errors import BlockdError, InvalidArgument
 from blockd.nbd.constants import CommandFlag
 from blockd.nbd.errors import NbdProtocolError, errno_to_nbd
-from blockd.nbd.poller import Poller
+from blockd.nbd.poller import Poller, PollHost
 from blockd.nbd.protocol import (
     NEED_DATA,
     BlockStatus,
     Closed,
     Disconnect,
+    ExportCatalog,
     Flush,
     NbdServerConnection,
     Read,
@@ -47,9 +48,6 @@ from blockd.nbd.protocol import (
     WriteZeroes,
 )
 from blockd.nbd.replies import ReplyWriter
-
-if TYPE_CHECKING:
-    from blockd.nbd.server import NbdServer
 
 __all__ = ["MAX_IN_FLIGHT", "NbdClient"]
 
@@ -71,10 +69,36 @@ def _not_negotiated(*args: object) -> NoReturn:
     raise AssertionError("a request before the transmission phase")
 
 
+class ClientHost(PollHost, Protocol):
+    """What a client needs of the server that accepted it (the NbdServer)."""
+
+    @property
+    def catalog(self) -> ExportCatalog: ...
+
+    @property
+    def buffers(self) -> BufferPool: ...
+
+    @property
+    def pipes(self) -> PipePool: ...
+
+    @property
+    def poll_max_ns(self) -> int: ...
+
+    @property
+    def splice(self) -> bool: ...
+
+    @property
+    def connection_count(self) -> int: ...
+
+    def admit(self, client: NbdClient) -> bool: ...
+
+    def client_gone(self, client: NbdClient) -> None: ...
+
+
 class NbdClient(asyncio.Protocol):
     """One NBD client connection."""
 
-    def __init__(self, server: NbdServer) -> None:
+    def __init__(self, server: ClientHost) -> None:
         self._server = server
         self._conn = conn = NbdServerConnection(server.catalog)
         self.transport: asyncio.Transport | None = None
@@ -122,7 +146,7 @@ class NbdClient(asyncio.Protocol):
         sock_fd = sock.fileno() if sock is not None else -1
         self._replies.attach(self.transport, sock_fd)
         self._poller.attach(self.transport, sock_fd)
-        if sock_fd >= 0:
+        if sock_fd >= 0 and self._server.splice:
             self._pipes = self._server.pipes
         if not self._server.admit(self):
             self.disconnect(logging.WARNING, "refusing a client: %d connections",

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from blockd.aio.buffers import BufferPool
 from blockd.aio.pipes import PipePool
-from blockd.aio.polling import max_ns_from_env
+from blockd.aio.polling import DEFAULT_MAX_NS
 from blockd.block.exports import Export, NbdAddress
 from blockd.block.registry import Registry
 from blockd.errors import BlockdError, InUse, InvalidArgument, NotFound
@@ -61,14 +61,16 @@ class _Catalog:
 class NbdServer:
     """The daemon's NBD server: at most one set of listeners, many exports."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, *, poll_max_ns: int = DEFAULT_MAX_NS,
+                 splice: bool = True) -> None:
         self.registry = registry
         self.catalog = _Catalog(self)
         self.clients: set[NbdClient] = set()
         self.connections_accepted = 0  # for the metrics: blockd_nbd_connections_total
         self.buffers = BufferPool()
         self.pipes = PipePool()
-        self.poll_max_ns = max_ns_from_env()
+        self.poll_max_ns = poll_max_ns  # 0: no polling (see nbd/poller.py)
+        self.splice = splice  # large reads spliced through pipes (see aio/pipes.py)
         self.poll_hits = 0  # for the metrics: requests that polling caught
         self._poll_buf: bytearray | None = None
         self.poll_ns_total = 0  # for the metrics: time the loop spent polling

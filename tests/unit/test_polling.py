@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
-
-from blockd.aio.polling import DEFAULT_MAX_NS, START_NS, AdaptivePoll, max_ns_from_env
+from blockd.aio.polling import START_NS, AdaptivePoll
 
 US = 1000
 
@@ -52,15 +50,3 @@ def test_only_waits_that_started_idle_count() -> None:
     poll = AdaptivePoll(max_ns=100 * US)
     poll.busy(10**9)  # a request while others were in flight: no wait measured
     assert poll.window_ns == 0
-
-
-@pytest.mark.parametrize(("value", "expected"),
-                         [(None, DEFAULT_MAX_NS), ("0", 0), ("250000", 250_000),
-                          ("-5", 0), ("lots", DEFAULT_MAX_NS)])
-def test_limit_from_environment(monkeypatch: pytest.MonkeyPatch, value: str | None,
-                                expected: int) -> None:
-    if value is None:
-        monkeypatch.delenv("BLOCKD_POLL_MAX_NS", raising=False)
-    else:
-        monkeypatch.setenv("BLOCKD_POLL_MAX_NS", value)
-    assert max_ns_from_env() == expected
