@@ -28,6 +28,7 @@ __all__ = [
     "BLKPBSZGET",
     "BLKROGET",
     "BLKROTATIONAL",
+    "BLKSECTGET",
     "BLKSSZGET",
     "BLKZEROOUT",
     "CDROMCLOSETRAY",
@@ -108,6 +109,7 @@ def _IOWR(type_: int, nr: int, size: int) -> int:
 BLKROGET = _IO(0x12, 94)  # int *: 1 if the device is read-only
 BLKFLSBUF = _IO(0x12, 97)  # flush and invalidate the buffer cache
 BLKSSZGET = _IO(0x12, 104)  # int *: logical block size
+BLKSECTGET = _IO(0x12, 103)  # int *: max transfer (sectors on block nodes, bytes on /dev/sg)
 BLKGETSIZE64 = _IOR(0x12, 114, _SIZEOF_SIZE_T)  # u64 *: size in bytes
 BLKDISCARD = _IO(0x12, 119)  # u64[2] {start, length}
 BLKIOMIN = _IO(0x12, 120)  # unsigned int *: minimum I/O size

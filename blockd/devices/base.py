@@ -102,12 +102,13 @@ class TrayState(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class ScsiResult:
-    """The outcome of one raw SCSI command: status, sense and data in."""
+    """The outcome of one raw SCSI command: status, sense, data in, and how long it took."""
 
     status: int
     sense: bytes
     data: bytes
     residual: int = 0
+    duration_ns: int = 0
 
 
 @runtime_checkable

@@ -65,7 +65,7 @@ opening (``'host_cdrom' driver requires 'X' to be either a character or
 block device``, ``Could not open 'X': ...``); :class:`OSError` with the errno
 and a message saying what was attempted (``ejecting /dev/sr0: drive is
 locked ...``) from tray, lock and status calls; and
-:class:`~blockd.devices._scsi.ScsiCommandError` (an OSError) when the drive
+:class:`~blockd.devices.scsi.ScsiCommandError` (an OSError) when the drive
 rejects a SCSI command.
 """
 
@@ -84,7 +84,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import ClassVar, Self
 
-from blockd.devices import _scsi
+from blockd.devices import scsi
 from blockd.devices._aligned_io import Alignment
 from blockd.devices._ioctl import (
     BLKGETSIZE64,
@@ -176,9 +176,9 @@ class CdromIoctls:
 
     def sg_io(
         self, fd: int, cdb: bytes, data_out: bytes, data_in_len: int, timeout_ms: int
-    ) -> _scsi.SgIoResult:
-        """One SCSI command through SG_IO (see :func:`blockd.devices._scsi.sg_io`)."""
-        return _scsi.sg_io(fd, cdb, data_out, data_in_len, timeout_ms)
+    ) -> scsi.SgIoResult:
+        """One SCSI command through SG_IO (see :func:`blockd.devices.scsi.sg_io`)."""
+        return scsi.sg_io(fd, cdb, data_out, data_in_len, timeout_ms)
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
@@ -462,19 +462,19 @@ class HostCdromDriver(HostDeviceDriver):
         """ALLOW MEDIUM REMOVAL, then START STOP UNIT with LoEj=1 Start=0."""
         unlock_error: OSError | None = None
         try:
-            self._send(_scsi.prevent_allow_medium_removal(False), what, PREVENT_ALLOW_TIMEOUT_MS)
+            self._send(scsi.prevent_allow_medium_removal(False), what, PREVENT_ALLOW_TIMEOUT_MS)
         except OSError as exc:  # no lock on this drive, or no permission: try anyway
             unlock_error = exc
         try:
             self._send(
-                _scsi.start_stop_unit(start=False, load_eject=True), what, START_STOP_TIMEOUT_MS
+                scsi.start_stop_unit(start=False, load_eject=True), what, START_STOP_TIMEOUT_MS
             )
         except OSError as exc:
             if unlock_error is None:
                 raise
             message = f"{_why(exc)} (unlocking first failed: {_why(unlock_error)})"
-            if isinstance(exc, _scsi.ScsiCommandError):
-                raise _scsi.ScsiCommandError(
+            if isinstance(exc, scsi.ScsiCommandError):
+                raise scsi.ScsiCommandError(
                     exc.errno or errno.EIO, message, status=exc.status, sense=exc.sense
                 ) from exc
             raise OSError(exc.errno or errno.EIO, message) from exc
@@ -486,7 +486,7 @@ class HostCdromDriver(HostDeviceDriver):
         except OSError as exc:
             if exc.errno == errno.EBUSY:
                 self._send(
-                    _scsi.start_stop_unit(start=True, load_eject=True),
+                    scsi.start_stop_unit(start=True, load_eject=True),
                     what,
                     START_STOP_TIMEOUT_MS,
                     tolerate=lambda sense: sense.asc == 0x3A,  # closed, but empty
@@ -521,7 +521,7 @@ class HostCdromDriver(HostDeviceDriver):
                     log.info("%s: CDROM_LOCKDOOR refused (%s), using SG_IO",
                              self.filename, _why(exc))
                     self._send(
-                        _scsi.prevent_allow_medium_removal(locked), what, PREVENT_ALLOW_TIMEOUT_MS
+                        scsi.prevent_allow_medium_removal(locked), what, PREVENT_ALLOW_TIMEOUT_MS
                     )
                 elif exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
                     raise OSError(exc.errno, f"{what}: the drive has no medium lock") from exc
@@ -533,7 +533,7 @@ class HostCdromDriver(HostDeviceDriver):
                     # command ourselves to get the drive's sense data (or succeed).
                     log.info("%s: CDROM_LOCKDOOR returned %d, using SG_IO", self.filename, answer)
                     self._send(
-                        _scsi.prevent_allow_medium_removal(locked), what, PREVENT_ALLOW_TIMEOUT_MS
+                        scsi.prevent_allow_medium_removal(locked), what, PREVENT_ALLOW_TIMEOUT_MS
                     )
             self._medium_locked = locked
 
@@ -545,25 +545,25 @@ class HostCdromDriver(HostDeviceDriver):
         what: str,
         timeout_ms: int,
         *,
-        tolerate: Callable[[_scsi.Sense], bool] | None = None,
+        tolerate: Callable[[scsi.Sense], bool] | None = None,
     ) -> None:
         """Run one CDB without data; raise unless GOOD (or the sense is tolerated)."""
         try:
             result = self._ioctls.sg_io(self.fd, cdb, b"", 0, timeout_ms)
         except OSError as exc:
             err = exc.errno or errno.EIO
-            name = _scsi.opcode_name(cdb[0])
+            name = scsi.opcode_name(cdb[0])
             if err == errno.EPERM:
                 raise OSError(
                     err, f"{what}: the kernel refused {name} through SG_IO ({_EPERM_HINT})"
                 ) from exc
             raise OSError(err, f"{what}: {name} through SG_IO failed: {_why(exc)}") from exc
-        _scsi.check_transport(result, what)
-        if tolerate is not None and result.status == _scsi.CHECK_CONDITION:
-            sense = _scsi.decode_sense(result.sense)
+        scsi.check_transport(result, what)
+        if tolerate is not None and result.status == scsi.CHECK_CONDITION:
+            sense = scsi.decode_sense(result.sense)
             if sense is not None and tolerate(sense):
                 return
-        _scsi.check_status(result, what)
+        scsi.check_status(result, what)
 
     def scsi_command(
         self, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0, timeout_ms: int = 30000
@@ -576,14 +576,14 @@ class HostCdromDriver(HostDeviceDriver):
         CAP_SYS_RAWIO) or the command does not complete (timeout, reset).
         """
         cdb, data_out = bytes(cdb), bytes(data_out)
-        _scsi.check_request(cdb, data_out, data_in_len, timeout_ms)
-        what = f"{_scsi.opcode_name(cdb[0])} on {self.filename}"
+        scsi.check_request(cdb, data_out, data_in_len, timeout_ms)
+        what = f"{scsi.opcode_name(cdb[0])} on {self.filename}"
         with self._tray:
             try:
                 result = self._ioctls.sg_io(self.fd, cdb, data_out, data_in_len, timeout_ms)
             except OSError as exc:
                 raise OSError(exc.errno or errno.EIO, f"{what}: {_why(exc)}") from exc
-        _scsi.check_transport(result, what)
+        scsi.check_transport(result, what)
         return result.to_scsi_result()
 
     # -- data -------------------------------------------------------------------

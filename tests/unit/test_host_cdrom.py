@@ -22,7 +22,8 @@ from typing import Any, cast
 
 import pytest
 
-from blockd.devices import DRIVERS, _scsi, open_driver
+from blockd.devices import DRIVERS, open_driver
+from blockd.devices import scsi as _scsi
 from blockd.devices._ioctl import (
     CDROM_DRIVE_STATUS,
     CDROM_LOCKDOOR,

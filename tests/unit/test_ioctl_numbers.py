@@ -34,6 +34,7 @@ EXPECTED = {
     "SG_GET_SCSI_ID": 0x2276,
     "SG_GET_VERSION_NUM": 0x2282,
     "SG_IO": 0x2285,
+    "BLKSECTGET": 0x1267,
 }
 
 

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from blockd.devices import _scsi
+from blockd.devices import scsi as _scsi
 from blockd.devices._ioctl import SG_IO
-from blockd.devices._scsi import (
+from blockd.devices.base import ScsiResult
+from blockd.devices.scsi import (
     ScsiCommandError,
     Sense,
     SgIoResult,
@@ -21,8 +22,8 @@ from blockd.devices._scsi import (
     check_transport,
     decode_sense,
     sg_io,
+    sgio,
 )
-from blockd.devices.base import ScsiResult
 
 
 def fixed_sense(key: int, asc: int, ascq: int, *, info: int | None = None) -> bytes:
@@ -103,7 +104,7 @@ SG_IO_HDR_OFFSETS = {
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="layout pinned for x86_64")
 def test_sg_io_hdr_layout_x86_64() -> None:
-    hdr = _scsi._SgIoHdr
+    hdr = sgio._SgIoHdr
     assert ctypes.sizeof(hdr) == 88
     offsets = {name: getattr(hdr, name).offset for name, _ in hdr._fields_}
     assert offsets == SG_IO_HDR_OFFSETS
@@ -144,9 +145,9 @@ class FakeSgIoctl:
             "cdb": ctypes.string_at(cmdp, cmd_len),
         }
         status, sense, data, resid, host_status, driver_status = self.reply
-        if direction == _scsi.SG_DXFER_TO_DEV:
+        if direction == sgio.SG_DXFER_TO_DEV:
             self.seen["data_out"] = ctypes.string_at(dxferp, dxfer_len)
-        if direction == _scsi.SG_DXFER_FROM_DEV and data:
+        if direction == sgio.SG_DXFER_FROM_DEV and data:
             ctypes.memmove(dxferp, data, min(len(data), dxfer_len))
         ctypes.memmove(sbp, sense, min(len(sense), mx_sb_len))
         out = struct.pack(
@@ -166,35 +167,51 @@ def test_sg_io_fills_the_header_and_reads_the_answer() -> None:
         "request": SG_IO,
         "mutate": True,
         "interface_id": ord("S"),
-        "direction": _scsi.SG_DXFER_FROM_DEV,
+        "direction": sgio.SG_DXFER_FROM_DEV,
         "mx_sb_len": _scsi.SENSE_BUFFER_LEN,
         "iovec_count": 0,
         "dxfer_len": 96,
         "timeout": 1234,
         "cdb": bytes.fromhex("120000006000"),
     }
+    assert result.duration_ns > 0
     assert result == SgIoResult(
-        status=2, sense=sense, data=b"\x11\x22\x33\x44", residual=92, duration_ms=7
+        status=2, sense=sense, data=b"\x11\x22\x33\x44", residual=92, duration_ms=7,
+        duration_ns=result.duration_ns, transferred=4,
     )
-    assert result.to_scsi_result() == ScsiResult(2, sense, b"\x11\x22\x33\x44", 92)
+    assert result.to_scsi_result() == ScsiResult(
+        2, sense, b"\x11\x22\x33\x44", 92, result.duration_ns)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="layout pinned for x86_64")
+def test_sg_io_fills_a_caller_buffer_in_place() -> None:
+    fake = FakeSgIoctl(data=b"\x11\x22\x33\x44", resid=0)
+    target = bytearray(b"\xee" * 8)
+    view = memoryview(target)[2:6]
+    result = sg_io(7, _scsi.read_write(False, 0, 1), data_in=view, ioctl=fake)
+    assert target == bytearray(b"\xee\xee\x11\x22\x33\x44\xee\xee")
+    assert result.data == b"" and result.transferred == 4
+    with pytest.raises(ValueError, match="writable"):
+        sg_io(7, _scsi.test_unit_ready(), data_in=memoryview(b"1234"), ioctl=fake)
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="layout pinned for x86_64")
 def test_sg_io_without_data_and_with_data_out() -> None:
     fake = FakeSgIoctl()
     result = sg_io(3, _scsi.test_unit_ready(), ioctl=fake)
-    assert fake.seen["direction"] == _scsi.SG_DXFER_NONE and fake.seen["dxfer_len"] == 0
+    assert fake.seen["direction"] == sgio.SG_DXFER_NONE and fake.seen["dxfer_len"] == 0
     assert result.status == 0 and result.sense == b"" and result.data == b""
 
     sg_io(3, bytes.fromhex("2a0000000000000001 00".replace(" ", "")), data_out=b"abc", ioctl=fake)
-    assert fake.seen["direction"] == _scsi.SG_DXFER_TO_DEV
+    assert fake.seen["direction"] == sgio.SG_DXFER_TO_DEV
     assert fake.seen["data_out"] == b"abc" and fake.seen["dxfer_len"] == 3
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"cdb": b"\x00" * 5}, "6 to 255 bytes"),
+        ({"cdb": b"\x00" * 5}, "6 to 16 bytes"),
+        ({"cdb": b"\x00" * 17}, "6 to 16 bytes"),
         ({"cdb": bytes(6), "data_out": b"x", "data_in_len": 4}, "one direction"),
         ({"cdb": bytes(6), "data_in_len": -1}, "bad transfer length"),
         ({"cdb": bytes(6), "timeout_ms": -5}, "bad timeout"),
@@ -281,7 +298,7 @@ def test_undecodable_sense(raw: bytes) -> None:
         (2, 0x3A, 0x01, "NOT READY: medium not present - tray closed"),
         (5, 0x24, 0x00, "ILLEGAL REQUEST: invalid field in CDB"),
         (6, 0x28, 0x00, "UNIT ATTENTION: not ready to ready change, medium may have changed"),
-        (2, 0x04, 0x09, "NOT READY: logical unit not ready (ASC 0x04 ASCQ 0x09)"),
+        (2, 0x04, 0x0F, "NOT READY: logical unit not ready (ASC 0x04 ASCQ 0x0f)"),
         (4, 0x47, 0x03, "HARDWARE ERROR: ASC 0x47 ASCQ 0x03"),
         (5, 0x80, 0x01, "ILLEGAL REQUEST: vendor specific ASC 0x80 ASCQ 0x01"),
         (0, 0x00, 0x00, "NO SENSE"),

@@ -1,152 +1,69 @@
-"""SCSI commands through Linux SG_IO: command blocks, ``sg_io_hdr``, sense data.
+"""SCSI status and sense data: names, decoding, and the errors they become.
 
-Everything here is sans-IO except :func:`sg_io`, which performs one SG_IO
-ioctl (``scsi/sg.h``, version 3 interface) on a descriptor of a SCSI block
-device (``/dev/sr0``) or a SCSI generic node (``/dev/sg0``).  The ``host_cdrom``
-driver uses it for the tray and lock commands the cdrom layer refuses, and the
-``sg`` driver builds on the same pieces.
-
-* CDB builders return ``bytes`` ready to send (:func:`start_stop_unit`,
-  :func:`prevent_allow_medium_removal`, ...).
-* :func:`sg_io` fills a private ctypes ``sg_io_hdr``, runs the ioctl and returns
-  an :class:`SgIoResult`.  It raises :class:`OSError` only when the kernel
-  refuses the request itself (EPERM for a command the caller may not send,
-  EINVAL, ENOTTY on a non-SCSI descriptor, ...); a command the device answers
-  with CHECK CONDITION is a result, not an exception.
+* :func:`status_name` names a status byte; host (``DID_*``) and driver
+  (``DRIVER_*``) results of SG_IO say whether the command completed at all.
 * :func:`decode_sense` understands fixed (0x70/0x71) and descriptor
-  (0x72/0x73) sense data; :meth:`Sense.describe` turns it into text such as
-  ``NOT READY: medium not present - tray open``.
+  (0x72/0x73) sense data, current and deferred, with the INFORMATION field;
+  :meth:`Sense.describe` turns it into text such as ``NOT READY: medium not
+  present - tray open`` from SPC's ASC/ASCQ assignments.
 * :func:`check_transport` and :func:`check_status` raise
-  :class:`ScsiCommandError` (an :class:`OSError` with an errno picked from the
+  :class:`ScsiCommandError` (an :class:`OSError` whose errno is picked from the
   sense data) for callers that want "it worked or it raised".
 
-Facts come from SPC (status codes, sense formats, ASC/ASCQ names), MMC (START
-STOP UNIT and PREVENT ALLOW MEDIUM REMOVAL fields) and the kernel headers
-``scsi/sg.h`` and ``scsi/scsi_status.h``.
+Facts come from SPC-4 (status codes, sense formats, ASC/ASCQ names) and the
+kernel header ``scsi/scsi_status.h``.  Sans-IO.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import fcntl
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
-from blockd.devices._ioctl import SG_IO
-from blockd.devices.base import ScsiResult
+from dataclasses import dataclass, field
+from typing import Protocol
 
 __all__ = [
+    "ABORTED_COMMAND",
     "CHECK_CONDITION",
+    "CONDITION_MET",
+    "DATA_PROTECT",
     "GOOD",
-    "INQUIRY",
-    "PREVENT_ALLOW_MEDIUM_REMOVAL",
-    "READ_CAPACITY_10",
-    "REQUEST_SENSE",
-    "SENSE_BUFFER_LEN",
-    "START_STOP_UNIT",
-    "TEST_UNIT_READY",
+    "HARDWARE_ERROR",
+    "ILLEGAL_REQUEST",
+    "MEDIUM_ERROR",
+    "NOT_READY",
+    "NO_SENSE",
+    "RECOVERED_ERROR",
+    "UNIT_ATTENTION",
+    "CommandOutcome",
     "ScsiCommandError",
     "Sense",
-    "SgIoResult",
-    "check_request",
+    "TransportOutcome",
     "check_status",
     "check_transport",
     "decode_sense",
-    "inquiry",
-    "opcode_name",
-    "prevent_allow_medium_removal",
-    "read_capacity_10",
-    "request_sense",
-    "sg_io",
-    "start_stop_unit",
+    "sense_key_name",
     "status_name",
-    "test_unit_ready",
 ]
 
-# -- operation codes (SPC / SBC / MMC) ------------------------------------------------
 
-TEST_UNIT_READY = 0x00
-REQUEST_SENSE = 0x03
-INQUIRY = 0x12
-START_STOP_UNIT = 0x1B
-PREVENT_ALLOW_MEDIUM_REMOVAL = 0x1E
-READ_CAPACITY_10 = 0x25
+class CommandOutcome(Protocol):
+    """What :func:`check_status` needs of a result: the status byte and the sense bytes."""
 
-_OPCODE_NAMES = {
-    TEST_UNIT_READY: "TEST UNIT READY",
-    REQUEST_SENSE: "REQUEST SENSE",
-    INQUIRY: "INQUIRY",
-    START_STOP_UNIT: "START STOP UNIT",
-    PREVENT_ALLOW_MEDIUM_REMOVAL: "PREVENT ALLOW MEDIUM REMOVAL",
-    READ_CAPACITY_10: "READ CAPACITY(10)",
-    0x28: "READ(10)",
-    0x2A: "WRITE(10)",
-    0x35: "SYNCHRONIZE CACHE(10)",
-    0x46: "GET CONFIGURATION",
-    0x4A: "GET EVENT STATUS NOTIFICATION",
-    0x5A: "MODE SENSE(10)",
-    0x88: "READ(16)",
-    0x8A: "WRITE(16)",
-    0x9E: "SERVICE ACTION IN(16)",
-}
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def sense(self) -> bytes: ...
 
 
-def opcode_name(opcode: int) -> str:
-    """A readable name for an operation code (``opcode 0xNN`` when unknown)."""
-    return _OPCODE_NAMES.get(opcode, f"opcode 0x{opcode:02x}")
+class TransportOutcome(Protocol):
+    """What :func:`check_transport` needs: the adapter's and the mid layer's results."""
 
+    @property
+    def host_status(self) -> int: ...
 
-# -- command descriptor blocks -------------------------------------------------------
+    @property
+    def driver_status(self) -> int: ...
 
-
-def test_unit_ready() -> bytes:
-    """TEST UNIT READY: GOOD when a medium is in and the unit is ready."""
-    return bytes(6)
-
-
-def request_sense(allocation_length: int = 252) -> bytes:
-    """REQUEST SENSE(6) asking for up to ``allocation_length`` bytes of sense data."""
-    _check_range("allocation length", allocation_length, 0xFF)
-    return bytes((REQUEST_SENSE, 0, 0, 0, allocation_length, 0))
-
-
-def inquiry(allocation_length: int = 96, vpd_page: int | None = None) -> bytes:
-    """INQUIRY: standard data, or the vital product data page ``vpd_page`` (EVPD=1)."""
-    _check_range("allocation length", allocation_length, 0xFFFF)
-    evpd, page = (0, 0) if vpd_page is None else (1, vpd_page)
-    _check_range("VPD page", page, 0xFF)
-    return bytes((INQUIRY, evpd, page, allocation_length >> 8, allocation_length & 0xFF, 0))
-
-
-def start_stop_unit(*, start: bool, load_eject: bool, immediate: bool = False) -> bytes:
-    """START STOP UNIT.
-
-    With ``load_eject`` the medium moves: ``start=False`` ejects (opens the
-    tray), ``start=True`` loads (closes the tray).  ``immediate`` makes the
-    device answer before the operation has finished.
-    """
-    byte4 = (0x02 if load_eject else 0) | (0x01 if start else 0)
-    return bytes((START_STOP_UNIT, 0x01 if immediate else 0, 0, 0, byte4, 0))
-
-
-def prevent_allow_medium_removal(prevent: bool) -> bytes:
-    """PREVENT ALLOW MEDIUM REMOVAL: lock (``True``) or unlock the medium."""
-    return bytes((PREVENT_ALLOW_MEDIUM_REMOVAL, 0, 0, 0, 0x01 if prevent else 0x00, 0))
-
-
-def read_capacity_10() -> bytes:
-    """READ CAPACITY(10): last logical block address and block length (8 bytes back)."""
-    return bytes((READ_CAPACITY_10,) + (0,) * 9)
-
-
-def _check_range(what: str, value: int, limit: int) -> None:
-    if not 0 <= value <= limit:
-        raise ValueError(f"{what} {value} is outside 0..{limit}")
-
-
-# -- status ----------------------------------------------------------------------------
 
 GOOD = 0x00
 CHECK_CONDITION = 0x02
@@ -205,8 +122,6 @@ _DRIVER_STATUS_NAMES = {
 }
 
 # -- sense data ------------------------------------------------------------------------
-
-SENSE_BUFFER_LEN = 64  # more than the 18 bytes of fixed sense and 252 is never needed here
 
 _SENSE_KEYS = (
     "NO SENSE",
@@ -282,6 +197,126 @@ _ASC_ASCQ: dict[tuple[int, int], str] = {
     (0x6F, 0x01): "copy protection key exchange failure - key not present",
     (0x6F, 0x02): "copy protection key exchange failure - key not established",
     (0x6F, 0x03): "read of scrambled sector without authentication",
+    (0x00, 0x01): "filemark detected",
+    (0x00, 0x02): "end-of-partition/medium detected",
+    (0x00, 0x04): "beginning-of-partition/medium detected",
+    (0x00, 0x05): "end-of-data detected",
+    (0x00, 0x11): "audio play operation in progress",
+    (0x00, 0x16): "operation in progress",
+    (0x00, 0x1D): "ATA pass through information available",
+    (0x01, 0x00): "no index/sector signal",
+    (0x03, 0x00): "peripheral device write fault",
+    (0x04, 0x09): "logical unit not ready, self-test in progress",
+    (0x04, 0x0A): "logical unit not accessible, asymmetric access state transition",
+    (0x04, 0x0B): "logical unit not accessible, target port in standby state",
+    (0x04, 0x0C): "logical unit not accessible, target port in unavailable state",
+    (0x04, 0x11): "logical unit not ready, notify (enable spinup) required",
+    (0x04, 0x1B): "logical unit not ready, sanitize in progress",
+    (0x04, 0x22): "logical unit not ready, power cycle required",
+    (0x0B, 0x00): "warning",
+    (0x0B, 0x01): "warning - specified temperature exceeded",
+    (0x0C, 0x02): "write error - auto reallocation failed",
+    (0x0C, 0x03): "write error - recommend reassignment",
+    (0x0C, 0x07): "write error - recovery needed",
+    (0x0C, 0x09): "write error - loss of streaming",
+    (0x10, 0x00): "ID CRC or ECC error",
+    (0x10, 0x01): "logical block guard check failed",
+    (0x10, 0x02): "logical block application tag check failed",
+    (0x10, 0x03): "logical block reference tag check failed",
+    (0x11, 0x01): "read retries exhausted",
+    (0x11, 0x02): "error too long to correct",
+    (0x11, 0x04): "unrecovered read error - auto reallocate failed",
+    (0x11, 0x0F): "error reading UPC/EAN number",
+    (0x11, 0x10): "error reading ISRC number",
+    (0x11, 0x14): "read error - LBA marked bad by application client",
+    (0x12, 0x00): "address mark not found for ID field",
+    (0x13, 0x00): "address mark not found for data field",
+    (0x14, 0x00): "recorded entity not found",
+    (0x14, 0x01): "record not found",
+    (0x16, 0x00): "data synchronization mark error",
+    (0x17, 0x00): "recovered data with no error correction applied",
+    (0x17, 0x01): "recovered data with retries",
+    (0x18, 0x00): "recovered data with error correction applied",
+    (0x18, 0x01): "recovered data with error correction and retries applied",
+    (0x19, 0x00): "defect list error",
+    (0x1D, 0x00): "miscompare during verify operation",
+    (0x20, 0x01): "access denied - initiator pending-enrolled",
+    (0x21, 0x01): "invalid element address",
+    (0x21, 0x02): "invalid address for write",
+    (0x24, 0x01): "CDB decryption error",
+    (0x26, 0x01): "parameter not supported",
+    (0x26, 0x02): "parameter value invalid",
+    (0x27, 0x01): "hardware write protected",
+    (0x27, 0x02): "logical unit software write protected",
+    (0x27, 0x07): "space allocation failed write protect",
+    (0x28, 0x01): "import or export element accessed",
+    (0x29, 0x01): "power on occurred",
+    (0x29, 0x02): "SCSI bus reset occurred",
+    (0x29, 0x03): "bus device reset function occurred",
+    (0x29, 0x04): "device internal reset",
+    (0x29, 0x07): "I_T nexus loss occurred",
+    (0x2A, 0x00): "parameters changed",
+    (0x2A, 0x02): "log parameters changed",
+    (0x2A, 0x03): "reservations preempted",
+    (0x2A, 0x09): "capacity data has changed",
+    (0x2C, 0x00): "command sequence error",
+    (0x2E, 0x00): "insufficient time for operation",
+    (0x2F, 0x00): "commands cleared by another initiator",
+    (0x30, 0x03): "cleaning cartridge installed",
+    (0x30, 0x04): "cannot write medium - unknown format",
+    (0x30, 0x05): "cannot write medium - incompatible format",
+    (0x30, 0x06): "cannot format medium - incompatible medium",
+    (0x30, 0x07): "cleaning failure",
+    (0x31, 0x00): "medium format corrupted",
+    (0x31, 0x01): "format command failed",
+    (0x32, 0x00): "no defect spare location available",
+    (0x34, 0x00): "enclosure failure",
+    (0x35, 0x00): "enclosure services failure",
+    (0x37, 0x00): "rounded parameter",
+    (0x38, 0x07): "thin provisioning soft threshold reached",
+    (0x39, 0x00): "saving parameters not supported",
+    (0x3B, 0x0D): "medium destination element full",
+    (0x3B, 0x0E): "medium source element empty",
+    (0x3D, 0x00): "invalid bits in IDENTIFY message",
+    (0x3E, 0x01): "logical unit failure",
+    (0x3E, 0x02): "timeout on logical unit",
+    (0x3F, 0x00): "target operating conditions have changed",
+    (0x3F, 0x01): "microcode has been changed",
+    (0x3F, 0x03): "inquiry data has changed",
+    (0x3F, 0x0E): "reported luns data has changed",
+    (0x40, 0x00): "RAM failure",
+    (0x43, 0x00): "message error",
+    (0x45, 0x00): "select or reselect failure",
+    (0x47, 0x00): "SCSI parity error",
+    (0x48, 0x00): "initiator detected error message received",
+    (0x49, 0x00): "invalid message error",
+    (0x4A, 0x00): "command phase error",
+    (0x4B, 0x00): "data phase error",
+    (0x4C, 0x00): "logical unit failed self-configuration",
+    (0x4E, 0x00): "overlapped commands attempted",
+    (0x51, 0x00): "erase failure",
+    (0x53, 0x01): "unload tape failure",
+    (0x55, 0x00): "system resource failure",
+    (0x55, 0x03): "insufficient resources",
+    (0x5A, 0x00): "operator request or state change input",
+    (0x5A, 0x02): "operator selected write protect",
+    (0x5A, 0x03): "operator selected write permit",
+    (0x5B, 0x00): "log exception",
+    (0x5C, 0x00): "RPL status change",
+    (0x5D, 0x00): "failure prediction threshold exceeded",
+    (0x5D, 0xFF): "failure prediction threshold exceeded (false)",
+    (0x5E, 0x00): "low power condition on",
+    (0x5E, 0x01): "idle condition activated by timer",
+    (0x5E, 0x03): "standby condition activated by timer",
+    (0x65, 0x00): "voltage fault",
+    (0x72, 0x00): "session fixation error",
+    (0x72, 0x03): "session fixation error - incomplete track in session",
+    (0x73, 0x00): "CD control error",
+    (0x73, 0x01): "power calibration area almost full",
+    (0x73, 0x02): "power calibration area is full",
+    (0x73, 0x03): "power calibration area error",
+    (0x73, 0x04): "program memory area update failure",
+    (0x73, 0x05): "program memory area is full",
 }
 # What an ASC means when its ASCQ is not in the table above.
 _ASC_ONLY = {
@@ -299,6 +334,11 @@ _DESC_CURRENT, _DESC_DEFERRED = 0x72, 0x73
 _INFORMATION_DESCRIPTOR = 0x00
 
 
+def sense_key_name(key: int) -> str:
+    """SPC's name of a sense key (``ILLEGAL REQUEST`` for 5)."""
+    return _SENSE_KEYS[key & 0x0F]
+
+
 @dataclass(frozen=True, slots=True)
 class Sense:
     """Decoded sense data: what the device says went wrong."""
@@ -308,6 +348,7 @@ class Sense:
     asc: int
     ascq: int
     information: int | None = None  # the INFORMATION field, when the device marked it valid
+    raw: bytes = field(default=b"", compare=False, repr=False)  # the sense bytes as sent
 
     @property
     def descriptor_format(self) -> bool:
@@ -320,7 +361,7 @@ class Sense:
 
     @property
     def key_name(self) -> str:
-        return _SENSE_KEYS[self.sense_key & 0x0F]
+        return sense_key_name(self.sense_key)
 
     @property
     def reason(self) -> str:
@@ -377,12 +418,12 @@ def decode_sense(data: bytes) -> Sense | None:
         information = None
         if data[0] & 0x80 and len(data) >= 7:
             information = int.from_bytes(data[3:7], "big")
-        return Sense(code, data[2] & 0x0F, asc, ascq, information)
+        return Sense(code, data[2] & 0x0F, asc, ascq, information, bytes(data))
     if code in (_DESC_CURRENT, _DESC_DEFERRED):
         key = data[1] & 0x0F
         asc = data[2] if len(data) > 2 else 0
         ascq = data[3] if len(data) > 3 else 0
-        return Sense(code, key, asc, ascq, _information_descriptor(data))
+        return Sense(code, key, asc, ascq, _information_descriptor(data), bytes(data))
     return None
 
 
@@ -424,7 +465,7 @@ class ScsiCommandError(OSError):
         return str(self.strerror)
 
 
-def check_status(result: ScsiResult | SgIoResult, what: str) -> None:
+def check_status(result: CommandOutcome, what: str) -> None:
     """Raise ScsiCommandError unless the device answered GOOD (or CONDITION MET)."""
     if result.status in (GOOD, CONDITION_MET):
         return
@@ -438,7 +479,7 @@ def check_status(result: ScsiResult | SgIoResult, what: str) -> None:
     raise ScsiCommandError(err, f"{what}: {reason}", status=result.status, sense=sense)
 
 
-def check_transport(result: SgIoResult, what: str) -> None:
+def check_transport(result: TransportOutcome, what: str) -> None:
     """Raise OSError when the command never completed (adapter or mid-layer failure).
 
     A device's own answer, even CHECK CONDITION, is not a transport failure.
@@ -458,136 +499,3 @@ def check_transport(result: SgIoResult, what: str) -> None:
         err = errno.ETIMEDOUT if driver == _DRIVER_TIMEOUT else errno.EIO
         raise OSError(err, f"{what}: the command did not complete ({name})")
 
-
-# -- SG_IO -----------------------------------------------------------------------------
-
-SG_DXFER_NONE = -1
-SG_DXFER_TO_DEV = -2
-SG_DXFER_FROM_DEV = -3
-SG_INTERFACE_ID = ord("S")
-MAX_CDB_LEN = 255  # cmd_len is one byte; the kernel caps it lower (32 today)
-
-
-class _SgIoHdr(ctypes.Structure):
-    """``struct sg_io_hdr`` of scsi/sg.h (88 bytes on 64-bit Linux, 64 on i386)."""
-
-    _fields_ = (
-        ("interface_id", ctypes.c_int),  # 'S'
-        ("dxfer_direction", ctypes.c_int),  # SG_DXFER_*
-        ("cmd_len", ctypes.c_ubyte),
-        ("mx_sb_len", ctypes.c_ubyte),  # room at sbp
-        ("iovec_count", ctypes.c_ushort),  # 0: dxferp is a plain buffer
-        ("dxfer_len", ctypes.c_uint),
-        ("dxferp", ctypes.c_void_p),
-        ("cmdp", ctypes.c_void_p),
-        ("sbp", ctypes.c_void_p),
-        ("timeout", ctypes.c_uint),  # milliseconds
-        ("flags", ctypes.c_uint),
-        ("pack_id", ctypes.c_int),
-        ("usr_ptr", ctypes.c_void_p),
-        ("status", ctypes.c_ubyte),  # out: SCSI status byte
-        ("masked_status", ctypes.c_ubyte),
-        ("msg_status", ctypes.c_ubyte),
-        ("sb_len_wr", ctypes.c_ubyte),  # out: sense bytes written
-        ("host_status", ctypes.c_ushort),  # out: DID_*
-        ("driver_status", ctypes.c_ushort),  # out: DRIVER_*
-        ("resid", ctypes.c_int),  # out: dxfer_len minus bytes transferred
-        ("duration", ctypes.c_uint),  # out: milliseconds
-        ("info", ctypes.c_uint),  # out: SG_INFO_*
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class SgIoResult:
-    """What one SG_IO call returned: the device's answer plus the transport's."""
-
-    status: int
-    sense: bytes = b""
-    data: bytes = b""
-    residual: int = 0
-    host_status: int = 0
-    driver_status: int = 0
-    duration_ms: int = 0
-
-    def to_scsi_result(self) -> ScsiResult:
-        """The driver-neutral result the Passthrough protocol returns."""
-        return ScsiResult(
-            status=self.status, sense=self.sense, data=self.data, residual=self.residual
-        )
-
-
-IoctlFunc = Callable[[int, int, Any, bool], Any]
-
-
-def check_request(cdb: bytes, data_out: bytes, data_in_len: int, timeout_ms: int) -> None:
-    """Raise ValueError for a request SG_IO cannot express."""
-    if not 6 <= len(cdb) <= MAX_CDB_LEN:
-        raise ValueError(f"a CDB has 6 to {MAX_CDB_LEN} bytes, not {len(cdb)}")
-    if data_out and data_in_len:
-        raise ValueError("a command moves data in one direction only")
-    if data_in_len < 0 or max(len(data_out), data_in_len) > 0xFFFFFFFF:
-        raise ValueError(f"bad transfer length {data_in_len or len(data_out)}")
-    if not 0 <= timeout_ms <= 0xFFFFFFFF:
-        raise ValueError(f"bad timeout {timeout_ms} ms")
-
-
-def sg_io(
-    fd: int,
-    cdb: bytes,
-    data_out: bytes = b"",
-    data_in_len: int = 0,
-    timeout_ms: int = 30_000,
-    *,
-    sense_len: int = SENSE_BUFFER_LEN,
-    ioctl: IoctlFunc = fcntl.ioctl,
-) -> SgIoResult:
-    """Send one command with SG_IO and wait for it (the calling thread blocks).
-
-    ``data_out`` goes to the device, or ``data_in_len`` bytes may come back;
-    not both.  Raises ValueError for malformed arguments and OSError when
-    the kernel refuses the ioctl.  ``ioctl`` is replaceable for tests.
-    """
-    check_request(cdb, data_out, data_in_len, timeout_ms)
-    if not 0 < sense_len <= 0xFF:
-        raise ValueError(f"bad sense buffer length {sense_len}")
-
-    command = ctypes.create_string_buffer(bytes(cdb), len(cdb))
-    sense = ctypes.create_string_buffer(sense_len)
-    data: ctypes.Array[ctypes.c_char] | None = None
-    if data_out:
-        direction, length = SG_DXFER_TO_DEV, len(data_out)
-        data = ctypes.create_string_buffer(bytes(data_out), length)
-    elif data_in_len:
-        direction, length = SG_DXFER_FROM_DEV, data_in_len
-        data = ctypes.create_string_buffer(length)
-    else:
-        direction, length = SG_DXFER_NONE, 0
-
-    hdr = _SgIoHdr()
-    hdr.interface_id = SG_INTERFACE_ID
-    hdr.dxfer_direction = direction
-    hdr.cmd_len = len(cdb)
-    hdr.mx_sb_len = sense_len
-    hdr.dxfer_len = length
-    hdr.dxferp = ctypes.addressof(data) if data is not None else None
-    hdr.cmdp = ctypes.addressof(command)
-    hdr.sbp = ctypes.addressof(sense)
-    hdr.timeout = timeout_ms
-    # The kernel writes the results into hdr (copied back because mutate is
-    # True) and the sense and data straight into the buffers above, which the
-    # locals keep alive until it returns.
-    ioctl(fd, SG_IO, hdr, True)
-
-    residual = max(0, min(hdr.resid, length))
-    received = b""
-    if direction == SG_DXFER_FROM_DEV and data is not None:
-        received = data.raw[: length - residual]
-    return SgIoResult(
-        status=hdr.status,
-        sense=sense.raw[: min(hdr.sb_len_wr, sense_len)],
-        data=received,
-        residual=residual,
-        host_status=hdr.host_status,
-        driver_status=hdr.driver_status,
-        duration_ms=hdr.duration,
-    )
