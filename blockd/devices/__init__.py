@@ -1,7 +1,10 @@
-"""Block drivers: the code that talks to a node's backing (files, host devices, CD drives, null).
+"""Block drivers: the code that talks to a node's backing (files, host devices, CD drives,
+SCSI generic units, null).
 
 :data:`DRIVERS` maps QEMU's driver names to driver classes and
-:func:`open_driver` opens a node with the right one.  Nothing in this package
+:func:`open_driver` opens a node with the right one; ``host_device`` on a SCSI
+generic node (``/dev/sgN``) opens the sg driver under that name, as QEMU
+treats such a path as SCSI generic.  Nothing in this package
 imports asyncio, the QMP layer or the NBD layer; every call may block.
 
 Raises InvalidArgument (``Parameter 'driver' does not accept value 'X'``) for
@@ -18,6 +21,7 @@ from blockd.devices.file import FileDriver
 from blockd.devices.host_cdrom import HostCdromDriver
 from blockd.devices.host_device import HostDeviceDriver
 from blockd.devices.null import NullDriver
+from blockd.devices.sg import HostDeviceSgDriver, SgDriver, is_scsi_generic
 from blockd.errors import InvalidArgument
 
 __all__ = [
@@ -26,6 +30,7 @@ __all__ = [
     "HostCdromDriver",
     "HostDeviceDriver",
     "NullDriver",
+    "SgDriver",
     "open_driver",
 ]
 
@@ -37,6 +42,7 @@ DRIVERS: Mapping[str, DriverClass] = MappingProxyType(
         HostCdromDriver.format_name: HostCdromDriver,
         HostDeviceDriver.format_name: HostDeviceDriver,
         NullDriver.format_name: NullDriver,
+        SgDriver.format_name: SgDriver,
     }
 )
 
@@ -49,4 +55,6 @@ def open_driver(options: NodeOptions) -> BlockDriver:
         raise InvalidArgument(
             f"Parameter 'driver' does not accept value '{options.driver}'"
         ) from None
+    if driver_class is HostDeviceDriver and is_scsi_generic(options.filename or ""):
+        return HostDeviceSgDriver.open(options)
     return driver_class.open(options)

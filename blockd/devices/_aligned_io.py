@@ -29,10 +29,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from blockd.devices.pybuffer import PYBUF_SIMPLE, PyBuffer, get_buffer, release_buffer
@@ -208,19 +209,36 @@ def _gather(views: Sequence[memoryview], target: memoryview) -> None:
         pos += view.nbytes
 
 
+ReadAt = Callable[[int, Sequence[memoryview]], int]
+WriteAt = Callable[[int, Sequence[memoryview], int], int]
+
+
 class AlignedIO:
     """Reads and writes on one descriptor, bouncing what the alignment does not allow.
 
     ``keep_size`` makes a read-modify-write that had to extend a regular file
     past its end (to write a whole last block) cut it back, so an unaligned
-    write never grows a file by more than the caller wrote.
+    write never grows a file by more than the caller wrote.  ``read_at`` and
+    ``write_at`` replace the positional system calls for a device reached
+    another way (the sg driver sends READ and WRITE commands); they get
+    aligned requests only.
     """
 
-    def __init__(self, fd: int, alignment: Alignment, keep_size: bool = False) -> None:
+    def __init__(
+        self,
+        fd: int,
+        alignment: Alignment,
+        keep_size: bool = False,
+        *,
+        read_at: ReadAt | None = None,
+        write_at: WriteAt | None = None,
+    ) -> None:
         self.fd = fd
         self.alignment = alignment
         self._keep_size = keep_size
         self._lock = _SharedExclusiveLock()
+        self._read_at: ReadAt = read_at or functools.partial(read_full, fd)
+        self._write_at: WriteAt = write_at or functools.partial(write_full, fd)
 
     def _memory_aligned(self, views: Sequence[memoryview]) -> bool:
         mem, req = self.alignment.memory, self.alignment.request
@@ -245,9 +263,9 @@ class AlignedIO:
             return 0
         start, end = self._bounds(offset, length)
         if start == offset and end == offset + length and self._memory_aligned(views):
-            return read_full(self.fd, offset, views)
+            return self._read_at(offset, views)
         whole = aligned_buffer(end - start)
-        got = read_full(self.fd, start, [whole])
+        got = self._read_at(start, [whole])
         head = offset - start
         count = max(0, min(got - head, length))
         _scatter(whole[head : head + count], views)
@@ -263,10 +281,10 @@ class AlignedIO:
         if start == offset and end == offset + length:
             with self._lock.shared():
                 if self._memory_aligned(views):
-                    return write_full(self.fd, offset, views, flags)
+                    return self._write_at(offset, views, flags)
                 whole = aligned_buffer(length)
                 _gather(views, whole)
-                return write_full(self.fd, offset, [whole], flags)
+                return self._write_at(offset, [whole], flags)
         with self._lock.exclusive():
             return self._read_modify_write(offset, length, start, end, views, flags)
 
@@ -283,11 +301,11 @@ class AlignedIO:
         size_before = os.fstat(self.fd).st_size if self._keep_size else 0
         whole = aligned_buffer(end - start)
         if offset != start:
-            read_full(self.fd, start, [whole[:req]])
+            self._read_at(start, [whole[:req]])
         if offset + length != end and (end - req > start or offset == start):
-            read_full(self.fd, end - req, [whole[end - req - start :]])
+            self._read_at(end - req, [whole[end - req - start :]])
         _gather(views, whole[offset - start : offset - start + length])
-        write_full(self.fd, start, [whole], flags)
+        self._write_at(start, [whole], flags)
         if self._keep_size and end > size_before:
             os.ftruncate(self.fd, max(size_before, offset + length))
         return length

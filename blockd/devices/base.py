@@ -30,6 +30,7 @@ __all__ = [
     "NowaitReader",
     "Passthrough",
     "Removable",
+    "ScsiIdentity",
     "ScsiResult",
     "SpliceReader",
     "TrayState",
@@ -69,6 +70,36 @@ class NodeOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class ScsiIdentity:
+    """Who a SCSI unit says it is (INQUIRY and its VPD pages), learnt at open time."""
+
+    peripheral_type: int  # 0 disk, 5 CD/DVD, ... (SPC)
+    peripheral_type_name: str
+    removable: bool
+    vendor: str
+    product: str
+    revision: str
+    serial: str = ""  # VPD 0x80
+    wwn: str = ""  # the NAA designator of VPD 0x83, as udev's ID_WWN ("0x...")
+
+    def to_qmp(self) -> dict[str, object]:
+        """The ``blockd-scsi`` member of BlockDeviceInfo (a blockd extension)."""
+        info: dict[str, object] = {
+            "peripheral-type": self.peripheral_type,
+            "peripheral-type-name": self.peripheral_type_name,
+            "removable": self.removable,
+            "vendor": self.vendor,
+            "product": self.product,
+            "revision": self.revision,
+        }
+        if self.serial:
+            info["serial"] = self.serial
+        if self.wwn:
+            info["wwn"] = self.wwn
+        return info
+
+
+@dataclass(frozen=True, slots=True)
 class DriverInfo:
     """What a driver can tell about its backing (for query-named-block-nodes and NBD).
 
@@ -88,6 +119,7 @@ class DriverInfo:
     can_write_zeroes: bool = True
     read_only_medium: bool = False
     extra: dict[str, object] = field(default_factory=dict)
+    scsi: ScsiIdentity | None = None  # for drivers that speak SCSI to the unit (sg)
 
 
 class TrayState(enum.Enum):

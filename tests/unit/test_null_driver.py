@@ -22,7 +22,7 @@ def null(**kw: Any) -> NullDriver:
 
 
 def test_registered_and_protocol_conformant() -> None:
-    assert list(DRIVERS) == ["file", "host_cdrom", "host_device", "null-co"]
+    assert list(DRIVERS) == ["file", "host_cdrom", "host_device", "null-co", "sg"]
     assert cast(object, DRIVERS["null-co"]) is NullDriver
     assert isinstance(null(), BlockDriver)
 
