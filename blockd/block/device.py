@@ -33,11 +33,12 @@ from blockd.aio.workers import IoWorkers
 from blockd.block.node import Node
 from blockd.block.stats import AcctCookie, BlockAcctStats, IoKind
 from blockd.block.tray import Runner, Tray
-from blockd.devices.base import Buffer
+from blockd.devices import scsi
+from blockd.devices.base import Buffer, Passthrough, ScsiResult
 from blockd.errors import InUse, InvalidArgument, NoMedium, ReadOnly, Unsupported
 from blockd.events import BlockIoError, DeviceTrayMoved, EventBus, Resume, Stop
 
-__all__ = ["ERROR_ACTIONS", "Device", "DeviceKind", "ErrorAction"]
+__all__ = ["ERROR_ACTIONS", "Device", "DeviceKind", "ErrorAction", "run_scsi_command"]
 
 DeviceKind = Literal["cd", "hd"]
 ErrorAction = Literal["report", "ignore", "stop", "enospc", "auto"]
@@ -90,6 +91,10 @@ class Device:
         self.paused = False
         self._held: list[_Request] = []
         self.stats = stats if stats is not None else BlockAcctStats()
+        # blockd-scsi-command: commands sent, by opcode name, and CHECK CONDITIONs
+        # by sense key name (for the metrics).
+        self.scsi_commands: dict[str, int] = {}
+        self.scsi_check_conditions: dict[str, int] = {}
         self._workers = workers
         self._bus = bus
         self.tray = Tray(self, control if control is not None else _run_in_default_executor)
@@ -553,6 +558,17 @@ class Device:
 
         self._workers.submit(lookup, (offset, length), looked_up)
 
+    # -- raw SCSI commands ---------------------------------------------------------
+
+    def note_scsi_command(self, opcode: int, result: ScsiResult) -> None:
+        """Count one raw command sent to this device's unit, and its CHECK CONDITION."""
+        name = scsi.opcode_name(opcode)
+        self.scsi_commands[name] = self.scsi_commands.get(name, 0) + 1
+        if result.status == scsi.CHECK_CONDITION:
+            sense = scsi.decode_sense(result.sense)
+            key = sense.key_name if sense is not None else "none"
+            self.scsi_check_conditions[key] = self.scsi_check_conditions.get(key, 0) + 1
+
     # -- pausing --------------------------------------------------------------------
 
     def pause(self, *, publish: bool = True) -> bool:
@@ -576,6 +592,42 @@ class Device:
         if publish:
             self._bus.publish(Resume())
         return True
+
+
+async def run_scsi_command(
+    node: Node,
+    device: Device | None,
+    run: Runner,
+    cdb: bytes,
+    data_out: bytes,
+    data_in_len: int,
+    timeout_ms: int,
+) -> ScsiResult:
+    """Send one raw SCSI command to ``node``'s unit (blockd-scsi-command).
+
+    The command runs through ``run`` (the control executor), one at a time per
+    node, so a client holds at most one control thread per node however many
+    commands it sends; the node counts it in flight, so it cannot close under
+    it.  ``device`` (the node's user, if a device) counts it for the metrics.
+    Raises Unsupported for a node whose driver cannot send SCSI commands and
+    OSError when the command did not complete.
+    """
+    driver = node.driver
+    if not isinstance(driver, Passthrough):
+        raise Unsupported(
+            f"Node '{node.name}' (driver {node.drv}) cannot send SCSI commands")
+    async with node.passthrough_lock:
+        node.in_flight += 1
+        try:
+            result: ScsiResult = await run(
+                driver.scsi_command, cdb, data_out, data_in_len, timeout_ms)
+        finally:
+            node.in_flight -= 1
+            if not node.in_flight and node.idle_waiters:
+                node.wake_idle()
+    if device is not None:
+        device.note_scsi_command(cdb[0], result)
+    return result
 
 
 async def _run_in_default_executor(fn: Callable[..., Any], *args: object) -> Any:

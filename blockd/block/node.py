@@ -71,6 +71,8 @@ class Node:
     in_flight: int = 0  # requests running in the driver now (it must not close under them)
     # Who waits for in_flight to reach zero (wait_idle); the device wakes them.
     idle_waiters: list[asyncio.Future[None]] = field(default_factory=list, repr=False)
+    # One blockd-scsi-command at a time per node (each holds a control thread).
+    passthrough_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     # The driver's non-blocking read, if it has one (called on the loop thread).
     nowait_read: Callable[[int, Sequence[memoryview]], int] | None = field(init=False)
     # What the device may call on the loop thread (memory-backed drivers; page-cache reads).
@@ -186,8 +188,11 @@ class Node:
         return info
 
     def device_info(self, writeback: bool = True) -> dict[str, object]:
-        """QEMU's BlockDeviceInfo (query-named-block-nodes, query-block ``inserted``)."""
-        return {
+        """QEMU's BlockDeviceInfo (query-named-block-nodes, query-block ``inserted``).
+
+        A SCSI unit's identification is added as ``blockd-scsi`` (a blockd extension).
+        """
+        info: dict[str, object] = {
             "file": self.filename(),
             "node-name": self.name,
             "ro": self.read_only,
@@ -209,3 +214,6 @@ class Node:
             },
             "write_threshold": 0,
         }
+        if self.info.scsi is not None:
+            info["blockd-scsi"] = self.info.scsi.to_qmp()
+        return info

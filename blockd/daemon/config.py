@@ -246,6 +246,8 @@ class DaemonConfig:
     """Where to serve metrics; None when turned off (``--metrics none``)."""
     media_poll: float = DEFAULT_MEDIA_POLL
     """Seconds between drive-status reads of host drives; 0: off (``--media-poll``)."""
+    scsi_allowed_opcodes: frozenset[int] | Literal["all"] | None = None
+    """What blockd-scsi-command may send (``[scsi-passthrough]``); None: the safe default."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +275,7 @@ class _Builder:
     socket_group: str | None = None
     metrics: MetricsListener | None = MetricsListener()
     media_poll: float = DEFAULT_MEDIA_POLL
+    scsi_allowed_opcodes: frozenset[int] | Literal["all"] | None = None
     chardevs: dict[str, _Chardev] = field(default_factory=dict)
     used_chardevs: set[str] = field(default_factory=set)
 
@@ -291,6 +294,7 @@ class _Builder:
             objects=tuple(self.objects),
             metrics=self.metrics,
             media_poll=self.media_poll,
+            scsi_allowed_opcodes=self.scsi_allowed_opcodes,
         )
 
 
@@ -667,8 +671,33 @@ def _apply_table(builder: _Builder, data: Mapping[str, object], source: str) -> 
                     builder.metrics = _parse_metrics_address(listen)
                 except _OptionError as exc:
                     fail("[metrics] listen", str(exc))
+            case "scsi-passthrough":
+                if not isinstance(value, dict):
+                    fail(key, "expected a table ([scsi-passthrough])")
+                for name in value:
+                    if name != "allowed-opcodes":
+                        fail(f"[scsi-passthrough] {name}", "unknown key")
+                if "allowed-opcodes" in value:
+                    try:
+                        builder.scsi_allowed_opcodes = _opcodes(value["allowed-opcodes"])
+                    except _OptionError as exc:
+                        fail("[scsi-passthrough] allowed-opcodes", str(exc))
             case _:
                 fail(key, "unknown key")
+
+
+def _opcodes(value: object) -> frozenset[int] | Literal["all"]:
+    """``"all"`` or an array of SCSI operation codes (0 to 255, e.g. ``0x12``)."""
+    if value == "all":
+        return "all"
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise _OptionError('expected "all" or an array of operation codes such as [0x12, 0x28]')
+    bad = [v for v in value if not 0 <= v <= 0xFF]
+    if bad:
+        raise _OptionError(f"operation code {bad[0]} is outside 0..255 (0x00..0xff)")
+    return frozenset(value)
 
 
 def _tables(value: object, source: str, key: str) -> list[dict[str, object]]:

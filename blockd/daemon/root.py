@@ -81,6 +81,7 @@ class Daemon:
             version=version_info(),
             request_quit=self.request_stop,
             command_names=self.table.names,
+            scsi_allowed_opcodes=config.scsi_allowed_opcodes,
         )
         self.dispatcher = Dispatcher(self.table, self.context)
         self.dispatcher.on_command = self.daemon_stats.command_done

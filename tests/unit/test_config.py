@@ -709,3 +709,23 @@ def test_media_poll_in_the_config_file(tmp_path: Path) -> None:
         load_config_file(write(tmp_path, 'media-poll = "2"\n', "c.toml"))
     with pytest.raises(ConfigError, match="media-poll"):
         load_config_file(write(tmp_path, "media-poll = true\n", "d.toml"))
+
+
+def test_scsi_passthrough_allowlist(tmp_path: Path) -> None:
+    assert load_config_file(write(tmp_path, "")).scsi_allowed_opcodes is None
+    config = load_config_file(write(
+        tmp_path, "[scsi-passthrough]\nallowed-opcodes = [0x12, 0x2a, 0]\n", "a.toml"))
+    assert config.scsi_allowed_opcodes == frozenset({0x12, 0x2A, 0x00})
+    config = load_config_file(write(
+        tmp_path, '[scsi-passthrough]\nallowed-opcodes = "all"\n', "b.toml"))
+    assert config.scsi_allowed_opcodes == "all"
+    for n, (text, message) in enumerate([
+        ("allowed-opcodes = [256]", "operation code 256 is outside 0..255"),
+        ("allowed-opcodes = [-1]", "operation code -1 is outside"),
+        ('allowed-opcodes = ["0x12"]', 'expected "all" or an array of operation codes'),
+        ("allowed-opcodes = [true]", 'expected "all" or an array'),
+        ('allowed-opcodes = "some"', 'expected "all" or an array'),
+        ("allowed = [1]", r"\[scsi-passthrough\] allowed: unknown key"),
+    ]):
+        with pytest.raises(ConfigError, match=message):
+            load_config_file(write(tmp_path, f"[scsi-passthrough]\n{text}\n", f"bad{n}.toml"))

@@ -343,7 +343,11 @@ def parse_report_luns(data: bytes) -> tuple[bytes, ...]:
 
 
 def lun_number(entry: bytes) -> int:
-    """The LUN of a peripheral or flat-space addressed entry (what Linux shows as H:C:T:L)."""
+    """SAM's LUN of a peripheral or flat-space addressed entry.
+
+    For peripheral addressing this is the L of Linux's H:C:T:L; for flat space
+    Linux keeps the address-method bits in its number, this does not.
+    """
     method = entry[0] >> 6
     if method in (0, 1):
         return ((entry[0] & 0x3F) << 8) | entry[1]

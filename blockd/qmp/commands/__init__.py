@@ -6,7 +6,16 @@ handlers that take them (see :mod:`blockd.qmp.commands.base`).
 
 from __future__ import annotations
 
-from blockd.qmp.commands import block, control, devices, exports, media, nodes, runstate
+from blockd.qmp.commands import (
+    block,
+    control,
+    devices,
+    exports,
+    media,
+    nodes,
+    runstate,
+    scsi,
+)
 from blockd.qmp.commands.base import Command, CommandContext, CommandTable, NoArgs
 
 __all__ = ["Command", "CommandContext", "CommandTable", "NoArgs", "build_table"]
@@ -15,6 +24,6 @@ __all__ = ["Command", "CommandContext", "CommandTable", "NoArgs", "build_table"]
 def build_table() -> CommandTable:
     """The table of every command blockd implements."""
     table = CommandTable()
-    for module in (control, nodes, devices, block, media, exports, runstate):
+    for module in (control, nodes, devices, block, media, exports, runstate, scsi):
         module.register(table)
     return table

@@ -29,7 +29,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, Literal, TypeVar, get_type_hints
 
 from blockd.block.exports import ExportService
 from blockd.block.registry import Registry
@@ -47,6 +47,8 @@ class CommandContext:
     version: dict[str, object]
     request_quit: Callable[[], None]
     command_names: Callable[[], Iterable[str]] = lambda: ()
+    # blockd-scsi-command's allowlist: opcodes, "all", or None for the safe default.
+    scsi_allowed_opcodes: frozenset[int] | Literal["all"] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,13 +29,14 @@ __all__ = [
     "FileOptions",
     "NullOptions",
     "QueryNamedBlockNodesArgs",
+    "SgOptions",
     "node_options",
     "register",
 ]
 
 T = TypeVar("T")
 
-Driver = Literal["file", "host_cdrom", "host_device", "null-co", "null-aio"]
+Driver = Literal["file", "host_cdrom", "host_device", "null-co", "null-aio", "sg"]
 SUPPORTED_DRIVERS: tuple[Driver, ...] = get_args(Driver)
 
 
@@ -85,7 +86,20 @@ class NullOptions(BlockdevOptionsBase):
     read_zeroes: bool | None = None
 
 
-BlockdevOptions = Annotated[FileOptions | NullOptions, Discriminator("driver")]
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SgOptions(BlockdevOptionsBase):
+    """sg, blockd's SCSI generic driver (not in QEMU): the /dev/sgN node to drive.
+
+    SG_IO bypasses every cache and runs in threads, so file-posix's ``aio``,
+    ``locking`` and cache-dropping members do not apply and are not accepted.
+    """
+
+    driver: Literal["sg"]
+    filename: str
+
+
+BlockdevOptions = Annotated[FileOptions | NullOptions | SgOptions, Discriminator("driver")]
+AnyOptions = FileOptions | NullOptions | SgOptions
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,7 +116,7 @@ class QueryNamedBlockNodesArgs:
     flat: bool = False
 
 
-def node_options(args: FileOptions | NullOptions) -> NodeOptions:
+def node_options(args: AnyOptions) -> NodeOptions:
     """Turn validated blockdev-add arguments into driver options, with QEMU's defaults.
 
     Raises InvalidArgument with QEMU's text for combinations QEMU refuses.
@@ -133,6 +147,8 @@ def node_options(args: FileOptions | NullOptions) -> NodeOptions:
             common, filename=args.filename, aio=_or(args.aio, "threads"),
             locking=_or(args.locking, "auto"),
         )
+    if isinstance(args, SgOptions):
+        return replace(common, filename=args.filename)
     return replace(
         common, size=_or(args.size, 1 << 30), read_zeroes=_or(args.read_zeroes, False),
         latency_ns=_or(args.latency_ns, 0),
