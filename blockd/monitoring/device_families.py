@@ -121,7 +121,17 @@ HISTOGRAMS: tuple[tuple[str, str, Callable[[DeviceSample], KindStats]], ...] = (
 )
 IO_STATUS = ("blockd_device_io_status", "I/O status (set by the stop and enospc error policies).")
 INFO = ("blockd_device", "The device and its medium.")
-INFO_KEYS = ("driver", "filename", "serial", "vendor", "product")
+INFO_KEYS = ("driver", "filename", "serial", "vendor", "product", "revision", "wwn")
+# blockd-scsi-command's counts: (name, help, label, the sample's (value, count) pairs).
+LABELLED: tuple[tuple[str, str, str, Callable[[DeviceSample], tuple[tuple[str, int], ...]]],
+                ...] = (
+    ("blockd_device_scsi_commands_total",
+     "Raw SCSI commands sent with blockd-scsi-command, by operation code.", "opcode",
+     lambda d: d.scsi_commands),
+    ("blockd_device_scsi_check_conditions_total",
+     "Raw SCSI commands answered with CHECK CONDITION, by sense key.", "sense_key",
+     lambda d: d.scsi_check_conditions),
+)
 
 _DEFAULT_LE = tuple(_float(b / _NS) for b in DEFAULT_LATENCY_BOUNDARIES_NS)
 
@@ -166,6 +176,12 @@ def families(devices: Sequence[DeviceSample]) -> Iterator[Metric]:
         for d in devices:
             for op, get_kind in OPERATIONS:
                 counter.add_metric([d.id, d.node, op], field(get_kind(d)))
+        yield counter
+    for name, doc, label, pairs_of in LABELLED:
+        counter = CounterMetricFamily(name, doc, labels=(*labels, label))
+        for d in devices:
+            for label_value, count in pairs_of(d):
+                counter.add_metric([d.id, d.node, label_value], count)
         yield counter
     for name, doc, get_kind in HISTOGRAMS:
         hist = HistogramMetricFamily(name, doc, labels=labels, unit="seconds")
@@ -214,6 +230,7 @@ def _headers(openmetrics: bool) -> list[str]:
     """Each family's header lines as one string, in the order :func:`_chunks` fills them."""
     specs = [(name, kind, doc, unit) for name, kind, doc, unit, _ in SCALARS]
     specs += [(name, "counter", doc, "") for name, doc, _ in PER_OPERATION]
+    specs += [(name, "counter", doc, "") for name, doc, _, _ in LABELLED]
     specs += [(name, "histogram", doc, "seconds") for name, doc, _ in HISTOGRAMS]
     specs.append((IO_STATUS[0], "stateset", IO_STATUS[1], ""))
     specs.append((INFO[0] if openmetrics else f"{INFO[0]}_info", "info", INFO[1], ""))
@@ -239,6 +256,9 @@ def _chunks(d: DeviceSample) -> list[str]:
     for name, _, field in PER_OPERATION:
         out.append("".join(f'{name}{{{lbl},operation="{op}"}} {field(get_kind(d))}\n'
                            for op, get_kind in OPERATIONS))
+    for name, _, label, pairs_of in LABELLED:
+        out.append("".join(f'{name}{{{lbl},{label}="{_escape(value)}"}} {count}\n'
+                           for value, count in pairs_of(d)))
     for name, _, get_kind in HISTOGRAMS:
         kind_stats = get_kind(d)
         les, bins = buckets(kind_stats)
@@ -260,9 +280,10 @@ def _chunks(d: DeviceSample) -> list[str]:
 def _unchanged_key(d: DeviceSample) -> tuple[object, ...]:
     """Everything a device's lines show except its idle time (which moves on every scrape)."""
     s = d.stats
-    return (d.id, d.node, d.driver, d.filename, d.serial, d.vendor, d.product, d.removable,
-            d.has_tray, d.tray_open, d.locked, d.size, d.wr_highest_offset, d.iostatus,
-            s.read, s.write, s.flush, s.unmap, s.in_flight, s.idle_ns is None)
+    return (d.id, d.node, d.driver, d.filename, d.serial, d.vendor, d.product, d.revision,
+            d.wwn, d.removable, d.has_tray, d.tray_open, d.locked, d.size, d.wr_highest_offset,
+            d.iostatus, s.read, s.write, s.flush, s.unmap, s.in_flight, s.idle_ns is None,
+            d.scsi_commands, d.scsi_check_conditions)
 
 
 class TextWriter:

@@ -71,6 +71,8 @@ class DeviceSample:
     serial: str
     vendor: str
     product: str
+    revision: str
+    wwn: str
     removable: bool
     has_tray: bool
     tray_open: bool
@@ -80,6 +82,10 @@ class DeviceSample:
     wr_highest_offset: int
     iostatus: str
     stats: StatsSnapshot
+    scsi_commands: tuple[tuple[str, int], ...] = ()
+    """blockd-scsi-command's commands by operation code name."""
+    scsi_check_conditions: tuple[tuple[str, int], ...] = ()
+    """Their CHECK CONDITIONs by sense key name."""
 
     @property
     def medium_inserted(self) -> bool:
@@ -117,6 +123,7 @@ def _extra(extra: dict[str, object], key: str) -> str:
 def sample_device(device: Device) -> DeviceSample:
     """Copy one device's numbers (event loop thread only; touches no device)."""
     node = device.node
+    revision = wwn = ""
     if node is None:
         name = driver = filename = serial = vendor = product = ""
         size: int | None = None
@@ -125,6 +132,10 @@ def sample_device(device: Device) -> DeviceSample:
         extra = node.info.extra
         name, driver, filename = node.name, node.drv, node.filename()
         serial, vendor, product = (_extra(extra, k) for k in ("serial", "vendor", "product"))
+        scsi = node.info.scsi
+        if scsi is not None:
+            serial, vendor, product = scsi.serial, scsi.vendor, scsi.product
+            revision, wwn = scsi.revision, scsi.wwn
         size = node.size
         highest = node.wr_highest_offset
     return DeviceSample(
@@ -135,6 +146,8 @@ def sample_device(device: Device) -> DeviceSample:
         serial=serial,
         vendor=vendor,
         product=product,
+        revision=revision,
+        wwn=wwn,
         removable=device.removable,
         has_tray=device.has_tray,
         tray_open=device.tray_open,
@@ -143,6 +156,8 @@ def sample_device(device: Device) -> DeviceSample:
         wr_highest_offset=highest,
         iostatus=device.iostatus,
         stats=device.stats.snapshot(timed=False),
+        scsi_commands=tuple(sorted(device.scsi_commands.items())),
+        scsi_check_conditions=tuple(sorted(device.scsi_check_conditions.items())),
     )
 
 

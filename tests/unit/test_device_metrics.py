@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from blockd.block.registry import Registry
 from blockd.block.stats import IoKind
-from blockd.devices.base import NodeOptions
+from blockd.devices.base import NodeOptions, ScsiResult
 from blockd.events import EventBus
 from blockd.monitoring import device_families as device_metrics
 from blockd.monitoring.daemon_stats import DaemonStats
@@ -43,6 +43,8 @@ async def devices(tmp_path: Path) -> list[object]:
         await devio.pwrite(hd, 0, b"a" * 4096)
         await devio.pread(odd, 512, 512)
     await devio.flush(hd)
+    hd.note_scsi_command(0x12, ScsiResult(0, b"", b""))
+    hd.note_scsi_command(0x28, ScsiResult(2, bytes.fromhex("700005000000000a0000000021"), b""))
     return list(MetricsSource(registry, DaemonStats()).sample_now().devices)
 
 
@@ -62,6 +64,11 @@ def test_writer_matches_prometheus_client(devices: list[object], openmetrics: bo
     assert ("blockd_device_read_latency_seconds_bucket",
             (("device", "we.ird-id"), ("le", "0.002"), ("node", "n1")), 3.0) in got
     assert ("blockd_device_tray_open", (("device", "cd0"), ("node", "")), 1.0) in got
+    check = ("blockd_device_scsi_check_conditions_total",
+             (("device", "hd0"), ("node", "n0"), ("sense_key", "ILLEGAL REQUEST")), 1.0)
+    assert check in got
+    assert ("blockd_device_scsi_commands_total",
+            (("device", "hd0"), ("node", "n0"), ("opcode", "READ(10)")), 1.0) in got
 
 
 async def test_the_writer_reuses_only_unchanged_devices(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 
 from blockd.block.registry import Registry
 from blockd.block.stats import DEFAULT_LATENCY_BOUNDARIES_NS, BlockAcctStats, IoKind
-from blockd.devices.base import NodeOptions
+from blockd.devices.base import NodeOptions, ScsiResult
 from blockd.errors import InvalidArgument, NoMedium
 from blockd.events import EventBus
 from blockd.monitoring.collector import BlockdCollector, ScrapeError, make_registry, render
@@ -66,7 +66,9 @@ DEVICE_FAMILIES: dict[str, tuple[str, str, set[str]]] = {
     "blockd_device_size_bytes": ("gauge", "bytes", DEVICE_LABELS),
     "blockd_device_io_status": ("stateset", "", DEVICE_LABELS | {"blockd_device_io_status"}),
     "blockd_device_info": ("info", "", DEVICE_LABELS | {"driver", "filename", "serial", "vendor",
-                                                   "product"}),
+                                                   "product", "revision", "wwn"}),
+    "blockd_device_scsi_commands_total": ("counter", "", DEVICE_LABELS | {"opcode"}),
+    "blockd_device_scsi_check_conditions_total": ("counter", "", DEVICE_LABELS | {"sense_key"}),
 }
 DAEMON_FAMILIES: dict[str, tuple[str, set[str]]] = {
     "blockd_build_info": ("info", {"version", "qemu_version", "python_version"}),
@@ -155,9 +157,17 @@ def devices_in(families: dict[str, Metric]) -> set[str]:
 async def test_every_family_has_its_name_type_unit_and_labels(registry: Registry) -> None:
     await add_disk(registry, "hd0")
     await devio.pread(registry.devices["hd0"], 0, 512)  # idle time exists from the first request
+    # One raw command answered with CHECK CONDITION (ILLEGAL REQUEST), as blockd-scsi-command
+    # counts it: the labelled SCSI families then have a sample.
+    illegal = bytes.fromhex("700005000000000a00000000200000000000")
+    registry.devices["hd0"].note_scsi_command(0x12, ScsiResult(2, illegal, b""))
     registry.add_device("cd", "cd0", None)
     _, prom = collector_for(registry)
     families = await scrape(prom)
+    commands = families["blockd_device_scsi_commands_total"].samples
+    assert [(s.labels["opcode"], s.value) for s in commands] == [("INQUIRY", 1)]
+    checks = families["blockd_device_scsi_check_conditions_total"].samples
+    assert [(s.labels["sense_key"], s.value) for s in checks] == [("ILLEGAL REQUEST", 1)]
     for name, (typ, unit, labels) in DEVICE_FAMILIES.items():
         family = families[name]
         assert (family.type, family.unit) == (typ, unit), name
@@ -223,7 +233,8 @@ async def test_device_gauges_and_info(registry: Registry) -> None:
     assert info["hd0"]["filename"] == inserted["file"] == "null-co://"  # as query-block says
     assert (info["hd0"]["serial"], info["hd0"]["vendor"], info["hd0"]["product"]) == ("", "", "")
     assert info["cd0"] | {} == {"device": "cd0", "node": "", "driver": "", "filename": "",
-                                "serial": "", "vendor": "", "product": ""}
+                                "serial": "", "vendor": "", "product": "", "revision": "",
+                                "wwn": ""}
     cdrom = registry.devices["cd0"]
     cdrom.tray_open = cdrom.locked = True
     f = await scrape(prom)
