@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import devio
+import pytest
 from conftest import LoopFactory
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError, QMPClient
 
 from blockd.block.registry import Registry
 from blockd.devices.base import NodeOptions
@@ -78,3 +80,38 @@ async def test_accounting_equals_io_on_a_loop_device(loop_device: LoopFactory) -
     assert s["wr_highest_offset"] == (4 << 20) + 12288
     assert s["failed_wr_operations"] == s["invalid_wr_operations"] == 0
     await registry.close_all()
+
+
+async def test_sg_driver_refuses_what_is_not_scsi(
+    qmp: QMPClient, loop_device: LoopFactory, tmp_path: Path
+) -> None:
+    """A loop device answers no SCSI: the sg driver says so, and so does blockd-scsi-command.
+
+    The sg driver on real SCSI units (the kernel's sg driver) is proven in tests/vm.
+    """
+    loop = loop_device(8 << 20)
+    with pytest.raises(ExecuteError) as caught:
+        await qmp.execute("blockdev-add", {"driver": "sg", "node-name": "s0",
+                                           "filename": loop.path})
+    # The errno is the kernel's (ENOTTY or EINVAL for loop, depending on the version).
+    assert str(caught.value).startswith(
+        f"'{loop.path}' is not a SCSI device (SG_GET_VERSION_NUM: ")
+    image = tmp_path / "plain.img"
+    image.write_bytes(bytes(4096))
+    with pytest.raises(ExecuteError) as caught:
+        await qmp.execute("blockdev-add", {"driver": "sg", "node-name": "s1",
+                                           "filename": str(image)})
+    assert "to be a SCSI generic device (/dev/sgN) or a SCSI block device" in str(caught.value)
+    with pytest.raises(ExecuteError) as caught:
+        await qmp.execute("blockdev-add", {"driver": "sg", "node-name": "s2",
+                                           "filename": loop.path, "aio": "native"})
+    assert str(caught.value) == "Parameter 'aio' is unexpected"
+    await qmp.execute("blockdev-add", {"driver": "host_device", "node-name": "h0",
+                                       "filename": loop.path})
+    with pytest.raises(ExecuteError) as caught:
+        await qmp.execute("blockd-scsi-command", {"node-name": "h0", "cdb": "120000006000",
+                                                  "direction": "from-device",
+                                                  "transfer-length": 96})
+    assert str(caught.value) == "Node 'h0' (driver host_device) cannot send SCSI commands"
+    assert not [n for n in await qmp.execute("query-named-block-nodes")
+                if n["node-name"].startswith("s")]

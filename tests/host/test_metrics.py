@@ -271,7 +271,7 @@ async def test_nbd_io_counters_equal_the_work_and_query_blockstats(
     assert "idle_time_ns" in stats and m("blockd_device_idle_seconds") > 0
     info = series(second, "blockd_device_info")
     assert info == [dict(dev, driver="host_device", filename=loop.path, serial="", vendor="",
-                         product="")]
+                         product="", revision="", wwn="")]
     assert one(second, "blockd_nbd_exports") == 1
     assert one(second, "blockd_nbd_connections") == 0
     assert one(second, "blockd_nbd_connections_accepted_total") == 2
