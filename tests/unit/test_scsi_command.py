@@ -56,6 +56,18 @@ async def test_inquiry_returns_the_data_in_base64() -> None:
     assert "sense" not in reply
 
 
+@pytest.mark.parametrize("cdb", ["0x120000006000", "12:00:00:00:60:00", "12 00 00 00 60 00",
+                                 "12-00-00-00-60-00", "0X12000000600_0"])
+async def test_cdb_spellings_qmp_shell_can_send(cdb: str) -> None:
+    unit = ScsiUnit()
+    dispatcher, _ = make(unit)
+    unit.sent.clear()
+    reply = await run(dispatcher, **{"node-name": "sg0", "cdb": cdb,
+                                     "direction": "from-device", "transfer-length": 96})
+    assert reply["status"] == 0
+    assert unit.sent[0].cdb == bytes.fromhex("120000006000")
+
+
 async def test_check_condition_is_an_answer_with_decoded_sense() -> None:
     unit = ScsiUnit(blocks=16)
     dispatcher, registry = make(unit)

@@ -119,9 +119,18 @@ def _target(ctx: CommandContext, args: ScsiCommandArgs) -> tuple[Node, Device | 
     return node, user if user is not None and user.node is node else None
 
 
+_SEPARATORS = str.maketrans("", "", " :-_")
+
+
 def _cdb(text: str) -> bytes:
+    """The CDB from hex digits, optionally ``0x``-prefixed and split by spaces, colons,
+    dashes or underscores (qmp-shell turns a value of decimal digits into a number, so
+    ``cdb=0x120000006000`` or ``cdb=12:00:00:00:60:00`` is how it sends INQUIRY)."""
+    digits = text.strip()
+    if digits[:2] in ("0x", "0X"):
+        digits = digits[2:]
     try:
-        cdb = bytes.fromhex(text)
+        cdb = bytes.fromhex(digits.translate(_SEPARATORS))
     except ValueError:
         raise InvalidArgument(
             "Parameter 'cdb' expects a CDB in hexadecimal digits") from None
