@@ -376,3 +376,24 @@ def test_check_transport_failures(host: int, driver: int, err: int, name: str) -
 def test_check_transport_accepts_a_device_answer() -> None:
     # CHECK CONDITION with DRIVER_SENSE is the device talking, not a transport failure.
     check_transport(SgIoResult(status=2, sense=fixed_sense(2, 0x3A, 0), driver_status=0x08), "cmd")
+
+
+# Sense data the kernel's sg driver returned from QEMU 7.2's SCSI disks in the VM tier
+# (tests/vm/test_vm_sg.py), kept byte for byte: QEMU answers in fixed format.
+CAPTURED = [
+    # READ(10) past the end of a scsi-hd
+    ("700005000000000a00000000210000000000", 5, 0x21, 0x00,
+     "ILLEGAL REQUEST: logical block address out of range", errno.EINVAL),
+    # TEST UNIT READY on an empty scsi-cd
+    ("700002000000000a000000003a0000000000", 2, 0x3A, 0x00,
+     "NOT READY: medium not present", errno.ENOMEDIUM),
+]
+
+
+@pytest.mark.parametrize(("raw", "key", "asc", "ascq", "text", "err"), CAPTURED)
+def test_captured_sense(raw: str, key: int, asc: int, ascq: int, text: str, err: int) -> None:
+    sense = decode_sense(bytes.fromhex(raw))
+    assert sense is not None and not sense.descriptor_format and not sense.deferred
+    assert (sense.sense_key, sense.asc, sense.ascq) == (key, asc, ascq)
+    assert sense.describe() == text and sense.to_errno() == err
+    assert sense.raw == bytes.fromhex(raw)

@@ -339,3 +339,28 @@ def test_close_releases_the_lock() -> None:
     cd.lock_medium(True)
     cd.close()
     assert not unit.prevent and not unit.fds
+
+
+@pytest.mark.parametrize(("limit", "offset", "length"), [
+    (7, 3 * 512 + 100, 20 * 512),     # odd limit, unaligned start and end
+    (5, 0, 5 * 512),                  # exactly one transfer
+    (5, 512, 5 * 512 + 1),            # one byte more than a transfer
+    (3, 1023, 2),                     # two bytes across a block boundary
+])
+def test_split_transfers_at_odd_boundaries(limit: int, offset: int, length: int) -> None:
+    unit = ScsiUnit(blocks=64, max_transfer_blocks=limit)
+    drv = open_unit(unit)
+    original = os.urandom(len(unit.data))
+    unit.data[:] = original
+    payload = os.urandom(length)
+    unit.sent.clear()
+    assert drv.pwritev(offset, [memoryview(payload)]) == length
+    expected = bytearray(original)
+    expected[offset : offset + length] = payload
+    assert unit.data == expected
+    for sent in unit.sent:
+        assert lba_and_count(sent.cdb)[1] <= limit
+    buf = bytearray(length)
+    assert drv.preadv(offset, [memoryview(buf)]) == length and buf == payload
+    reads = [lba_and_count(s.cdb) for s in unit.sent if s.cdb[0] == scsi.READ_10]
+    assert all(count <= limit for _, count in reads)
