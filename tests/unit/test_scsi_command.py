@@ -17,10 +17,11 @@ from scsi_target import ScsiUnit
 from blockd.block.node import Node
 from blockd.block.registry import Registry
 from blockd.devices import scsi
-from blockd.devices.base import NodeOptions
+from blockd.devices.base import NodeOptions, ScsiResult
 from blockd.devices.sg import SgDriver
 from blockd.events import EventBus
 from blockd.qmp.commands import CommandContext, build_table
+from blockd.qmp.commands.scsi import scsi_reply
 from blockd.qmp.dispatch import CommandError, Dispatcher
 
 
@@ -193,3 +194,15 @@ async def test_node_info_carries_the_identification() -> None:
         "serial": "SER123",
         "wwn": "0x6001405abcdef012",
     }
+
+
+def test_data_of_a_failed_command_is_not_passed_on() -> None:
+    """The guest kernel's sg driver handed back the previous command's bytes with a CHECK
+    CONDITION and no residual (seen in tests/vm/test_vm_sg.py): they are not the answer."""
+    illegal = bytes.fromhex("700005000000000a00000000210000000000")
+    stale = ScsiResult(2, illegal, b"BLOCKD-DISC sector 4095", 0, 5)
+    assert scsi_reply(stale, "from-device")["data"] == ""
+    recovered = bytes.fromhex("700001000000000a00000000170100000000")
+    fine = ScsiResult(2, recovered, b"\x01\x02", 0, 5)
+    assert scsi_reply(fine, "from-device")["data"] == "AQI="
+    assert scsi_reply(ScsiResult(0, b"", b"\x01\x02", 0, 5), "from-device")["data"] == "AQI="

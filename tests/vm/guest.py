@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -65,6 +66,8 @@ WITNESS_QDEV = "witness"  # the virtserialport's QEMU id, named in VSERPORT_CHAN
 SECTOR = 2048  # a CD sector
 DISC_SIZE = 1 << 20  # discs "a", "b", "c": 512 CD sectors each
 HD_SIZE = 8 << 20  # scsi-hd images
+HD_VENDOR = "BLOCKD"  # scsi-hd INQUIRY vendor (QEMU pads it to 8 characters)
+HD_WWN_PREFIX = 0x5000C500  # NAA 5: the upper 32 bits of a scsi-hd's WWN
 DISC_LABELS = ("a", "b", "c")
 
 # linux/cdrom.h, CDROM_DRIVE_STATUS results and its "current slot" argument.
@@ -108,8 +111,33 @@ class Hardware:
 
     @property
     def serial(self) -> str:
-        """The serial number the guest sees (udev's ID_SERIAL_SHORT)."""
+        """The serial number the guest sees: VPD page 0x80 (udev's ID_SCSI_SERIAL) of a
+        SCSI device, ID_SERIAL_SHORT of the others (see :func:`find_node_by_serial`)."""
         return f"BLOCKD-{self.id}"
+
+    # Identification of a scsi-hd (INQUIRY and its VPD 0x83 NAA designator), so that
+    # tests can check what a driver reads from the unit; None for the CD drives.
+    @property
+    def vendor(self) -> str | None:
+        return HD_VENDOR if self.kind == "scsi-hd" else None
+
+    @property
+    def product(self) -> str | None:
+        """``SG-<id>``, cut to INQUIRY's 16 characters."""
+        return f"SG-{self.id}"[:16] if self.kind == "scsi-hd" else None
+
+    @property
+    def wwn(self) -> int | None:
+        """A stable 64-bit NAA 5 WWN: 0x5000c500, then 32 bits of sha256 of the id."""
+        if self.kind != "scsi-hd":
+            return None
+        low = int(hashlib.sha256(self.id.encode()).hexdigest()[:8], 16)
+        return (HD_WWN_PREFIX << 32) | low
+
+    @property
+    def wwn_text(self) -> str | None:
+        """The WWN as udev's ID_WWN and blockd show it: ``0x`` and 16 hex digits."""
+        return None if self.wwn is None else f"0x{self.wwn:016x}"
 
     @property
     def is_cd(self) -> bool:
@@ -185,8 +213,10 @@ def qemu_args(hardware: Sequence[Hardware], images: Mapping[str, Path],
             ide += 1
         else:
             bus = "bus=vscsi0.0"
-        args += ["-drive", drive,
-                 "-device", f"{h.kind},{bus},drive={h.drive},id={h.id},serial={h.serial}"]
+        device = f"{h.kind},{bus},drive={h.drive},id={h.id},serial={h.serial}"
+        if h.kind == "scsi-hd":
+            device += f",vendor={h.vendor},product={h.product},wwn={h.wwn_text}"
+        args += ["-drive", drive, "-device", device]
     args += [
         "-device", "virtio-serial-pci,id=witness-serial",
         "-chardev", f"socket,id=witness-chr,path={_qemu_path(sockets.serial)},server=on,wait=off",
@@ -458,8 +488,28 @@ def udev_settle(timeout: float = 30) -> None:
     subprocess.run(["udevadm", "settle", f"--timeout={int(timeout)}"], check=False)
 
 
+def vpd_unit_serial(sysdir: Path) -> str | None:
+    """The unit serial number in a SCSI device's VPD page 0x80 as the kernel read it
+    (``device/vpd_pg80``), or None."""
+    try:
+        page = (sysdir / "device" / "vpd_pg80").read_bytes()
+    except OSError:
+        return None
+    if len(page) < 4 or page[1] != 0x80:
+        return None
+    length = int.from_bytes(page[2:4], "big")
+    return page[4:4 + length].decode("ascii", "replace").strip(" \0")
+
+
 def find_node_by_serial(serial: str, timeout: float = 30) -> str:
-    """The whole-disk node whose udev ID_SERIAL_SHORT is ``serial``."""
+    """The whole-disk node whose serial number is ``serial``.
+
+    udev's ID_SERIAL_SHORT is the serial of an ATA(PI) device, but for a SCSI unit
+    with a WWN (VPD 0x83 NAA, the scsi-hd presets) scsi_id puts the WWN there and the
+    serial (VPD 0x80) in ID_SCSI_SERIAL; the kernel's copy of VPD 0x80 in sysfs counts
+    as well.
+    """
+    wanted = (f"E:ID_SERIAL_SHORT={serial}\n", f"E:ID_SCSI_SERIAL={serial}\n")
     deadline = time.monotonic() + timeout
     while True:
         for sysdir in sorted(Path("/sys/class/block").glob("*")):
@@ -469,11 +519,11 @@ def find_node_by_serial(serial: str, timeout: float = 30) -> str:
                 majmin = (sysdir / "dev").read_text().strip()
                 data = Path(f"/run/udev/data/b{majmin}").read_text()
             except OSError:
-                continue
-            if f"E:ID_SERIAL_SHORT={serial}\n" in data:
+                data = ""
+            if any(w in data for w in wanted) or vpd_unit_serial(sysdir) == serial:
                 return f"/dev/{sysdir.name}"
         if time.monotonic() > deadline:
-            raise LookupError(f"no block device with serial {serial} in udev's database")
+            raise LookupError(f"no block device with serial {serial} (udev, sysfs VPD 0x80)")
         time.sleep(0.2)
 
 

@@ -278,7 +278,16 @@ def test_presets_give_the_intended_qemu_devices(tmp_path: Path) -> None:
     assert ("-drive if=none,id=cd1,media=cdrom "
             "-device ide-cd,bus=ide.1,drive=cd1,id=cdrom1,serial=BLOCKD-cdrom1") in joined
     assert args.count("virtio-scsi-pci,id=vscsi0") == 1
-    assert f"file={tmp_path}/h.img,format=raw -device scsi-hd,bus=vscsi0.0" in joined
+    hd = hw[3]
+    assert hd.wwn is not None and hd.wwn >> 32 == 0x5000C500
+    assert hd.wwn_text == f"0x{hd.wwn:016x}" and len(hd.wwn_text) == 18
+    assert hd.wwn == guest.resolve_hardware(["scsi-hd"])[0].wwn  # stable
+    assert Hardware("scsi-hd", "other").wwn != hd.wwn
+    assert (f"file={tmp_path}/h.img,format=raw -device scsi-hd,bus=vscsi0.0,drive=shd0,"
+            f"id=scsihd0,serial=BLOCKD-scsihd0,vendor=BLOCKD,product=SG-scsihd0,"
+            f"wwn={hd.wwn_text} ") in joined
+    assert Hardware("scsi-hd", "a123456789abcdef").product == "SG-a123456789abc"  # 16 chars
+    assert hw[2].wwn is None and "vendor=" not in joined.split("-device scsi-cd", 1)[1][:80]
     assert "-device scsi-cd,bus=vscsi0.0,drive=mycd-drive,id=mycd" in joined
     assert f"name={guest.WITNESS_PORT},id={guest.WITNESS_QDEV}" in joined
     assert joined.count("-qmp unix:") == 2

@@ -194,9 +194,14 @@ def scsi_reply(result: ScsiResult, direction: Direction) -> dict[str, object]:
         "resid": result.residual,
         "duration-ns": result.duration_ns,
     }
-    if direction == "from-device":
-        reply["data"] = base64.b64encode(result.data).decode("ascii")
     sense = scsi.decode_sense(result.sense) if result.sense else None
+    if direction == "from-device":
+        # After a failed command the kernel's sg driver may still copy back its reused
+        # buffer (an earlier command's data) with no residual: only data of a command
+        # that worked is the unit's answer.
+        worked = result.status in (scsi.GOOD, scsi.CONDITION_MET) or (
+            sense is not None and sense.sense_key == scsi.RECOVERED_ERROR)
+        reply["data"] = base64.b64encode(result.data if worked else b"").decode("ascii")
     if result.status == scsi.CHECK_CONDITION or sense is not None:
         if sense is None:
             reply["sense"] = {"raw": result.sense.hex()}
