@@ -15,6 +15,7 @@ from dataclasses import dataclass
 __all__ = [
     "BlockExportDeleted",
     "BlockIoError",
+    "BlockdDeviceAdded",
     "DeviceDeleted",
     "DeviceTrayMoved",
     "Event",
@@ -63,6 +64,17 @@ class BlockExportDeleted:
 
 
 @dataclass(frozen=True, slots=True)
+class BlockdDeviceAdded:
+    """Hotplug attached a host device (QMP BLOCKD_DEVICE_ADDED, a blockd extension)."""
+
+    id: str
+    node_name: str
+    devname: str
+    driver: str
+    properties: tuple[tuple[str, str], ...]  # a subset of the udev properties
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     """Request processing paused (QMP STOP)."""
 
@@ -72,7 +84,8 @@ class Resume:
     """Request processing resumed (QMP RESUME)."""
 
 
-Event = DeviceTrayMoved | DeviceDeleted | BlockIoError | BlockExportDeleted | Stop | Resume
+Event = (DeviceTrayMoved | DeviceDeleted | BlockIoError | BlockExportDeleted | BlockdDeviceAdded
+         | Stop | Resume)
 Subscriber = Callable[[Event], None]
 
 

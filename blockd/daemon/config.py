@@ -46,6 +46,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal, NoReturn
 
 from blockd import __version__
+from blockd.hotplug.rules import Rule, RuleError, parse_rules
 from blockd.qmp.keyval import KeyvalError, parse_option, parse_qemu_opts
 from blockd.qmp.schema import SchemaError, validate
 
@@ -248,6 +249,8 @@ class DaemonConfig:
     """Seconds between drive-status reads of host drives; 0: off (``--media-poll``)."""
     scsi_allowed_opcodes: frozenset[int] | Literal["all"] | None = None
     """What blockd-scsi-command may send (``[scsi-passthrough]``); None: the safe default."""
+    hotplug_rules: tuple[Rule, ...] = ()
+    """``[[hotplug.rule]]``: which host devices udev events attach (none: hotplug is off)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +279,7 @@ class _Builder:
     metrics: MetricsListener | None = MetricsListener()
     media_poll: float = DEFAULT_MEDIA_POLL
     scsi_allowed_opcodes: frozenset[int] | Literal["all"] | None = None
+    hotplug_rules: tuple[Rule, ...] = ()
     chardevs: dict[str, _Chardev] = field(default_factory=dict)
     used_chardevs: set[str] = field(default_factory=set)
 
@@ -295,6 +299,7 @@ class _Builder:
             metrics=self.metrics,
             media_poll=self.media_poll,
             scsi_allowed_opcodes=self.scsi_allowed_opcodes,
+            hotplug_rules=self.hotplug_rules,
         )
 
 
@@ -671,6 +676,16 @@ def _apply_table(builder: _Builder, data: Mapping[str, object], source: str) -> 
                     builder.metrics = _parse_metrics_address(listen)
                 except _OptionError as exc:
                     fail("[metrics] listen", str(exc))
+            case "hotplug":
+                if not isinstance(value, dict):
+                    fail(key, "expected a table ([[hotplug.rule]] arrays go in it)")
+                for name in value:
+                    if name != "rule":
+                        fail(f"[hotplug] {name}", "unknown key")
+                try:
+                    builder.hotplug_rules = parse_rules(value.get("rule", []))
+                except RuleError as exc:
+                    fail("hotplug", str(exc))
             case "scsi-passthrough":
                 if not isinstance(value, dict):
                     fail(key, "expected a table ([scsi-passthrough])")

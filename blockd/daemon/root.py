@@ -26,6 +26,7 @@ from blockd.daemon.config import DaemonConfig, OptionSpec
 from blockd.daemon.tuning import Tuning
 from blockd.errors import BlockdError
 from blockd.events import EventBus
+from blockd.hotplug.manager import Hotplug
 from blockd.hotplug.media_watch import MediaWatcher
 from blockd.monitoring.collector import BlockdCollector
 from blockd.monitoring.daemon_stats import DaemonStats
@@ -94,6 +95,10 @@ class Daemon:
         self.metrics: MetricsServer | None = None
         self.metrics_url: str | None = None
         self.media_watcher = MediaWatcher(self.registry, config.media_poll)
+        self.hotplug = Hotplug(self.registry, self.nbd, config.hotplug_rules,
+                               count_action=self.daemon_stats.hotplug_event)
+        self.context.hotplug = self.hotplug
+        self.metrics_source.hotplug = self.hotplug
         self._stop: asyncio.Event | None = None
 
     async def start(self) -> None:
@@ -113,6 +118,8 @@ class Daemon:
             await self._start_nbd(self.config.nbd_server)
         for spec in self.config.exports:
             await self._apply("block-export-add", "--export", spec)
+        # Coldplug: devices present now go through the rules before anyone connects.
+        await self.hotplug.start()
         for listener in self.config.qmp:
             try:
                 if listener.path is not None:
@@ -194,6 +201,7 @@ class Daemon:
             metrics, self.metrics = self.metrics, None
             await asyncio.to_thread(metrics.close)
         await self.media_watcher.close()
+        await self.hotplug.close()
         await self.nbd.stop(missing_ok=True)
         if self.qmp is not None:
             await self.qmp.close()

@@ -85,6 +85,27 @@ def _daemon_families(s: DaemonSample) -> Iterator[Metric]:
     for action, count in s.hotplug_events:
         hotplug.add_metric([action], count)
     yield hotplug
+    if s.hotplug_enabled:
+        yield GaugeMetricFamily(
+            "blockd_hotplug_udevd_running",
+            "Whether udevd answers (0: hotplug follows the kernel's uevents and sysfs).",
+            int(s.hotplug_udevd))
+        yield CounterMetricFamily(
+            "blockd_hotplug_events_lost_total",
+            "Times the kernel dropped device events (each answered with a rescan).",
+            s.hotplug_lost)
+        matched = CounterMetricFamily("blockd_hotplug_rule_matches_total",
+                                      "Devices a hotplug rule matched first.", labels=("rule",))
+        attached = CounterMetricFamily("blockd_hotplug_rule_attached_total",
+                                       "Devices a hotplug rule attached.", labels=("rule",))
+        failed = CounterMetricFamily("blockd_hotplug_rule_failures_total",
+                                     "Devices a hotplug rule failed to attach.",
+                                     labels=("rule",))
+        for label, n_matched, n_attached, n_failed in s.hotplug_rules:
+            matched.add_metric([label], n_matched)
+            attached.add_metric([label], n_attached)
+            failed.add_metric([label], n_failed)
+        yield from (matched, attached, failed)
     yield GaugeMetricFamily("blockd_devices", "Devices.", len(s.devices))
 
 

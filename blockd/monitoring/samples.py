@@ -49,8 +49,19 @@ class NbdCounters(Protocol):
     def poll_ns_total(self) -> int: ...
 
 
-__all__ = ["CHUNK", "IO_STATUSES", "DaemonSample", "DeviceSample", "MetricsSource",
-           "NbdCounters", "QmpCounters", "sample_device"]
+class HotplugCounters(Protocol):
+    """What the metrics read of hotplug (``blockd.hotplug.manager.Hotplug``)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def metrics(self) -> tuple[bool, int, tuple[tuple[str, int, int, int], ...]]:
+        """(udevd answers, events lost, per rule (label, matched, attached, failed))."""
+        ...
+
+
+__all__ = ["CHUNK", "IO_STATUSES", "DaemonSample", "DeviceSample", "HotplugCounters",
+           "MetricsSource", "NbdCounters", "QmpCounters", "sample_device"]
 
 CHUNK = 200
 """Devices copied per turn of the event loop during one scrape."""
@@ -113,6 +124,11 @@ class DaemonSample:
     """(export id, NBD name, device id, node-name, writable) for every export."""
     hotplug_events: tuple[tuple[str, int], ...]
     devices: tuple[DeviceSample, ...]
+    hotplug_enabled: bool = False
+    hotplug_udevd: bool = False
+    hotplug_lost: int = 0
+    hotplug_rules: tuple[tuple[str, int, int, int], ...] = ()
+    """Per rule: (label, devices matched, attached, failed to attach)."""
 
 
 def _extra(extra: dict[str, object], key: str) -> str:
@@ -174,6 +190,7 @@ class MetricsSource:
         *,
         nbd: NbdCounters | None = None,
         qmp: QmpCounters | None = None,
+        hotplug: HotplugCounters | None = None,
         version: str = __version__,
         qemu_version: str = "",
     ) -> None:
@@ -181,13 +198,17 @@ class MetricsSource:
         self.daemon_stats = daemon_stats
         self.nbd = nbd
         self.qmp = qmp
+        self.hotplug = hotplug
         self.version = version
         self.qemu_version = qemu_version
         self.python_version = platform.python_version()
 
     def _daemon_sample(self, devices: Sequence[DeviceSample]) -> DaemonSample:
         stats = self.daemon_stats
-        qmp, nbd = self.qmp, self.nbd
+        qmp, nbd, hotplug = self.qmp, self.nbd, self.hotplug
+        enabled = hotplug is not None and hotplug.enabled
+        udevd, lost, rules = hotplug.metrics() if hotplug is not None and enabled \
+            else (False, 0, ())
         return DaemonSample(
             version=self.version,
             qemu_version=self.qemu_version,
@@ -211,6 +232,10 @@ class MetricsSource:
             ),
             hotplug_events=tuple(stats.hotplug_events.items()),
             devices=tuple(devices),
+            hotplug_enabled=enabled,
+            hotplug_udevd=udevd,
+            hotplug_lost=lost,
+            hotplug_rules=rules,
         )
 
     def sample_now(self) -> DaemonSample:

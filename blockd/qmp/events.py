@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from blockd.events import (
+    BlockdDeviceAdded,
     BlockExportDeleted,
     BlockIoError,
     DeviceDeleted,
@@ -38,6 +39,11 @@ def to_qmp(event: Event) -> tuple[str, dict[str, object] | None]:
             return "BLOCK_IO_ERROR", data
         case BlockExportDeleted():
             return "BLOCK_EXPORT_DELETED", {"id": event.id}
+        case BlockdDeviceAdded():
+            return "BLOCKD_DEVICE_ADDED", {
+                "id": event.id, "node-name": event.node_name, "devname": event.devname,
+                "driver": event.driver, "properties": dict(event.properties),
+            }
         case Stop():
             return "STOP", None
         case Resume():

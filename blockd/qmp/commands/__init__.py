@@ -11,6 +11,7 @@ from blockd.qmp.commands import (
     control,
     devices,
     exports,
+    hotplug,
     media,
     nodes,
     runstate,
@@ -24,6 +25,6 @@ __all__ = ["Command", "CommandContext", "CommandTable", "NoArgs", "build_table"]
 def build_table() -> CommandTable:
     """The table of every command blockd implements."""
     table = CommandTable()
-    for module in (control, nodes, devices, block, media, exports, runstate, scsi):
+    for module in (control, nodes, devices, block, media, exports, runstate, scsi, hotplug):
         module.register(table)
     return table

@@ -29,13 +29,26 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, get_type_hints
+from typing import Any, Literal, Protocol, TypeVar, get_type_hints
 
 from blockd.block.exports import ExportService
 from blockd.block.registry import Registry
 from blockd.qmp.schema import Type, compile_type
 
-__all__ = ["Command", "CommandContext", "CommandTable", "Handler", "NoArgs", "Precheck"]
+__all__ = [
+    "Command", "CommandContext", "CommandTable", "Handler", "HotplugControl", "NoArgs",
+    "Precheck",
+]
+
+
+class HotplugControl(Protocol):
+    """What the hotplug commands see of hotplug (the daemon passes the real one)."""
+
+    def query(self) -> dict[str, object]: ...
+
+    async def rescan(self) -> None: ...
+
+    def recheck_udevd(self) -> None: ...
 
 
 @dataclass
@@ -49,6 +62,7 @@ class CommandContext:
     command_names: Callable[[], Iterable[str]] = lambda: ()
     # blockd-scsi-command's allowlist: opcodes, "all", or None for the safe default.
     scsi_allowed_opcodes: frozenset[int] | Literal["all"] | None = None
+    hotplug: HotplugControl | None = None
 
 
 @dataclass(frozen=True, slots=True)
