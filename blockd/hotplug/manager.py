@@ -39,13 +39,14 @@ from blockd.errors import BlockdError
 from blockd.events import BlockdDeviceAdded, BlockExportDeleted, Event, EventBus
 from blockd.hotplug import safety
 from blockd.hotplug.rules import NODE_NAME_MAX, Rule, Seen, first_match, render
-from blockd.hotplug.udev import SUBSYSTEMS, UdevSource, udevd_running
+from blockd.hotplug.udev import SUBSYSTEMS, UDEV_CONTROL, UdevSource, udevd_running
 
 __all__ = ["CONCURRENCY", "EVENT_PROPERTIES", "Attached", "Hotplug", "RuleCounters"]
 
 log = logging.getLogger(__name__)
 
 CONCURRENCY = 2  # hotplug jobs in the control executor at once
+RELEASE_POLL = 0.1  # seconds between reads of attached loop devices' autoclear flags
 EXPORT_GONE_TIMEOUT = 10.0  # seconds for NBD clients of a removed device to be cut off
 # The udev properties BLOCKD_DEVICE_ADDED carries (those the device has).
 EVENT_PROPERTIES = ("SUBSYSTEM", "DEVTYPE", "ID_BUS", "ID_TYPE", "ID_MODEL", "ID_VENDOR",
@@ -73,6 +74,7 @@ class Attached:
     driver: str
     rule: Rule
     export_id: str | None
+    loop_autoclear: str | None = None  # a loop device's autoclear flag when attached
 
 
 @dataclass
@@ -84,6 +86,7 @@ class _Inspection:
     present: bool
     protected: bool
     size: int | None
+    loop_autoclear: str | None = None
 
 
 @dataclass
@@ -93,6 +96,18 @@ class _Queue:
     pending: tuple[str, Any] | None = None
     running: bool = False
     done: list[asyncio.Future[None]] = field(default_factory=list)
+
+
+def _read_attributes(sys_paths: list[str], name: str) -> list[str | None]:
+    """One sysfs attribute of several devices (executor)."""
+    values: list[str | None] = []
+    for sys_path in sys_paths:
+        try:
+            with open(f"{sys_path}/{name}") as f:
+                values.append(f.read().strip())
+        except OSError:
+            values.append(None)
+    return values
 
 
 def _seen_of(device: Any) -> Seen:
@@ -122,7 +137,8 @@ class Hotplug:
         rules: tuple[Rule, ...],
         *,
         count_action: Callable[[str], None] | None = None,
-        source: UdevSource | None = None,
+        udev_control: str = UDEV_CONTROL,
+        receive_buffer: int | None = None,
         sys_root: str = "/sys",
         proc_root: str = "/proc",
         enumerate_devices: Callable[[], list[Any]] | None = None,
@@ -137,14 +153,18 @@ class Hotplug:
         self.rescans = 0
         self.attached: dict[str, Attached] = {}
         self._count_action = count_action or (lambda action: None)
-        self.source = source or UdevSource(self._on_device, self._on_lost)
+        self.source = UdevSource(self._on_device, self._on_lost, control=udev_control,
+                                 receive_buffer=receive_buffer)
         self._sys_root = sys_root
         self._proc_root = proc_root
         self._enumerate = enumerate_devices or self._enumerate_udev
         self._queues: dict[str, _Queue] = {}
         self._jobs = asyncio.Semaphore(CONCURRENCY)
         self._refused: set[str] = set()  # protected devices already logged
+        self._failing: set[str] = set()  # devices whose last attach failed (logged once)
         self._rescan_task: asyncio.Task[None] | None = None
+        self._release_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # one per device with events to handle
         self._closed = False
 
     # -- life cycle -----------------------------------------------------------
@@ -159,15 +179,19 @@ class Hotplug:
             return
         self.source.start()
         await self.rescan()
+        self._release_task = asyncio.get_running_loop().create_task(self._watch_releases())
 
     async def close(self) -> None:
         """Stop listening (attached devices stay until the daemon closes everything)."""
         self._closed = True
         self.source.close()
-        if self._rescan_task is not None:
-            self._rescan_task.cancel()
+        tasks = [t for t in (self._rescan_task, self._release_task, *self._tasks)
+                 if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._rescan_task
+                await task
 
     # -- events -------------------------------------------------------------------
 
@@ -189,7 +213,9 @@ class Hotplug:
         queue.done.append(waiter)
         if not queue.running:
             queue.running = True
-            asyncio.get_running_loop().create_task(self._drain(key, queue))
+            task = asyncio.get_running_loop().create_task(self._drain(key, queue))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return waiter
 
     async def _drain(self, key: str, queue: _Queue) -> None:
@@ -239,13 +265,16 @@ class Hotplug:
             else:
                 mine = {f"{props.get('MAJOR')}:{props.get('MINOR')}"}
             protected = bool(mine & taken)
-        return _Inspection(seen, rule, present, protected, size)
+        autoclear = seen.attributes("loop/autoclear") if seen.kernel.startswith("loop") \
+            else None
+        return _Inspection(seen, rule, present, protected, size, autoclear)
 
     async def _handle(self, key: str, action: str, device: Any) -> None:
         current = self.attached.get(key)
-        if action == "remove":
+        if action in ("remove", "release"):
             if current is not None:
-                await self._detach(current, "removed")
+                await self._detach(current, "removed" if action == "remove"
+                                   else "released (losetup -d)")
             return
         found: _Inspection = await self._in_executor(self._inspect, device)
         if current is not None:
@@ -270,11 +299,19 @@ class Hotplug:
                             "swap or a device-mapper/md member: never attached",
                             found.seen.devname or found.seen.kernel, key, rule.label)
             return
-        await self._attach(key, rule, found.seen)
+        await self._attach(key, rule, found.seen, found.loop_autoclear)
 
     # -- actions --------------------------------------------------------------------
 
-    async def _attach(self, key: str, rule: Rule, seen: Seen) -> None:
+    def _failed(self, key: str, rule: Rule, message: str, *args: object) -> None:
+        """Count a failed attach; log it the first time for this device."""
+        self.counters[rule.index].failed += 1
+        level = logging.DEBUG if key in self._failing else logging.WARNING
+        self._failing.add(key)
+        log.log(level, "hotplug: %s: " + message, rule.label, *args)
+
+    async def _attach(self, key: str, rule: Rule, seen: Seen,
+                      loop_autoclear: str | None = None) -> None:
         counters = self.counters[rule.index]
         started = time.monotonic()
         try:
@@ -282,9 +319,8 @@ class Hotplug:
             node_name = render(rule.node_name, seen, id=id, limit=NODE_NAME_MAX)
             export_name = None if rule.export is None else render(rule.export.name, seen, id=id)
         except KeyError as exc:
-            counters.failed += 1
-            log.warning("hotplug: %s: %s's templates name the udev property %s, which %s "
-                        "does not have", key, rule.label, exc, seen.devname or seen.kernel)
+            self._failed(key, rule, "its templates name the udev property %s, which %s does "
+                         "not have", exc, seen.devname or seen.kernel)
             return
         driver = rule.driver_for(seen)
         options = NodeOptions(driver=driver, node_name=node_name, filename=seen.devname,
@@ -293,18 +329,15 @@ class Hotplug:
         try:
             node = await registry.add_node(options, monitor_owned=False)
         except BlockdError as exc:
-            counters.failed += 1
-            log.warning("hotplug: %s: cannot open %s (%s): %s", rule.label, seen.devname,
-                        driver, exc)
+            self._failed(key, rule, "cannot open %s (%s): %s", seen.devname, driver, exc)
             return
         kind: DeviceKind = "cd" if isinstance(node.driver, Removable) else "hd"
         try:
             device = registry.add_device(kind, id, node_name, rerror=rule.rerror,
                                          werror=rule.werror)
         except BlockdError as exc:
-            counters.failed += 1
-            log.warning("hotplug: %s: cannot create device %s for %s: %s", rule.label, id,
-                        seen.devname, exc)
+            self._failed(key, rule, "cannot create device %s for %s: %s", id, seen.devname,
+                         exc)
             await registry.del_node(node_name, implicit=True)
             return
         export_id = None
@@ -312,8 +345,9 @@ class Hotplug:
             export_id = self._export(device, node_name, export_name, rule.export.writable,
                                      rule.label)
         self.attached[key] = Attached(key, id, node_name, seen.devname, node.drv, rule,
-                                      export_id)
+                                      export_id, loop_autoclear)
         counters.attached += 1
+        self._failing.discard(key)
         self.acted += 1
         self._count_action("add")
         props = tuple((k, seen.properties[k]) for k in EVENT_PROPERTIES if k in seen.properties)
@@ -384,6 +418,27 @@ class Hotplug:
         self.acted += 1
         self._count_action("change")
         log.info("hotplug: %s is now %d bytes", current.devname, size)
+
+    # -- loop devices released while open ---------------------------------------------
+
+    async def _watch_releases(self) -> None:
+        """Notice ``losetup -d`` of an attached loop device.
+
+        The kernel defers releasing a loop device that is open (blockd holds
+        it) and sends no event until the last close: it only sets the device's
+        autoclear flag.  A flag that went from 0 to 1 while blockd held the
+        device is that request; blockd then lets go, and the kernel finishes.
+        """
+        while True:
+            await asyncio.sleep(RELEASE_POLL)
+            watched = [a for a in self.attached.values() if a.loop_autoclear == "0"]
+            if not watched:
+                continue
+            flags = await self._in_executor(
+                _read_attributes, [a.sys_path for a in watched], "loop/autoclear")
+            for attached, flag in zip(watched, flags, strict=True):
+                if flag == "1" and self.attached.get(attached.sys_path) is attached:
+                    self._submit(attached.sys_path, "release", None)
 
     # -- rescans ---------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ A rule comes from a ``[[hotplug.rule]]`` table of the configuration file::
     driver = "auto"                # host_cdrom if ID_CDROM=1, sg for scsi_generic, else host_device
     read-only = true               # the default
     id = "{kernel}"                # device id template
-    node-name = "{id}"             # node-name template
+    node-name = "{id}-node"        # node-name template (never the id: QEMU keeps them apart)
     rerror = "report"              # werror too
     export = { name = "{kernel}", writable = false }
 
@@ -100,7 +100,7 @@ class Rule:
     driver: Driver = "auto"
     read_only: bool = True
     id: str = "{kernel}"
-    node_name: str = "{id}"
+    node_name: str = "{id}-node"
     rerror: ErrorAction = "auto"
     werror: ErrorAction = "auto"
     export: ExportRule | None = None
@@ -200,6 +200,14 @@ _RULE_KEYS = frozenset({"match", "action", "driver", "read-only", "id", "node-na
                         "rerror", "werror", "export", "name"})
 
 
+def _node_name_template(table: Mapping[str, object]) -> str:
+    value = _template(table, "node-name", "{id}-node", "")
+    if value in ("{id}", table.get("id", "{kernel}")):
+        raise RuleError("node-name: must differ from the device id (QEMU refuses a node "
+                        "name that is also a device id); the default is \"{id}-node\"")
+    return value
+
+
 def parse_rule(table: Mapping[str, object], index: int) -> Rule:
     """One rule from its TOML table; raises RuleError."""
     unknown = sorted(set(table) - _RULE_KEYS)
@@ -238,7 +246,7 @@ def parse_rule(table: Mapping[str, object], index: int) -> Rule:
         driver=_choice(table, "driver", "auto", DRIVERS),  # type: ignore[arg-type]
         read_only=read_only,
         id=_template(table, "id", "{kernel}", "id"),
-        node_name=_template(table, "node-name", "{id}", ""),
+        node_name=_node_name_template(table),
         rerror=_choice(table, "rerror", "auto", ERROR_ACTIONS),  # type: ignore[arg-type]
         werror=_choice(table, "werror", "auto", ERROR_ACTIONS),  # type: ignore[arg-type]
         export=export,

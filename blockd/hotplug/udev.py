@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -44,6 +45,15 @@ def udevd_running(control: str = UDEV_CONTROL) -> bool:
     finally:
         sock.close()
     return True
+
+
+def _pending_error(fd: int) -> int:
+    """The socket's pending error (SO_ERROR), cleared by reading it; 0 for none."""
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    finally:
+        sock.close()
 
 
 class UdevSource:
@@ -121,11 +131,16 @@ class UdevSource:
             try:
                 device = monitor.poll(timeout=0)
             except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
+                # pyudev reports a pending socket error as "Error while polling fd"
+                # without an errno; the socket says which (and reading it clears it).
+                err = exc.errno or _pending_error(monitor.fileno())
+                if err == errno.ENOBUFS:
                     self.lost += 1
                     log.warning("hotplug: the kernel dropped device events (receive buffer "
                                 "full); rescanning")
                     self._on_lost()
+                    continue
+                if err == 0:
                     continue
                 log.warning("hotplug: reading device events failed: %s", exc)
                 return

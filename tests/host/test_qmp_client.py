@@ -21,7 +21,7 @@ ALL_COMMANDS = {
     "query-block-exports", "nbd-server-add", "nbd-server-remove",
     "eject", "blockdev-open-tray", "blockdev-close-tray", "blockdev-remove-medium",
     "blockdev-insert-medium", "blockdev-change-medium", "blockd-lock-medium",
-    "blockd-scsi-command",
+    "blockd-scsi-command", "blockd-query-hotplug", "blockd-hotplug-rescan",
 }
 
 

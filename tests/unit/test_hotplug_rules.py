@@ -28,7 +28,7 @@ def seen(kernel: str = "loop3", **props: str) -> Seen:
 def test_defaults_are_safe() -> None:
     (rule,) = parse_rules([{"match": {"DEVNAME": "/dev/loop*"}}])
     assert rule.action == "attach" and rule.read_only is True
-    assert rule.driver == "auto" and rule.id == "{kernel}" and rule.node_name == "{id}"
+    assert rule.driver == "auto" and rule.id == "{kernel}" and rule.node_name == "{id}-node"
     assert rule.export is None and rule.label == "rule 1"
     assert (rule.rerror, rule.werror) == ("auto", "auto")
 
@@ -91,6 +91,8 @@ def test_templates() -> None:
     ({"match": {}, "export": {"writable": True}}, "needs read-only = false"),
     ({"match": {}, "export": {"port": 1}}, "export.port: unknown key"),
     ({"match": {}, "colour": "red"}, "colour: unknown key"),
+    ({"match": {}, "node-name": "{id}"}, "node-name: must differ from the device id"),
+    ({"match": {}, "id": "x-{kernel}", "node-name": "x-{kernel}"}, "must differ"),
 ])
 def test_bad_rules_say_what_is_wrong(table: dict[str, object], message: str) -> None:
     with pytest.raises(RuleError, match=message) as caught:
