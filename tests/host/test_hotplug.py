@@ -414,3 +414,52 @@ async def test_bind_and_release_200_times_leaks_nothing(
         print(f"200 bind/release cycles in {took:.1f} s")
     finally:
         await qmp.disconnect()
+
+
+async def test_a_storm_of_events_is_absorbed_and_qmp_stays_responsive(
+    loops: Loops, tmp_path: Path, daemon_factory: Any
+) -> None:
+    """48 loop devices bound and released back to back (a few hundred uevents, creating
+    new loop nodes too): every one is attached and detached in the end, and QMP answers
+    throughout."""
+    d = daemon_factory(config(tmp_path, loop_rule(tmp_path)))
+    qmp = await d.client()
+    other = await d.client("prober")
+    slowest = 0.0
+    stop = asyncio.Event()
+
+    async def probe() -> None:
+        nonlocal slowest
+        while not stop.is_set():
+            t0 = time.monotonic()
+            await other.execute("query-version")
+            slowest = max(slowest, time.monotonic() - t0)
+            await asyncio.sleep(0.01)
+
+    prober = asyncio.create_task(probe())
+    try:
+        images = [loops.image(f"hot-storm{n}.img", size=1 << 20) for n in range(48)]
+        devs = await asyncio.to_thread(lambda: [loops.bind(i) for i in images])
+
+        async def attached() -> set[str]:
+            state: Any = await qmp.execute("blockd-query-hotplug")
+            return {dev["devname"] for dev in state["devices"]}
+
+        deadline = time.monotonic() + 30
+        while await attached() != set(devs):
+            assert time.monotonic() < deadline, "not every device was attached"
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(lambda: [loops.release(dev) for dev in devs])
+        deadline = time.monotonic() + 30
+        while await attached():
+            assert time.monotonic() < deadline, "not every device was detached"
+            await asyncio.sleep(0.1)
+        assert await blocks(qmp) == {}
+        # Generous: a loop that hotplug blocked would stall for seconds.
+        assert slowest < 1.0, f"query-version took {slowest:.3f} s during the storm"
+        print(f"slowest query-version during the storm: {slowest * 1000:.1f} ms")
+    finally:
+        stop.set()
+        await prober
+        await other.disconnect()
+        await qmp.disconnect()
