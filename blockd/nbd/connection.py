@@ -9,8 +9,12 @@ Replies may go out in any order (NBD allows it); :mod:`blockd.nbd.replies` write
 
 Every way a connection ends goes through :meth:`NbdClient.disconnect`.  Requests still
 in flight then complete (acknowledged writes are never lost); their replies are dropped.
-Back-pressure: while ``MAX_IN_FLIGHT`` requests run, or the client leaves too many
-replies unread (:meth:`ReplyWriter.backlogged`), its requests are not read.
+Back-pressure: a request is taken from what the client sent only while fewer than
+``MAX_IN_FLIGHT`` requests, moving fewer than ``MAX_IN_FLIGHT_BYTES`` bytes, run and
+the client has not left too many replies unread (:meth:`ReplyWriter.backlogged`).
+Otherwise the rest stays unparsed in the protocol's buffer and the socket is not read
+until a request completes or the replies drain: a client that sends thousands of
+requests in one burst and never reads a reply holds a bounded amount of memory.
 """
 
 from __future__ import annotations
@@ -47,13 +51,14 @@ from blockd.nbd.protocol import (
     Write,
     WriteZeroes,
 )
-from blockd.nbd.replies import ReplyWriter
+from blockd.nbd.replies import MAX_UNSENT, ReplyWriter
 
-__all__ = ["MAX_IN_FLIGHT", "NbdClient"]
+__all__ = ["MAX_IN_FLIGHT", "MAX_IN_FLIGHT_BYTES", "NbdClient"]
 
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 128
+MAX_IN_FLIGHT_BYTES = 64 << 20  # payload of the reads and writes running for one client
 SEND_BUFFER = 4 << 20  # socket send buffer per client
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 # Plain ints: IntFlag arithmetic costs microseconds on the hot path.
@@ -105,6 +110,9 @@ class NbdClient(asyncio.Protocol):
         self.export: Export | None = None
         self.device: Device | None = None  # the export's, once negotiated
         self.in_flight = 0
+        self.in_flight_bytes = 0  # payload bytes of the reads and writes in flight
+        self.held = False  # requests wait unparsed until something completes
+        self._running = False  # inside _run (completions then only update counts)
         self.closed = False  # the transport is gone
         self.stopping = False  # no more requests will be read: the connection is ending
         self.reading_paused = False
@@ -218,21 +226,45 @@ class NbdClient(asyncio.Protocol):
     # -- requests ----------------------------------------------------------------------
 
     def process(self, data: bytes) -> None:
-        """Handle ``data`` and every request it completes; flush the replies once, at the end.
+        """Take ``data`` in, then handle what it completes (see :meth:`_run`)."""
+        try:
+            self._receive(data)
+        except NbdProtocolError as exc:
+            self.disconnect(logging.INFO, "client broke the protocol: %s", exc)
+            return
+        self._run()
+
+    def _run(self) -> None:
+        """Handle the buffered requests while the limits allow; flush the replies once.
 
         Replies produced meanwhile are appended to the writer's queue and
         sent by that one flush, without a trip through call_soon (that
-        matters at queue depth 1).
+        matters at queue depth 1).  Read data queued meanwhile is sent every
+        ``MAX_UNSENT`` bytes, so that a client not reading it shows as backlogged.
         """
         next_event = self._next_event
-        self._replies.scheduled = True
+        replies = self._replies
+        replies.scheduled = True
+        self._running = True
         try:
-            self._receive(data)
             while not self.stopping:
+                if self.in_flight >= MAX_IN_FLIGHT or (
+                    self.in_flight_bytes >= MAX_IN_FLIGHT_BYTES and self.in_flight
+                ) or (replies.writing_paused and replies.backlogged()):
+                    self.held = True
+                    break
                 event = next_event()
                 if event is NEED_DATA:
+                    self.held = False
                     break
-                self._handle(event)
+                queued = self._handle(event)
+                if queued:
+                    replies.queued += queued
+                if replies.queued >= MAX_UNSENT:
+                    # Reads that completed at once queue their data here: send it, so
+                    # that a client that does not read shows up as backlogged.
+                    self._send()
+                    replies.scheduled = True
         except NbdProtocolError as exc:
             self.disconnect(logging.INFO, "client broke the protocol: %s", exc)
             return
@@ -241,40 +273,44 @@ class NbdClient(asyncio.Protocol):
                             exc_info=True)
             return
         finally:
+            self._running = False
             # flush(), inlined: at queue depth 1 this runs once per request.
             if self._send() and self._polling and not self.in_flight:
                 now = _monotonic_ns()
                 self._completion_seen(now)
                 self._request_awaited(now)
-        if self.reading_paused or self.in_flight >= MAX_IN_FLIGHT:
+        if self.held or self.reading_paused:
             self._update_reading()
 
-    def _handle(self, event: object) -> None:
+    def _handle(self, event: object) -> int:
+        """Start one request; the bytes of a read answered on the spot (else 0)."""
         match event:
             case Read():
                 offset, length = event.offset, event.length
                 if self._holes and self._try_read_hole(offset, length):
                     self._out.append(
                         self._conn.reply_read_hole(event.cookie, offset, length))
-                    return
+                    return 0
                 if length < MIN_POOLED:
                     # Served on the spot if the device can (memory-backed, page-cache
-                    # hit): no callback; the flush at the end of process() sends it.
+                    # hit): no callback; the flush at the end of _run() sends it.
                     buf = bytearray(length)
                     if self._try_read(offset, buf) is not None:
                         self._out += (self._reply_read_header(event.cookie, offset, length), buf)
-                        return
+                        return length
                 self.in_flight += 1
+                self.in_flight_bytes += length
                 self._submit_read(event)
             case Write():
                 # writethrough: every write is durable before it is acknowledged.
                 fua = bool(event.flags & _FUA) or self._writethrough
                 if self._try_write(event.offset, event.data, fua):
                     self._out.append(self._reply_ok(event.cookie))
-                    return
+                    return 0
                 self.in_flight += 1
+                self.in_flight_bytes += len(event.data)
                 self._submit(event.cookie, self._device().submit_write, event.offset,
-                             event.data, fua)
+                             event.data, fua, nbytes=len(event.data))
             case Flush():
                 self.in_flight += 1
                 self._submit(event.cookie, self._device().submit_flush)
@@ -302,6 +338,7 @@ class NbdClient(asyncio.Protocol):
                 self._close_when_idle()
             case _:
                 self.disconnect(logging.ERROR, "unexpected event %r", event)
+        return 0
 
     def _ready(self, event: Ready) -> None:
         export = event.export.handle
@@ -325,24 +362,26 @@ class NbdClient(asyncio.Protocol):
         if self.in_flight == 0:
             self.disconnect(logging.DEBUG, "the client disconnected")
 
-    def _finish(self, reply: bytes | None) -> None:
+    def _finish(self, reply: bytes | None, nbytes: int = 0) -> None:
         """A request is done: queue its reply (if any) and see what its slot frees."""
         self.in_flight -= 1
+        self.in_flight_bytes -= nbytes
         if reply is not None:
             self._write(reply)
-        if self.reading_paused:
+        if self.held or self.reading_paused:
             self._update_reading()
         if self.stopping:
             self._close_when_idle()
 
-    def _finish_error(self, cookie: int, exc: BaseException | None) -> None:
+    def _finish_error(self, cookie: int, exc: BaseException | None, nbytes: int = 0) -> None:
         """A request failed: its error reply (the errno mapped to NBD's), then :meth:`_finish`."""
         err = getattr(exc, "errno", None)
         self._finish(self._conn.reply_error(
-            cookie, errno_to_nbd(err if isinstance(err, int) else errno.EIO)))
+            cookie, errno_to_nbd(err if isinstance(err, int) else errno.EIO)), nbytes)
 
     def _submit(
-        self, cookie: int, submit: Callable[..., None], *args: object, fua: bool = False
+        self, cookie: int, submit: Callable[..., None], *args: object, fua: bool = False,
+        nbytes: int = 0,
     ) -> None:
         """Start one request; its reply is written when the device calls back.
 
@@ -354,16 +393,17 @@ class NbdClient(asyncio.Protocol):
 
         def done(result: object, exc: BaseException | None) -> None:
             if exc is not None:
-                self._finish_error(cookie, exc)
+                self._finish_error(cookie, exc, nbytes)
             elif fua:
-                self._submit(cookie, device.submit_flush)  # keeps this request's slot
+                self.in_flight_bytes -= nbytes  # the flush keeps the slot, not the bytes
+                self._submit(cookie, device.submit_flush)
             else:
-                self._finish(reply_ok(cookie))
+                self._finish(reply_ok(cookie), nbytes)
 
         try:
             submit(*args, done)
         except (BlockdError, OSError) as exc:
-            self._finish_error(cookie, exc)
+            self._finish_error(cookie, exc, nbytes)
 
     def _submit_read(self, event: Read) -> None:
         replies = self._replies
@@ -376,14 +416,14 @@ class NbdClient(asyncio.Protocol):
             elif exc is None and buf is not None:
                 replies.write_data(reply_read_header(cookie, offset, length), buf, length)
             else:
-                self._finish_error(cookie, exc)
+                self._finish_error(cookie, exc, length)
                 return
-            self._finish(None)
+            self._finish(None, length)
 
         try:
             self._device().submit_read(offset, length, done, self._server.buffers, self._pipes)
         except (BlockdError, OSError) as exc:
-            self._finish_error(cookie, exc)
+            self._finish_error(cookie, exc, length)
 
     def _block_status(self, event: BlockStatus) -> None:
         """Answer from the device's allocation map (Device.submit_block_status)."""
@@ -417,10 +457,17 @@ class NbdClient(asyncio.Protocol):
             self._request_awaited(now)
 
     def _update_reading(self) -> None:
+        """Read from the client only while it is under its limits and nothing waits."""
         transport = self.transport
         if transport is None or self.closed:
             return
-        want_pause = self.in_flight >= MAX_IN_FLIGHT or self._replies.backlogged()
+        over = (self.in_flight >= MAX_IN_FLIGHT
+                or (self.in_flight_bytes >= MAX_IN_FLIGHT_BYTES and self.in_flight > 0)
+                or self._replies.backlogged())
+        if self.held and not over and not self._running and not self.stopping:
+            self._run()  # take the requests that waited (it calls back here when done)
+            return
+        want_pause = over or self.held
         if want_pause and not self.reading_paused:
             self.reading_paused = True
             transport.pause_reading()

@@ -46,6 +46,7 @@ class ReplyWriter:
         failed: Callable[[OSError], None],
     ) -> None:
         self.out: list[Reply] = []  # in order; never replaced, only emptied
+        self.queued = 0  # read data bytes in ``out`` (the connection flushes at MAX_UNSENT)
         self.scheduled = False
         self.writing_paused = False  # the transport holds unsent data
         self.closed = False
@@ -93,6 +94,7 @@ class ReplyWriter:
         if self.closed:
             return
         self.out.append(header)
+        self.queued += length
         if length < MIN_POOLED:
             self.write(buf)
         else:
@@ -114,6 +116,7 @@ class ReplyWriter:
     def flush(self) -> bool:
         """Write everything queued; False if there was nothing to write (or no one to)."""
         self.scheduled = False
+        self.queued = 0
         out = self.out
         transport = self.transport
         if transport is None or transport.is_closing() or not (out or self._spliced):

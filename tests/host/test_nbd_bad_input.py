@@ -215,3 +215,55 @@ async def test_acknowledged_writes_survive_a_kill(blockd_factory: BlockdFactory,
     d.proc.kill()  # no clean shutdown at all
     d.proc.wait()
     assert (tmp_path / "disk.img").read_bytes()[4096:4096 + len(payload)] == payload
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_a_burst_of_reads_never_read_back_holds_bounded_memory(
+    blockd_factory: BlockdFactory, tmp_path: Path
+) -> None:
+    """1,500 reads of 2 MiB sent in one burst by a client that reads no reply (finding 1 of
+    the hardening issue: RSS went from 46 MB to 3.1 GB).  blockd takes requests only while
+    the client is under its in-flight and unsent-reply limits; the rest wait unparsed."""
+    img = tmp_path / "big.img"
+    with open(img, "wb") as f:
+        f.truncate(64 * MiB)
+    sock = str(tmp_path / "nbd.sock")
+    d = blockd_factory("--blockdev", f"driver=file,node-name=f0,filename={img}",
+                       "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                       "--export", "type=nbd,id=e0,node-name=f0,name=disk")
+    before = _rss(d.proc.pid)
+    c = await RawNbd.connect(sock)
+    c.send(struct.pack(">I", 3))
+    assert await c.go(b"disk") == 64 * MiB
+    burst = b"".join(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ, n,
+                                 (n % 32) * 2 * MiB, 2 * MiB) for n in range(1500))
+    c.send(burst)
+    await c.writer.drain()
+    await asyncio.sleep(3)  # let blockd do whatever it does with the burst
+    grown = _rss(d.proc.pid) - before
+    # 128 requests or 64 MiB in flight, 8 MiB of unsent replies, the socket buffers: far
+    # below the 3 GB of the unbounded server.
+    assert grown < 256 * MiB, f"RSS grew by {grown / MiB:.0f} MiB"
+    other = await RawNbd.connect(sock)
+    other.send(struct.pack(">I", 3))
+    assert await other.go(b"disk") == 64 * MiB
+    other.request(CMD_READ, 7, 0, 4096)
+    assert await other.simple_reply() == (0, 7), "another client was not served meanwhile"
+    assert await other.read(4096) == bytes(4096)
+    await other.close()
+    # Every request is still answered, in full, once the client reads.
+    cookies = set()
+    for _ in range(1500):
+        error, cookie = await c.simple_reply()
+        assert error == 0
+        await c.read(2 * MiB)
+        cookies.add(cookie)
+    assert cookies == set(range(1500))
+    await c.close()
+    print(f"RSS grew by {grown / MiB:.1f} MiB during the burst")
