@@ -285,6 +285,27 @@ def _decode_string(token: bytes) -> str:
     return "".join(parts)
 
 
+class SourceFloat(float):
+    """A number too large for a double (``1e999``), with the text the client wrote.
+
+    It compares and computes as the infinity it rounds to, but is written back as
+    the client spelt it: an echoed ``id`` stays valid JSON (QEMU prints ``inf``,
+    which JSON parsers reject).
+    """
+
+    text: str
+
+    def __new__(cls, text: str) -> SourceFloat:
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+
+def _number(text: bytes) -> float:
+    number = float(text)
+    return number if math.isfinite(number) else SourceFloat(text.decode("ascii"))
+
+
 def _literal(kind: int, text: bytes) -> object:
     """The value of a string, number or keyword token."""
     if kind == _STRING:
@@ -296,9 +317,9 @@ def _literal(kind: int, text: bytes) -> object:
             number = int(text)
             if _INT64_MIN <= number <= _UINT64_MAX:
                 return number
-        return float(text)
+        return _number(text)
     if kind == _FLOAT:
-        return float(text)
+        return _number(text)
     if text == b"true":
         return True
     if text == b"false":
@@ -701,7 +722,9 @@ def _quote(text: str) -> str:
 def _float_text(number: float) -> str:
     if math.isfinite(number):
         return repr(number)
-    # What QEMU's "%.17g" prints; not JSON, but only an echoed id can carry such a value.
+    if isinstance(number, SourceFloat):
+        return number.text  # an echoed id, as the client wrote it: valid JSON
+    # What QEMU's "%.17g" prints; not JSON, and nothing blockd makes can hold it.
     return "nan" if math.isnan(number) else ("inf" if number > 0 else "-inf")
 
 

@@ -128,3 +128,22 @@ async def test_abrupt_disconnects_do_not_hurt_the_daemon(blockd: DaemonProcess) 
     await raw.send(b'{"execute": "query-block", "id": 1}')
     assert await raw.recv() == {"return": [], "id": 1}
     await raw.close()
+
+
+async def test_an_id_too_large_for_a_double_comes_back_as_valid_json(
+    blockd: DaemonProcess,
+) -> None:
+    """QEMU echoes ``"id": inf``, which JSON parsers reject (hardening issue, finding 9)."""
+    raw = await negotiated(blockd)
+    try:
+        await raw.send(b'{"execute": "query-version", "id": 1e999}')
+        line = await asyncio.wait_for(raw.reader.readline(), 10)
+        assert line.endswith(b', "id": 1e999}\r\n'), line
+
+        def strict(name: str) -> object:
+            raise AssertionError(f"not JSON: {name} in {line!r}")
+
+        reply = json.loads(line, parse_constant=strict)
+        assert "return" in reply and reply["id"] == float("inf")
+    finally:
+        await raw.close()

@@ -100,9 +100,26 @@ def test_number_types_follow_qemu() -> None:
     assert isinstance(item, ParsedValue)
     assert isinstance(item.value, dict)
     n = item.value["n"]
-    assert [type(x) for x in n] == [int, int, float, float, int, int, float, float, float]
+    assert [type(x) for x in n[:8]] == [int, int, float, float, int, int, float, float]
+    assert isinstance(n[8], float)  # an overflow: SourceFloat, a float that keeps its text
     assert n[:6] == [0, 0, 1.0, 1000.0, 2**63 - 1, 2**64 - 1]
     assert n[6] == 2.0**64 and n[7] == -(2.0**63) and n[8] == float("inf")
+
+
+def test_an_overflowing_number_is_echoed_as_written() -> None:
+    """An id of 1e999: QEMU echoes ``inf``, which no JSON parser accepts; blockd echoes
+    the client's own text (hardening issue, finding 9)."""
+    (item,) = feed_all([b'{"execute": "x", "id": [1e999, -2E+400]}'])
+    assert isinstance(item, ParsedValue) and isinstance(item.value, dict)
+    ids = item.value["id"]
+    assert ids[0] == float("inf") and ids[1] == float("-inf")
+    out = encode({"return": {}, "id": ids})
+    assert out == b'{"return": {}, "id": [1e999, -2E+400]}\r\n'
+    json.loads(out, parse_constant=_no_constants)  # strict JSON: no Infinity/NaN tokens
+
+
+def _no_constants(name: str) -> object:
+    raise AssertionError(f"not JSON: {name}")
 
 
 def test_very_long_integer_becomes_float() -> None:
