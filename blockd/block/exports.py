@@ -70,12 +70,6 @@ class NbdAddress:
             return f"unix:{self.path}"
         return f"tcp:{self.host}:{self.port}"
 
-    @property
-    def is_loopback(self) -> bool:
-        """UNIX sockets and loopback TCP addresses stay on this machine."""
-        if self.path is not None:
-            return True
-        return self.host in ("localhost", "::1") or str(self.host).startswith("127.")
 
 
 class ExportService(Protocol):

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
+import socket
 import stat
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -128,12 +130,12 @@ class NbdServer:
         """nbd-server-start; raise BlockdError with QEMU's texts."""
         if self._server is not None:
             raise InUse("NBD server already running")
-        if not address.is_loopback:
+        loop = asyncio.get_running_loop()
+        if address.path is None and not await _resolves_to_loopback(loop, address):
             raise InvalidArgument(
                 f"NBD on non-loopback address {address.host} needs TLS, which blockd does not "
                 "support yet; listen on a UNIX socket or a loopback address"
             )
-        loop = asyncio.get_running_loop()
         try:
             if address.path is not None:
                 with contextlib.suppress(FileNotFoundError):
@@ -217,3 +219,19 @@ class NbdServer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.address.path)
         self.address = None
+
+
+async def _resolves_to_loopback(loop: asyncio.AbstractEventLoop, address: NbdAddress) -> bool:
+    """Whether every address the host name resolves to is a loopback address.
+
+    Decided on what the name resolves to, not on how it is spelt: ``127.0.0.1.nip.io``
+    looks like loopback and is not; an empty host means every interface.
+    """
+    if not address.host:
+        return False
+    try:
+        infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    return bool(infos) and all(
+        ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]).is_loopback for info in infos)

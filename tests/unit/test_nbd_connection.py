@@ -282,3 +282,39 @@ async def test_a_client_over_the_connection_limit_is_refused(
     assert conn.transport.data == b""  # not even the greeting
     (record,) = caplog.records
     assert record.levelname == "WARNING" and "refusing a client" in record.getMessage()
+
+
+@pytest.mark.parametrize(("host", "resolved", "loopback"), [
+    ("localhost", ["127.0.0.1", "::1"], True),
+    ("127.0.0.1.nip.io", ["127.0.0.1"], True),  # resolves to loopback: binds loopback
+    ("127.0.0.1.evil.example", ["203.0.113.7"], False),  # spelt like loopback, is not
+    ("dual.example", ["127.0.0.1", "10.0.0.1"], False),  # one address is enough to leak
+    ("fe80.example", ["fe80::1%eth0"], False),
+    ("", [], False),  # every interface
+])
+async def test_loopback_is_decided_on_the_resolved_address(
+    host: str, resolved: list[str], loopback: bool
+) -> None:
+    """The hardening issue's finding 9: the check was a string prefix."""
+    import socket
+
+    from blockd.block.exports import NbdAddress
+    from blockd.nbd.server import _resolves_to_loopback
+
+    class Resolver:
+        async def getaddrinfo(self, host: str, port: object, **kw: object) -> list[object]:
+            return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6,
+                     "", (a, 10809)) for a in resolved]
+
+    address = NbdAddress(host=host, port=10809)
+    assert await _resolves_to_loopback(Resolver(), address) is loopback  # type: ignore[arg-type]
+
+
+async def test_an_unresolvable_name_is_not_loopback() -> None:
+    import asyncio
+
+    from blockd.block.exports import NbdAddress
+    from blockd.nbd.server import _resolves_to_loopback
+
+    address = NbdAddress(host="127.0.0.1.name.invalid", port=10809)
+    assert await _resolves_to_loopback(asyncio.get_running_loop(), address) is False
