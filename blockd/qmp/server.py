@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
 MAX_QUEUED_MESSAGES = 10_000
+# Replies and events queued for one client, in bytes.  Above the soft limit the
+# session runs no further command until the client has read; above the hard
+# limit (events pile up for a client that never reads) it is disconnected.
+SOFT_QUEUED_BYTES = 1 << 20
+MAX_QUEUED_BYTES = 64 << 20
 DEFAULT_MAX_SESSIONS = 64
 
 
@@ -52,22 +57,35 @@ class _Connection:
             capabilities=(),
         )
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(MAX_QUEUED_MESSAGES)
+        self.queued_bytes = 0  # in the queue and in the transport, not yet sent
+        self._drained = asyncio.Event()  # queued_bytes fell under the soft limit
+        self._drained.set()
         self.closing = False
 
     def send(self, data: bytes) -> None:
         """Queue ``data``; a client that stops reading is disconnected, not buffered forever."""
         if self.closing:
             return
+        if self.queued_bytes + len(data) > MAX_QUEUED_BYTES:
+            log.warning("QMP client is not reading its messages (%d bytes queued); "
+                        "disconnecting it", self.queued_bytes)
+            self.close()
+            return
         try:
             self.queue.put_nowait(data)
         except asyncio.QueueFull:
             log.warning("QMP client is not reading its messages; disconnecting it")
             self.close()
+            return
+        self.queued_bytes += len(data)
+        if self.queued_bytes > SOFT_QUEUED_BYTES:
+            self._drained.clear()
 
     def close(self) -> None:
         """Ask the writer to flush what is queued and end the connection."""
         if not self.closing:
             self.closing = True
+            self._drained.set()  # a reader waiting for the client to read must see this
             with contextlib.suppress(asyncio.QueueFull):
                 self.queue.put_nowait(None)
             if self.queue.full():
@@ -100,7 +118,13 @@ class _Connection:
                 if isinstance(action, Send):
                     self.send(action.data)
                 elif isinstance(action, Execute):
+                    # A client that does not read its replies waits for them, alone.
+                    await self._drained.wait()
+                    if self.closing:
+                        return
                     await self._execute(action)
+                    # Between two commands of one client, everyone else gets a turn.
+                    await asyncio.sleep(0)
                 if self.closing:
                     return
 
@@ -113,13 +137,19 @@ class _Connection:
         self.send(self.session.reply(request, result))
 
     async def _write_loop(self) -> None:
+        written = 0  # handed to the transport since the last drain
         while True:
             data = await self.queue.get()
             if data is None:
                 break
             self.writer.write(data)
+            written += len(data)
             if self.queue.empty():
                 await self.writer.drain()
+                self.queued_bytes -= written  # that much reached the kernel
+                written = 0
+                if self.queued_bytes <= SOFT_QUEUED_BYTES:
+                    self._drained.set()
         with contextlib.suppress(Exception):
             await self.writer.drain()
         # Closing the transport also ends a reader blocked in read().

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from pathlib import Path
 
 from daemons import DaemonProcess
 
@@ -147,3 +149,63 @@ async def test_an_id_too_large_for_a_double_comes_back_as_valid_json(
         assert "return" in reply and reply["id"] == float("inf")
     finally:
         await raw.close()
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def _with_devices(blockd: DaemonProcess, count: int) -> None:
+    qmp = await blockd.client()
+    for n in range(count):
+        await qmp.execute("blockdev-add", {"driver": "null-co", "node-name": f"n{n}"})
+        await qmp.execute("device_add", {"driver": "hd", "id": f"d{n}", "drive": f"n{n}"})
+
+
+async def test_a_flooding_client_does_not_stall_another(blockd: DaemonProcess) -> None:
+    """2,000 query-block in one write, with 200 devices (hardening issue, finding 2: every
+    other client waited 42.7 s).  Commands of one session yield to everyone else."""
+    await _with_devices(blockd, 200)
+    flooder = await negotiated(blockd)
+    other = await negotiated(blockd)
+    try:
+        await flooder.send(b'{"execute": "query-block"}' * 2000)
+        await asyncio.sleep(0.05)  # the flood is under way
+        slowest = 0.0
+        for n in range(20):
+            t0 = time.monotonic()
+            await other.send(b'{"execute": "query-version", "id": %d}' % n)
+            assert (await other.recv())["id"] == n
+            slowest = max(slowest, time.monotonic() - t0)
+        # One query-block of 200 devices takes milliseconds; the flood takes seconds.
+        assert slowest < 1.0, f"another client waited {slowest:.2f} s"
+        for _ in range(2000):
+            assert "return" in await flooder.recv()
+    finally:
+        await flooder.close()
+        await other.close()
+
+
+async def test_big_replies_never_read_hold_bounded_memory(blockd: DaemonProcess) -> None:
+    """A client that asks for 2,000 large replies and reads none (finding 8: the cap counted
+    messages, not bytes): blockd stops running its commands until it reads."""
+    await _with_devices(blockd, 200)
+    pid = blockd.proc.pid
+    raw = await negotiated(blockd)
+    other = await negotiated(blockd)
+    try:
+        before = _rss(pid)
+        await raw.send(b'{"execute": "query-block"}' * 2000)  # about 200 MB of replies
+        await asyncio.sleep(3)
+        grown = _rss(pid) - before
+        assert grown < 100 << 20, f"RSS grew by {grown >> 20} MiB"
+        await other.send(b'{"execute": "query-version", "id": 1}')
+        assert (await other.recv())["id"] == 1  # the daemon still serves others
+        for _ in range(2000):  # and the client gets every reply once it reads
+            assert "return" in await raw.recv()
+    finally:
+        await raw.close()
+        await other.close()
