@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterable
 from socketserver import TCPServer, ThreadingMixIn
 from typing import Any
@@ -19,7 +21,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 from blockd.monitoring import device_families as device_metrics
 from blockd.monitoring.collector import BlockdCollector, ScrapeError, make_registry
 
-__all__ = ["DEFAULT_METRICS_PORT", "MetricsServer"]
+__all__ = ["DEFAULT_METRICS_PORT", "MAX_CONNECTIONS", "REQUEST_TIMEOUT", "MetricsServer"]
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +36,53 @@ _INDEX = (
 )
 
 
+MAX_CONNECTIONS = 16
+"""Connections served at once; more are closed at once (and counted in ``refused``)."""
+REQUEST_TIMEOUT = 10.0
+"""Seconds a connection may take to send its request or read the reply."""
+_ACCEPT_BACKOFF = 0.1  # seconds to wait when accept fails for want of descriptors
+
+
 class _Server(ThreadingMixIn, WSGIServer):
-    """A thread per request; threads do not outlive the daemon."""
+    """A thread per connection, at most :data:`MAX_CONNECTIONS`, each with a timeout.
+
+    Without the cap and the timeout every idle connection held a thread and a
+    descriptor for ever: a local user could exhaust the daemon's descriptors
+    and lock NBD and QMP clients out.  Threads do not outlive the daemon.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64  # the listen backlog (socketserver's 5 drops SYNs under load)
 
     def __init__(self, address: tuple[str, int], family: socket.AddressFamily) -> None:
         self.address_family = family
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.refused = 0
         super().__init__(address, _QuietHandler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # No descriptor for the connection: it stays queued and the socket
+                # stays readable; wait instead of spinning on accept.
+                time.sleep(_ACCEPT_BACKOFF)
+            raise
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind looks the host name up (getfqdn): a DNS query
@@ -55,7 +95,9 @@ class _Server(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    """No access log on stderr (Prometheus scrapes every few seconds)."""
+    """No access log on stderr (Prometheus scrapes every few seconds); a socket timeout."""
+
+    timeout = REQUEST_TIMEOUT
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

@@ -426,3 +426,33 @@ async def test_embedded_default_serves_metrics_on_9580(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_idle_metrics_connections_cannot_exhaust_descriptors(
+    blockd_factory: BlockdFactory,
+) -> None:
+    """200 idle connections to the metrics port (hardening issue, finding 3: each held a
+    thread and a descriptor for ever, until NBD and QMP clients were locked out)."""
+    from blockd.monitoring.http import MAX_CONNECTIONS
+
+    d = blockd_factory(metrics="127.0.0.1:0")
+    host, port = re.match(r"http://([\d.]+):(\d+)/", d.metrics_url).groups()  # type: ignore[union-attr]
+    fds = Path(f"/proc/{d.proc.pid}/fd")
+    before = len(os.listdir(fds))
+    idle = []
+    try:
+        for _ in range(200):
+            idle.append(socket.create_connection((host, int(port)), timeout=5))
+        await asyncio.sleep(1)
+        held = len(os.listdir(fds)) - before
+        assert held <= MAX_CONNECTIONS + 2, f"{held} descriptors held by idle connections"
+        qmp = await d.client()
+        assert "qemu" in await qmp.execute("query-version")  # type: ignore[operator]
+    finally:
+        for sock in idle:
+            sock.close()
+    await asyncio.sleep(0.5)  # the handlers see the idle connections end
+    text = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(d.metrics_url, timeout=10).read().decode())
+    assert "blockd_build_info" in text
+    assert len(os.listdir(fds)) <= before + 2
