@@ -53,12 +53,13 @@ from blockd.nbd.protocol import (
 )
 from blockd.nbd.replies import MAX_UNSENT, ReplyWriter
 
-__all__ = ["MAX_IN_FLIGHT", "MAX_IN_FLIGHT_BYTES", "NbdClient"]
+__all__ = ["HANDSHAKE_TIMEOUT", "MAX_IN_FLIGHT", "MAX_IN_FLIGHT_BYTES", "NbdClient"]
 
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 128
 MAX_IN_FLIGHT_BYTES = 64 << 20  # payload of the reads and writes running for one client
+HANDSHAKE_TIMEOUT = 10.0  # seconds to finish option haggling, as qemu-nbd allows
 SEND_BUFFER = 4 << 20  # socket send buffer per client
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 # Plain ints: IntFlag arithmetic costs microseconds on the hot path.
@@ -116,6 +117,7 @@ class NbdClient(asyncio.Protocol):
         self.closed = False  # the transport is gone
         self.stopping = False  # no more requests will be read: the connection is ending
         self.reading_paused = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
         self._writethrough = False
         # Structured replies to a node that reads zeroes: reads may go as holes.  Known
         # at negotiation; a medium changed later only loses (or declines) the shortcut.
@@ -160,7 +162,17 @@ class NbdClient(asyncio.Protocol):
             self.disconnect(logging.WARNING, "refusing a client: %d connections",
                             self._server.connection_count - 1)
             return
+        # A client that never finishes negotiating must not hold its slot for ever;
+        # once negotiated, a connection may stay idle as long as it likes.
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            HANDSHAKE_TIMEOUT, self._handshake_expired)
         self.transport.write(self._conn.initial_data())
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if self.export is None:
+            self.disconnect(logging.WARNING, "client did not finish the handshake within "
+                            "%.0f s", HANDSHAKE_TIMEOUT)
 
     def data_received(self, data: bytes) -> None:
         if self._polling:
@@ -182,6 +194,9 @@ class NbdClient(asyncio.Protocol):
         self._replies.close()
         self._poller.close()
         self._pipes = None
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         self._server.client_gone(self)
 
     # The transport's limits are zero: these say "something is buffered" and
@@ -353,6 +368,9 @@ class NbdClient(asyncio.Protocol):
         self._try_write = device.try_write
         self._try_read_hole = device.try_read_hole
         export.clients.add(self)
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
 
     def _device(self) -> Device:
         assert self.device is not None

@@ -525,6 +525,11 @@ class JsonStreamParser:
         self._reset_message()
         return self._take_output()
 
+    @property
+    def pending(self) -> bool:
+        """Whether a message has begun and not ended (some of it was received)."""
+        return bool(self._count or self._partial) or self._state not in (_START, _RECOVERY)
+
     def _take_output(self) -> list[ParsedValue | ParseError]:
         out, self._out = self._out, []
         return out

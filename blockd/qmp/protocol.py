@@ -148,6 +148,11 @@ class QmpSession:
         """What the client enabled with qmp_capabilities."""
         return self._enabled
 
+    @property
+    def mid_message(self) -> bool:
+        """Whether part of a message has arrived and the rest has not."""
+        return self._parser.pending
+
     def greeting(self) -> bytes:
         """The message to send as soon as the connection opens."""
         return encode({"QMP": {"version": self._version, "capabilities": list(self._offered)}})

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from blockd.events import Event, EventBus
 from blockd.qmp.dispatch import CommandError, Dispatcher
 from blockd.qmp.events import to_qmp
-from blockd.qmp.protocol import Execute, QmpSession, Send
+from blockd.qmp.protocol import Execute, Phase, QmpSession, Send
 
 __all__ = ["QmpServer"]
 
@@ -37,6 +37,10 @@ MAX_QUEUED_MESSAGES = 10_000
 SOFT_QUEUED_BYTES = 1 << 20
 MAX_QUEUED_BYTES = 64 << 20
 DEFAULT_MAX_SESSIONS = 64
+HANDSHAKE_TIMEOUT = 10.0  # seconds from connecting to qmp_capabilities
+MESSAGE_TIMEOUT = 10.0  # seconds a message may take from its first byte to its last
+# A negotiated session with no message under way may stay idle for ever: qmp-shell and
+# management tools sit connected for hours.
 
 
 class _Connection:
@@ -58,6 +62,8 @@ class _Connection:
         )
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(MAX_QUEUED_MESSAGES)
         self.queued_bytes = 0  # in the queue and in the transport, not yet sent
+        self._connected_at = time.monotonic()
+        self._message_since: float | None = None  # when the unfinished message began
         self._drained = asyncio.Event()  # queued_bytes fell under the soft limit
         self._drained.set()
         self.closing = False
@@ -109,9 +115,30 @@ class _Connection:
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
 
+    def _read_timeout(self) -> float | None:
+        """How long the next read may wait: None for an idle, negotiated session."""
+        now = time.monotonic()
+        if self.session.phase is Phase.NEGOTIATION:
+            return max(0.0, self._connected_at + HANDSHAKE_TIMEOUT - now)
+        if not self.session.mid_message:
+            self._message_since = None
+            return None
+        if self._message_since is None:
+            self._message_since = now
+        return max(0.0, self._message_since + MESSAGE_TIMEOUT - now)
+
     async def _read_loop(self) -> None:
         while not self.closing:
-            data = await self.reader.read(READ_CHUNK)
+            timeout = self._read_timeout()
+            try:
+                data = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout)
+            except TimeoutError:
+                what = ("did not negotiate" if self.session.phase is Phase.NEGOTIATION
+                        else "left a message unfinished")
+                log.warning("QMP client %s within %.0f s; disconnecting it", what,
+                            HANDSHAKE_TIMEOUT if self.session.phase is Phase.NEGOTIATION
+                            else MESSAGE_TIMEOUT)
+                return
             if not data:
                 return
             for action in self.session.receive_data(data):

@@ -267,3 +267,56 @@ async def test_a_burst_of_reads_never_read_back_holds_bounded_memory(
     assert cookies == set(range(1500))
     await c.close()
     print(f"RSS grew by {grown / MiB:.1f} MiB during the burst")
+
+
+async def test_half_finished_handshakes_and_messages_release_their_slots(
+    blockd_factory: BlockdFactory, tmp_path: Path
+) -> None:
+    """64 QMP sessions with half a message and NBD connections that never finish the
+    handshake held every slot for ever (hardening issue, finding 4).  They are dropped
+    after 10 s; idle, negotiated QMP sessions and NBD connections are never dropped."""
+    from test_qmp_raw import RawQmp, negotiated
+
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(MiB))
+    sock = str(tmp_path / "nbd.sock")
+    d = blockd_factory("--blockdev", f"driver=file,node-name=f0,filename={img}",
+                       "--nbd-server", f"addr.type=unix,addr.path={sock},max-connections=9",
+                       "--export", "type=nbd,id=e0,node-name=f0,name=disk")
+    idle_qmp = await negotiated(d)
+    idle_nbd = await RawNbd.connect(sock)
+    idle_nbd.send(struct.pack(">I", 3))
+    assert await idle_nbd.go(b"disk") == MiB
+    stuck_qmp = []
+    for _ in range(63):  # with the idle one: every one of the 64 QMP slots
+        raw = await negotiated(d)
+        await raw.send(b'{"execute": "query-')
+        stuck_qmp.append(raw)
+    stuck_nbd = [await RawNbd.connect(sock) for _ in range(8)]  # never send client flags
+
+    async def qmp_served() -> bool:
+        try:
+            raw = await RawQmp.connect(d.qmp_path)
+            greeting = await asyncio.wait_for(raw.reader.readline(), 2)
+            await raw.close()
+            return b'"QMP"' in greeting
+        except (TimeoutError, ConnectionError):
+            return False
+
+    assert not await qmp_served(), "the slots were not all taken: the test proves nothing"
+    deadline = asyncio.get_running_loop().time() + 20
+    while not await qmp_served():
+        assert asyncio.get_running_loop().time() < deadline, "QMP slots never came back"
+        await asyncio.sleep(0.5)
+    assert await serving(sock), "NBD slots never came back"
+    for raw in stuck_qmp:
+        assert await asyncio.wait_for(raw.reader.read(1), 5) == b""  # dropped
+    for c in stuck_nbd:
+        assert await c.closed()
+    # The idle, negotiated ones are still there and still work.
+    await idle_qmp.send(b'{"execute": "query-version", "id": 1}')
+    assert (await idle_qmp.recv())["id"] == 1
+    idle_nbd.request(CMD_READ, 5, 0, 512)
+    assert await idle_nbd.simple_reply() == (0, 5)
+    await idle_qmp.close()
+    await idle_nbd.close()
