@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
+import stat
 from collections.abc import Callable, Sequence
 from typing import ClassVar, Self
 
@@ -126,9 +128,26 @@ def open_error(filename: str, err: int, detail: str | None = None) -> BlockdErro
 
 
 def _open_path(filename: str, writable: bool, direct: bool) -> int:
-    """open(2) ``filename``; raise the BlockdError QEMU would report."""
+    """open(2) ``filename``; raise the BlockdError QEMU would report.
+
+    Anything but a block device is opened with O_NONBLOCK, cleared again at
+    once: a FIFO opened for reading would otherwise wait for a writer, holding
+    a control thread (and shutdown) for ever; the type checks then refuse it.
+    Block devices are opened as QEMU opens them (O_NONBLOCK changes what some
+    drivers do, CD-ROMs' among them).
+    """
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-    return open_flags(filename, flags | os.O_DIRECT if direct else flags)
+    if direct:
+        flags |= os.O_DIRECT
+    try:
+        block = stat.S_ISBLK(os.stat(filename).st_mode)
+    except OSError:
+        block = False
+    if block:
+        return open_flags(filename, flags)
+    fd = open_flags(filename, flags | os.O_NONBLOCK)
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
 
 
 def open_flags(
