@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -100,9 +101,12 @@ class Daemon:
         self.context.hotplug = self.hotplug
         self.metrics_source.hotplug = self.hotplug
         self._stop: asyncio.Event | None = None
+        self._pidfile_fd: int | None = None  # holds the pid file's lock once written
 
     async def start(self) -> None:
         """Apply the configuration and open the listeners; raise StartupError on failure."""
+        if self.config.pidfile:
+            _check_pidfile(self.config.pidfile)  # before anything is taken over
         self._stop = asyncio.Event()
         self.workers.uring = UringIo.create() if self.tuning.io_uring else None
         self.qmp = QmpServer(self.dispatcher, self.bus, version_info())
@@ -136,11 +140,12 @@ class Daemon:
                     self.listening.append(f"tcp:{listener.host}:{port}")
             except (OSError, KeyError) as err:
                 where = listener.path or f"{listener.host}:{listener.port}"
-                raise StartupError(f"cannot listen for QMP on {where}: {err}") from None
+                reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+                raise StartupError(f"cannot listen for QMP on {where}: {reason}") from None
         self._start_metrics()
         await self.media_watcher.start()
         if self.config.pidfile:
-            _write_pidfile(self.config.pidfile)
+            self._pidfile_fd = _write_pidfile(self.config.pidfile)
 
     async def _apply(self, command: str, option: str, spec: OptionSpec) -> None:
         cmd = self.table.get(command)
@@ -212,9 +217,11 @@ class Daemon:
             self.workers.uring = None
         self.workers.close()
         self.executor.shutdown(wait=True)
-        if self.config.pidfile:
+        if self._pidfile_fd is not None:  # ours: another daemon's is left alone
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.config.pidfile)
+                os.unlink(self.config.pidfile or "")
+            os.close(self._pidfile_fd)
+            self._pidfile_fd = None
 
     async def _drain(self) -> None:
         """Wait for the requests still running in drivers, for at most DRAIN_TIMEOUT."""
@@ -224,9 +231,44 @@ class Daemon:
             log.warning("giving up waiting for in-flight I/O")
 
 
-def _write_pidfile(path: str) -> None:
-    """Write our pid atomically (the file appears only once we are ready)."""
+def _check_pidfile(path: str) -> None:
+    """Refuse to start while another daemon holds ``path``'s lock (as QSD does).
+
+    A pid file nobody holds is stale (its daemon is gone) and is replaced once
+    this one is ready.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise StartupError(f"Cannot lock pid file: {err.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with open(path) as f:
+            pid = f.read().strip()
+        raise StartupError(
+            f"Cannot lock pid file: another blockd (pid {pid or '?'}) runs with {path}"
+        ) from None
+    finally:
+        os.close(fd)
+
+
+def _write_pidfile(path: str) -> int:
+    """Write our pid atomically (the file appears only once we are ready), locked.
+
+    The returned descriptor holds the lock for the daemon's life.
+    """
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.replace(tmp, path)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return fd

@@ -14,13 +14,13 @@ import ipaddress
 import logging
 import os
 import socket
-import stat
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from blockd.aio.buffers import BufferPool
 from blockd.aio.pipes import PipePool
 from blockd.aio.polling import DEFAULT_MAX_NS
+from blockd.aio.unix import claim_socket_path
 from blockd.block.exports import Export, NbdAddress
 from blockd.block.registry import Registry
 from blockd.errors import BlockdError, InUse, InvalidArgument, NotFound
@@ -138,9 +138,7 @@ class NbdServer:
             )
         try:
             if address.path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    if stat.S_ISSOCK(os.stat(address.path).st_mode):
-                        os.unlink(address.path)
+                claim_socket_path(address.path)
                 old_umask = os.umask(0o177)
                 try:
                     self._server = await loop.create_unix_server(
@@ -153,7 +151,7 @@ class NbdServer:
                 self._server = await loop.create_server(
                     lambda: NbdClient(self), address.host, address.port
                 )
-        except OSError as exc:
+        except OSError as exc:  # SocketInUse too: a live program listens there
             raise BlockdError(f"Failed to bind socket: {exc.strerror}", exc.errno) from None
         self.address = address
         self.max_connections = max_connections

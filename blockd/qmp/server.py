@@ -16,10 +16,10 @@ import contextlib
 import grp
 import logging
 import os
-import stat
 import time
 from collections.abc import Mapping
 
+from blockd.aio.unix import claim_socket_path
 from blockd.events import Event, EventBus
 from blockd.qmp.dispatch import CommandError, Dispatcher
 from blockd.qmp.events import to_qmp
@@ -214,10 +214,11 @@ class QmpServer:
         return len(self._connections)
 
     async def listen_unix(self, path: str, mode: int = 0o600, group: str | None = None) -> None:
-        """Listen on a UNIX socket created with ``mode`` (and ``group``), replacing a stale one."""
-        with contextlib.suppress(FileNotFoundError):
-            if _is_socket(path):
-                os.unlink(path)
+        """Listen on a UNIX socket created with ``mode`` (and ``group``), replacing a stale one.
+
+        Raises SocketInUse when a running program listens on ``path``.
+        """
+        claim_socket_path(path)
         old_umask = os.umask(0o777 & ~mode)
         try:
             server = await asyncio.start_unix_server(self._accept, path=path)
@@ -279,6 +280,3 @@ class QmpServer:
         self._servers.clear()
         self._paths.clear()
 
-
-def _is_socket(path: str) -> bool:
-    return stat.S_ISSOCK(os.stat(path).st_mode)

@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "devices": {"errors"},
     "aio": {"devices", "errors"},
     "block": {"aio", "devices", "errors", "events"},
-    "qmp": {"block", "devices", "errors", "events"},
+    "qmp": {"aio", "block", "devices", "errors", "events"},
     "nbd": {"aio", "block", "devices", "errors", "events"},
     "monitoring": {"block", "devices", "errors", "events", "__init__"},
     "hotplug": {"block", "devices", "errors", "events"},
