@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,14 @@ from blockd.block.node import Node
 from blockd.block.stats import AcctCookie, BlockAcctStats, IoKind
 from blockd.block.tray import Runner, Tray
 from blockd.devices import scsi
-from blockd.devices.base import Buffer, Passthrough, ScsiResult
+from blockd.devices.base import (
+    PERM_ALL,
+    PERM_CONSISTENT_READ,
+    PERM_WRITE,
+    Buffer,
+    Passthrough,
+    ScsiResult,
+)
 from blockd.errors import InUse, InvalidArgument, NoMedium, ReadOnly, Unsupported
 from blockd.events import BlockIoError, DeviceTrayMoved, EventBus, Resume, Stop
 
@@ -43,6 +51,8 @@ __all__ = ["ERROR_ACTIONS", "Device", "DeviceKind", "ErrorAction", "run_scsi_com
 DeviceKind = Literal["cd", "hd"]
 ErrorAction = Literal["report", "ignore", "stop", "enospc", "auto"]
 ERROR_ACTIONS = ("auto", "report", "ignore", "enospc", "stop")
+
+log = logging.getLogger(__name__)
 
 Done = Callable[[Any, BaseException | None], None]
 
@@ -79,8 +89,12 @@ class Device:
         werror: ErrorAction = "auto",
         stats: BlockAcctStats | None = None,
         control: Runner | None = None,
+        writes: bool = True,
     ) -> None:
         self.id = id
+        # Whether this device may write its medium: the image locks it takes say so
+        # (an implicit device of a read-only export only reads, as in QSD).
+        self.writes = writes
         self.kind: DeviceKind = kind
         self.node: Node | None = None
         self.rerror: ErrorAction = "report" if rerror == "auto" else rerror
@@ -132,6 +146,12 @@ class Device:
             raise InUse(f"Node '{node.name}' is already in use")
         if self.node is not None:
             raise InUse(f"Device '{self.id}' already has a medium")
+        if node.set_permissions is not None:
+            # Like a QEMU device (and a QSD export): read, and write unless read-only;
+            # share everything.  A guest holding the image refuses us, and we it.
+            writes = self.writes and not node.read_only
+            perm = PERM_CONSISTENT_READ | (PERM_WRITE if writes else 0)
+            node.set_permissions(perm, PERM_ALL)
         node.user = self.id
         self.node = node
 
@@ -140,6 +160,12 @@ class Device:
         node, self.node = self.node, None
         if node is not None:
             node.user = None
+            if node.set_permissions is not None:
+                try:
+                    node.set_permissions(0, PERM_ALL)
+                except OSError as exc:  # releasing never conflicts; the file may be gone
+                    log.warning("%s: releasing the image locks of %s: %s", self.id,
+                                node.name, exc)
         return node
 
     def note_tray(self, tray_open: bool) -> None:

@@ -23,6 +23,7 @@ from blockd.devices.base import (
     DriverInfo,
     NodeOptions,
     NowaitReader,
+    PermissionLocks,
     Removable,
     SpliceReader,
     UringTarget,
@@ -86,6 +87,8 @@ class Node:
     uring_flush: Callable[[], int | None] | None = field(init=False)
     # The driver's allocation map (NBD block status), if it has one.
     block_status: Callable[[int, int], list[tuple[int, int]]] | None = field(init=False)
+    # The driver's image locks (QEMU's lock bytes), if it takes them.
+    set_permissions: Callable[[int, int], None] | None = field(init=False)
     # Every read is zeroes that need no I/O (null-co with read-zeroes): NBD may send holes.
     reads_zeroes: bool = field(init=False)
     # False while a host drive holds no disc (learnt at open and on media change,
@@ -101,6 +104,8 @@ class Node:
             else None
         )
         self.reads_zeroes = isinstance(driver, ZeroReader) and driver.reads_zeroes
+        self.set_permissions = (
+            driver.set_permissions if isinstance(driver, PermissionLocks) else None)
         self.uring_write = driver.uring_write if isinstance(driver, UringTarget) else None
         self.uring_flush = driver.uring_flush if isinstance(driver, UringTarget) else None
         self.block_status = (

@@ -202,7 +202,8 @@ class Registry:
             if id in self.devices:  # the implicit device takes the export's id
                 raise InUse(f"Duplicate device ID '{id}'")
             holder = Device(id, "hd", node, workers=self.workers, bus=self.bus,
-                            stats=self.stats_class(), control=self.run_control)
+                            stats=self.stats_class(), control=self.run_control,
+                            writes=writable)
             self.devices[id] = holder
         export = Export(id, export_name, description, holder, node_name, writable,
                         writethrough, implicit_device=implicit)

@@ -22,6 +22,11 @@ from typing import ClassVar, Literal, Protocol, runtime_checkable
 __all__ = [
     "EXTENT_HOLE",
     "EXTENT_ZERO",
+    "PERM_ALL",
+    "PERM_CONSISTENT_READ",
+    "PERM_RESIZE",
+    "PERM_WRITE",
+    "PERM_WRITE_UNCHANGED",
     "AllocationReporter",
     "BlockDriver",
     "DriverClass",
@@ -29,6 +34,7 @@ __all__ = [
     "NodeOptions",
     "NowaitReader",
     "Passthrough",
+    "PermissionLocks",
     "Removable",
     "ScsiIdentity",
     "ScsiResult",
@@ -252,6 +258,26 @@ class AllocationReporter(Protocol):
     def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Extents ``(length, flags)`` covering at least the start of the range, in order."""
         ...
+
+
+# QEMU's block permissions (BLK_PERM_*), as the image locks and PermissionLocks use them.
+PERM_CONSISTENT_READ = 0x01
+PERM_WRITE = 0x02
+PERM_WRITE_UNCHANGED = 0x04
+PERM_RESIZE = 0x08
+PERM_ALL = 0x0F
+
+
+@runtime_checkable
+class PermissionLocks(Protocol):
+    """A driver that takes QEMU's image locks (file-posix's lock bytes).
+
+    ``perm`` and ``shared`` are QEMU's permission bits (consistent read 0x1,
+    write 0x2, write unchanged 0x4, resize 0x8).  Raises Locked with QEMU's text
+    ("Failed to get \"write\" lock") when another user of the image conflicts.
+    """
+
+    def set_permissions(self, perm: int, shared: int) -> None: ...
 
 
 @runtime_checkable

@@ -207,6 +207,8 @@ class HostCdromDriver(HostDeviceDriver):
     :class:`~blockd.devices.base.Passthrough`.
     """
 
+    image_locking = False
+
     format_name = "host_cdrom"
 
     #: How long refresh_medium() waits while the drive reports "becoming ready".

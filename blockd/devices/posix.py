@@ -26,12 +26,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import stat
+import threading
 from collections.abc import Callable, Sequence
 from typing import ClassVar, Self
 
+from blockd.devices import _image_locks as image_locks
 from blockd.devices._aligned_io import AlignedIO, Alignment, aligned_buffer, read_full
 from blockd.devices.base import Buffer, DriverInfo, NodeOptions
 from blockd.errors import BlockdError, InvalidArgument, NotFound, ReadOnly
@@ -73,6 +76,9 @@ _fstatfs.restype = ctypes.c_int
 # statfs(2) f_type values of file systems that keep their data in memory.
 TMPFS_MAGIC = 0x01021994
 RAMFS_MAGIC = 0x858458F6
+
+
+log = logging.getLogger(__name__)
 
 
 def filesystem_type(fd: int) -> int:
@@ -220,6 +226,9 @@ class PosixDriver:
     """
 
     format_name: ClassVar[str] = ""
+    # Whether the node takes QEMU's image locks (not drives: their descriptor is
+    # reopened as discs come and go, and a read-only CD shares everything anyway).
+    image_locking: ClassVar[bool] = True
 
     options: NodeOptions
 
@@ -238,6 +247,12 @@ class PosixDriver:
         self.medium_read_only = medium_read_only
         self.alignment = alignment
         self._fd = fd
+        wanted = self.image_locking and options.locking != "off"
+        self._locking = wanted and image_locks.supported(fd)
+        if wanted and not self._locking:
+            log.warning("%s: the file system takes no OFD locks; opened without image "
+                        "locks (locking=%s)", self.filename, options.locking)
+        self._lock_mutex = threading.Lock()
         self._io = AlignedIO(fd, alignment, keep_size=self._regular_file)
         self._discard_supported = True
         self._zero_supported = True
@@ -330,6 +345,14 @@ class PosixDriver:
         return 0
 
     # -- I/O --------------------------------------------------------------
+
+    def set_permissions(self, perm: int, shared: int) -> None:
+        """Take QEMU's lock bytes for ``perm`` while sharing ``shared`` (PermissionLocks)."""
+        if not self._locking or self._fd < 0:
+            return
+        with self._lock_mutex:
+            image_locks.check(self._fd, perm, shared)
+            image_locks.apply(self._fd, perm, shared)
 
     @property
     def fd(self) -> int:

@@ -95,3 +95,121 @@ async def test_a_second_daemon_never_takes_over_a_running_one(
     finally:
         assert third.stop() == 0, third.stderr()
     assert not os.path.exists(pidfile) and not os.path.exists(sock)
+
+
+QEMU = "qemu-system-x86_64"
+QSD = "qemu-storage-daemon"
+
+
+def _lock_bytes(image: Path) -> set[int]:
+    """The byte offsets of the OFD locks anyone holds on ``image`` (from /proc/locks)."""
+    inode = os.stat(image).st_ino
+    held = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 8 and fields[1] == "OFDLCK" and fields[5].endswith(f":{inode}"):
+            held.update(range(int(fields[6]), int(fields[7]) + 1))
+    return held
+
+
+def _guest(image: Path, tmp: Path) -> subprocess.Popen[bytes]:
+    """A paused QEMU guest with ``image`` as its virtio disk: it holds the image as every
+    guest does (reads and writes, shares neither writing nor resizing)."""
+    proc = subprocess.Popen(
+        [QEMU, "-S", "-display", "none", "-nodefaults", "-machine", "pc", "-accel", "tcg",
+         "-drive", f"file={image},format=raw,if=none,id=d0",
+         "-device", "virtio-blk-pci,drive=d0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while 201 not in _lock_bytes(image):  # QEMU's "write is not shared" byte
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else b""
+        assert time.monotonic() < deadline, "the guest took no lock"
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.fixture
+def qemu_tools() -> None:
+    import shutil
+
+    missing = [t for t in (QEMU, QSD) if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} missing: install qemu-system-x86 and qemu-utils "
+                    "(./dev does)")
+
+
+async def test_image_locks_keep_a_guest_and_a_writable_export_apart(
+    qemu_tools: None, blockd_factory: BlockdFactory, tmp_path: Path
+) -> None:
+    """Finding 5: blockd took no locks: a guest attached an image blockd exported
+    writable, and blockd exported writable an image a guest held."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    nbd = str(tmp_path / "nbd.sock")
+    d = blockd_factory("--nbd-server", f"addr.type=unix,addr.path={nbd}")
+    qmp = await d.client()
+    guest = _guest(image, tmp_path)
+    try:
+        await qmp.execute("blockdev-add", {"driver": "file", "node-name": "f0",
+                                           "filename": str(image)})
+        with pytest.raises(ExecuteError) as caught:
+            await qmp.execute("block-export-add", {"type": "nbd", "id": "e0",
+                                                   "node-name": "f0", "writable": True})
+        ours = str(caught.value)
+        # qemu-storage-daemon, given the same export, says the same.
+        qsd = subprocess.run(
+            [QSD, "--blockdev", f"driver=file,node-name=f0,filename={image}",
+             "--nbd-server", f"addr.type=unix,addr.path={tmp_path / 'qsd.sock'}",
+             "--export", "type=nbd,id=e0,node-name=f0,writable=on"],
+            capture_output=True, text=True, timeout=30)
+        assert qsd.returncode == 1
+        assert ours == 'Failed to get "write" lock'
+        assert qsd.stderr.strip().endswith(f": {ours}"), qsd.stderr
+        # Reading alongside a guest is allowed (it shares consistent reads), as in QSD.
+        await qmp.execute("block-export-add", {"type": "nbd", "id": "r0",
+                                               "node-name": "f0", "writable": False})
+        await qmp.execute("block-export-del", {"id": "r0"})
+    finally:
+        guest.kill()
+        guest.wait()
+    # The guest is gone: now the writable export works, and holds the image...
+    await qmp.execute("block-export-add", {"type": "nbd", "id": "e1", "node-name": "f0",
+                                           "writable": True})
+    assert {100, 101} <= _lock_bytes(image)
+    late = subprocess.Popen(
+        [QEMU, "-S", "-display", "none", "-nodefaults", "-machine", "pc", "-accel", "tcg",
+         "-drive", f"file={image},format=raw,if=none,id=d0",
+         "-device", "virtio-blk-pci,drive=d0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = late.communicate(timeout=30)
+    finally:
+        late.kill()
+    # ...so a guest started now is refused, as it would be by QSD.
+    assert late.returncode != 0
+    assert b'Failed to get shared "write" lock' in out, out
+    # Another daemon sharing everything (QSD's writable export) shares the image with us,
+    # as two qemu-storage-daemons would.
+    qsd_proc = subprocess.Popen(
+        [QSD, "--blockdev", f"driver=file,node-name=f0,filename={image}",
+         "--nbd-server", f"addr.type=unix,addr.path={tmp_path / 'qsd2.sock'}",
+         "--export", "type=nbd,id=e0,node-name=f0,writable=on",
+         "--pidfile", str(tmp_path / "qsd.pid")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "qsd.pid").exists():
+            assert qsd_proc.poll() is None, qsd_proc.stdout.read() if qsd_proc.stdout else b""
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        qsd_proc.terminate()
+        qsd_proc.wait(10)
+    # Removing the export releases the locks.
+    await qmp.execute("block-export-del", {"id": "e1"})
+    for _ in range(100):
+        if not _lock_bytes(image):
+            break
+        await asyncio.sleep(0.05)
+    assert not _lock_bytes(image)
+    await qmp.disconnect()
