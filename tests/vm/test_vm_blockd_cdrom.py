@@ -2,7 +2,7 @@
 
 One guest: an ATAPI drive with disc "a" (cdrom0) and an empty ATAPI drive (cdrom1),
 driven by the guest kernel's sr and cdrom drivers, udevd running with
-contrib/udev/61-blockd-cdrom.rules installed.  Each test starts blockd in the guest on
+contrib/udev/61-blockd.rules installed.  Each test starts blockd in the guest on
 a host_cdrom node of a drive and checks what it did through blockd's QMP (qemu.qmp)
 and through the emulator's own QMP (the witness): what the hardware saw.  The witness
 also plays the user at the drive (the eject button, a disc swap).
