@@ -251,6 +251,8 @@ class DaemonConfig:
     """What blockd-scsi-command may send (``[scsi-passthrough]``); None: the safe default."""
     hotplug_rules: tuple[Rule, ...] = ()
     """``[[hotplug.rule]]``: which host devices udev events attach (none: hotplug is off)."""
+    allowed_paths: tuple[str, ...] | None = None
+    """``allowed-paths``: what QMP clients may open (None: see blockd.qmp.paths)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +282,7 @@ class _Builder:
     media_poll: float = DEFAULT_MEDIA_POLL
     scsi_allowed_opcodes: frozenset[int] | Literal["all"] | None = None
     hotplug_rules: tuple[Rule, ...] = ()
+    allowed_paths: tuple[str, ...] | None = None
     chardevs: dict[str, _Chardev] = field(default_factory=dict)
     used_chardevs: set[str] = field(default_factory=set)
 
@@ -300,6 +303,7 @@ class _Builder:
             media_poll=self.media_poll,
             scsi_allowed_opcodes=self.scsi_allowed_opcodes,
             hotplug_rules=self.hotplug_rules,
+            allowed_paths=self.allowed_paths,
         )
 
 
@@ -676,6 +680,12 @@ def _apply_table(builder: _Builder, data: Mapping[str, object], source: str) -> 
                     builder.metrics = _parse_metrics_address(listen)
                 except _OptionError as exc:
                     fail("[metrics] listen", str(exc))
+            case "allowed-paths":
+                if not isinstance(value, list) or not all(
+                        isinstance(v, str) and v.startswith("/") for v in value):
+                    fail(key, 'expected an array of absolute paths, directories or globs '
+                              '(["/var/lib/images/", "/dev/sd*"])')
+                builder.allowed_paths = tuple(value)
             case "hotplug":
                 if not isinstance(value, dict):
                     fail(key, "expected a table ([[hotplug.rule]] arrays go in it)")

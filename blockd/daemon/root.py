@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -37,6 +38,7 @@ from blockd.nbd.server import NbdServer
 from blockd.qmp.commands import CommandContext, build_table
 from blockd.qmp.commands.exports import NbdServerOptions, start_server
 from blockd.qmp.dispatch import Dispatcher
+from blockd.qmp.paths import PathPolicy
 from blockd.qmp.schema import SchemaError, validate
 from blockd.qmp.server import QmpServer
 
@@ -85,6 +87,13 @@ class Daemon:
             command_names=self.table.names,
             scsi_allowed_opcodes=config.scsi_allowed_opcodes,
         )
+        shared = (config.socket_group is not None or bool(config.socket_mode & 0o077)
+                  or any(listener.path is None for listener in config.qmp))
+        self.context.path_policy = PathPolicy.for_listeners(config.allowed_paths, shared)
+        if self.context.path_policy is not None and config.allowed_paths is None:
+            log.warning("QMP is reachable by others (socket group or mode, or TCP): QMP "
+                        "clients may open only %s; set allowed-paths to choose",
+                        self.context.path_policy.describe())
         self.dispatcher = Dispatcher(self.table, self.context)
         self.dispatcher.on_command = self.daemon_stats.command_done
         self.qmp: QmpServer | None = None
@@ -152,7 +161,8 @@ class Daemon:
         assert cmd is not None
         try:
             args = cmd.check_args(dict(spec.args), keyval=spec.from_keyval)
-            await cmd.handler(self.context, args)
+            # The operator's command line and configuration file are trusted: no path policy.
+            await cmd.handler(dataclasses.replace(self.context, path_policy=None), args)
         except (SchemaError, BlockdError) as err:
             raise StartupError(f"{option}: {err}") from None
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from daemons import ROOT, BlockdFactory, blockd_argv, start_daemon
@@ -212,4 +213,61 @@ async def test_image_locks_keep_a_guest_and_a_writable_export_apart(
             break
         await asyncio.sleep(0.05)
     assert not _lock_bytes(image)
+    await qmp.disconnect()
+
+
+async def test_what_qmp_clients_may_open(
+    blockd_factory: BlockdFactory, tmp_path: Path, loop_device: Any
+) -> None:
+    """Finding 9: blockdev-add filename=/etc/shadow (or a link or ../ path to it) was
+    accepted and exportable, to every member of socket-group."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s" * 4096)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "ok.img").write_bytes(bytes(4096))
+    (images / "link.img").symlink_to(secret)
+    loop = loop_device(8 << 20)
+    by_link = tmp_path / "by-id-disk"
+    by_link.symlink_to(loop.path)
+
+    async def add(d: Any, name: str, filename: Path | str, driver: str = "file") -> str:
+        qmp = await d.client(name)
+        try:
+            await qmp.execute("blockdev-add", {"driver": driver, "node-name": name,
+                                               "filename": str(filename)})
+            nodes = await qmp.execute("query-named-block-nodes")
+            return next(n["file"] for n in nodes if n["node-name"] == name)  # type: ignore
+        except ExecuteError as exc:
+            return f"refused: {exc}"
+        finally:
+            await qmp.disconnect()
+
+    # Private (0600, no group, no TCP), no list: anything, as qemu-storage-daemon.
+    private = blockd_factory()
+    assert await add(private, "a", secret) == str(secret)
+    # Shared (group may connect), no list: device nodes and /var/lib/blockd only.
+    conf = tmp_path / "shared.toml"
+    conf.write_text('socket-mode = "0660"\n')
+    shared = blockd_factory("--config", str(conf),
+                            "--blockdev", f"driver=file,node-name=cli,filename={secret}")
+    assert "QMP clients may open only block devices" in shared.stderr()
+    refused = await add(shared, "b", secret)
+    assert refused.startswith(f"refused: Path {secret} is not allowed"), refused
+    assert "allowed-paths" in refused
+    assert await add(shared, "c", by_link, "host_device") == loop.path  # resolved, opened
+    # An explicit list: directories and globs, checked on the resolved path.
+    conf2 = tmp_path / "listed.toml"
+    conf2.write_text(f'allowed-paths = ["{images}/", "/dev/loop*"]\n')
+    listed = blockd_factory("--config", str(conf2))
+    assert await add(listed, "d", images / "ok.img") == str(images / "ok.img")
+    escape = f"{images}/../secret"
+    assert (await add(listed, "e", escape)).startswith("refused: Path "), escape
+    linked = await add(listed, "f", images / "link.img")
+    assert linked.startswith(f"refused: Path {images}/link.img (resolved: {secret})"), linked
+    assert await add(listed, "g", loop.path, "host_device") == loop.path
+    # The command line is the operator's: trusted (the shared daemon opened it above).
+    qmp = await shared.client("check")
+    nodes = await qmp.execute("query-named-block-nodes")
+    assert any(n["node-name"] == "cli" for n in nodes)  # type: ignore[union-attr]
     await qmp.disconnect()

@@ -729,3 +729,15 @@ def test_scsi_passthrough_allowlist(tmp_path: Path) -> None:
     ]):
         with pytest.raises(ConfigError, match=message):
             load_config_file(write(tmp_path, f"[scsi-passthrough]\n{text}\n", f"bad{n}.toml"))
+
+
+def test_allowed_paths(tmp_path: Path) -> None:
+    assert load_config_file(write(tmp_path, "")).allowed_paths is None
+    config = load_config_file(write(
+        tmp_path, 'allowed-paths = ["/var/lib/images/", "/dev/sd*"]\n', "a.toml"))
+    assert config.allowed_paths == ("/var/lib/images/", "/dev/sd*")
+    assert load_config_file(write(tmp_path, "allowed-paths = []\n", "b.toml")).allowed_paths == ()
+    for n, text in enumerate(['allowed-paths = "/x"', 'allowed-paths = ["relative/x"]',
+                              "allowed-paths = [1]"]):
+        with pytest.raises(ConfigError, match="allowed-paths: expected an array of absolute"):
+            load_config_file(write(tmp_path, text + "\n", f"bad{n}.toml"))

@@ -33,6 +33,7 @@ from typing import Any, Literal, Protocol, TypeVar, get_type_hints
 
 from blockd.block.exports import ExportService
 from blockd.block.registry import Registry
+from blockd.qmp.paths import PathPolicy
 from blockd.qmp.schema import Type, compile_type
 
 __all__ = [
@@ -63,6 +64,15 @@ class CommandContext:
     # blockd-scsi-command's allowlist: opcodes, "all", or None for the safe default.
     scsi_allowed_opcodes: frozenset[int] | Literal["all"] | None = None
     hotplug: HotplugControl | None = None
+    # What QMP clients may open (None: anything; the command line is never checked).
+    path_policy: PathPolicy | None = None
+
+    async def allowed_path(self, filename: str) -> str:
+        """The path to open for ``filename`` named by a QMP client (resolved when a
+        policy applies); raises PathRefused."""
+        if self.path_policy is None:
+            return filename
+        return await self.registry.run_control(self.path_policy.resolve, filename)
 
 
 @dataclass(frozen=True, slots=True)

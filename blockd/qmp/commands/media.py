@@ -113,8 +113,9 @@ def register(table: CommandTable) -> None:
     @table.command("blockdev-change-medium")
     async def change_medium(ctx: CommandContext, args: ChangeMediumArgs) -> object:
         device, name = _target(ctx, args)
+        filename = await ctx.allowed_path(args.filename)
         await media.change_medium(
-            ctx.registry, device, name, args.filename, args.format,
+            ctx.registry, device, name, filename, args.format,
             args.read_only_mode, args.force,
         )
         return {}

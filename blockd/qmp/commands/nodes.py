@@ -163,7 +163,10 @@ def _or(value: T | None, default: T) -> T:
 def register(table: CommandTable) -> None:
     @table.command("blockdev-add")
     async def blockdev_add(ctx: CommandContext, args: BlockdevOptions) -> object:
-        await ctx.registry.add_node(node_options(args))
+        options = node_options(args)
+        if options.filename is not None:
+            options = replace(options, filename=await ctx.allowed_path(options.filename))
+        await ctx.registry.add_node(options)
         return {}
 
     @table.command("blockdev-del")
