@@ -15,6 +15,7 @@ import dataclasses
 import fcntl
 import logging
 import os
+import resource
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,15 +33,20 @@ from blockd.hotplug.manager import Hotplug
 from blockd.hotplug.media_watch import MediaWatcher
 from blockd.monitoring.collector import BlockdCollector
 from blockd.monitoring.daemon_stats import DaemonStats
-from blockd.monitoring.http import MetricsServer
+from blockd.monitoring.http import MAX_CONNECTIONS as METRICS_MAX_CONNECTIONS
+from blockd.monitoring.http import REQUEST_TIMEOUT, MetricsServer
 from blockd.monitoring.samples import MetricsSource
+from blockd.nbd.connection import HANDSHAKE_TIMEOUT as NBD_HANDSHAKE_TIMEOUT
+from blockd.nbd.connection import MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES
+from blockd.nbd.replies import MAX_UNSENT
 from blockd.nbd.server import NbdServer
 from blockd.qmp.commands import CommandContext, build_table
 from blockd.qmp.commands.exports import NbdServerOptions, start_server
 from blockd.qmp.dispatch import Dispatcher
 from blockd.qmp.paths import PathPolicy
 from blockd.qmp.schema import SchemaError, validate
-from blockd.qmp.server import QmpServer
+from blockd.qmp.server import DEFAULT_MAX_SESSIONS, MAX_QUEUED_BYTES, MESSAGE_TIMEOUT, QmpServer
+from blockd.qmp.server import HANDSHAKE_TIMEOUT as QMP_HANDSHAKE_TIMEOUT
 
 __all__ = ["QEMU_VERSION", "Daemon", "StartupError", "version_info"]
 
@@ -94,6 +100,12 @@ class Daemon:
             log.warning("QMP is reachable by others (socket group or mode, or TCP): QMP "
                         "clients may open only %s; set allowed-paths to choose",
                         self.context.path_policy.describe())
+        self.fd_limit = _raise_fd_limit()
+        # Descriptors for clients: each NBD client a socket (and pipes while splicing),
+        # each QMP session one; the rest for devices, listeners and the executor.
+        self.nbd.connection_budget = max(8, (self.fd_limit - 64) // 3)
+        self.qmp_max_sessions = min(DEFAULT_MAX_SESSIONS, max(4, self.fd_limit // 16))
+        self.context.limits = self._limits
         self.dispatcher = Dispatcher(self.table, self.context)
         self.dispatcher.on_command = self.daemon_stats.command_done
         self.qmp: QmpServer | None = None
@@ -109,6 +121,7 @@ class Daemon:
                                count_action=self.daemon_stats.hotplug_event)
         self.context.hotplug = self.hotplug
         self.metrics_source.hotplug = self.hotplug
+        self.metrics_source.limit_hits = self._limit_hits
         self._stop: asyncio.Event | None = None
         self._pidfile_fd: int | None = None  # holds the pid file's lock once written
 
@@ -118,7 +131,8 @@ class Daemon:
             _check_pidfile(self.config.pidfile)  # before anything is taken over
         self._stop = asyncio.Event()
         self.workers.uring = UringIo.create() if self.tuning.io_uring else None
-        self.qmp = QmpServer(self.dispatcher, self.bus, version_info())
+        self.qmp = QmpServer(self.dispatcher, self.bus, version_info(),
+                             max_sessions=self.qmp_max_sessions)
         self.metrics_source.qmp = self.qmp
         if self.config.objects:
             # No object type (TLS credentials, secrets, iothreads) is implemented yet.
@@ -192,6 +206,34 @@ class Daemon:
         self.metrics = server
         self.metrics_url = server.url
 
+    def _limit_hits(self) -> dict[str, int]:
+        hits = dict(self.nbd.limit_hits)
+        if self.qmp is not None:
+            hits.update(self.qmp.limit_hits)
+        if self.metrics is not None and self.metrics.refused:
+            hits["metrics-connections"] = self.metrics.refused
+        return hits
+
+    def _limits(self) -> dict[str, object]:
+        """blockd-query-limits: each bound on what a client can make the daemon hold."""
+        return {
+            "limits": {
+                "fd-limit": self.fd_limit,
+                "nbd-connections": self.nbd.connection_budget,
+                "nbd-in-flight-requests": MAX_IN_FLIGHT,
+                "nbd-in-flight-bytes": MAX_IN_FLIGHT_BYTES,
+                "nbd-unsent-reply-bytes": MAX_UNSENT,
+                "nbd-handshake-timeout-ms": int(NBD_HANDSHAKE_TIMEOUT * 1000),
+                "qmp-sessions": self.qmp_max_sessions,
+                "qmp-queued-reply-bytes": MAX_QUEUED_BYTES,
+                "qmp-handshake-timeout-ms": int(QMP_HANDSHAKE_TIMEOUT * 1000),
+                "qmp-message-timeout-ms": int(MESSAGE_TIMEOUT * 1000),
+                "metrics-connections": METRICS_MAX_CONNECTIONS,
+                "metrics-request-timeout-ms": int(REQUEST_TIMEOUT * 1000),
+            },
+            "hits": self._limit_hits(),
+        }
+
     def request_stop(self) -> None:
         if self._stop is not None:
             self._stop.set()
@@ -239,6 +281,18 @@ class Daemon:
         idle = await asyncio.gather(*(n.wait_idle(DRAIN_TIMEOUT) for n in nodes))
         if not all(idle):
             log.warning("giving up waiting for in-flight I/O")
+
+
+def _raise_fd_limit() -> int:
+    """Raise the soft descriptor limit to the hard one (systemd's soft default is 1,024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return int(soft)
 
 
 def _check_pidfile(path: str) -> None:

@@ -85,6 +85,13 @@ def _daemon_families(s: DaemonSample) -> Iterator[Metric]:
     for action, count in s.hotplug_events:
         hotplug.add_metric([action], count)
     yield hotplug
+    hits = CounterMetricFamily(
+        "blockd_limit_hits_total",
+        "Times a client ran into one of the daemon's limits (blockd-query-limits).",
+        labels=("limit",))
+    for name, count in s.limit_hits:
+        hits.add_metric([name], count)
+    yield hits
     if s.hotplug_enabled:
         yield GaugeMetricFamily(
             "blockd_hotplug_udevd_running",

@@ -134,6 +134,11 @@ class MetricsServer:
         self._thread.start()
 
     @property
+    def refused(self) -> int:
+        """Connections closed at once because MAX_CONNECTIONS were being served."""
+        return self._server.refused if self._server is not None else 0
+
+    @property
     def address(self) -> tuple[str, int]:
         """The bound host and port."""
         assert self._server is not None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -129,6 +129,8 @@ class DaemonSample:
     hotplug_lost: int = 0
     hotplug_rules: tuple[tuple[str, int, int, int], ...] = ()
     """Per rule: (label, devices matched, attached, failed to attach)."""
+    limit_hits: tuple[tuple[str, int], ...] = ()
+    """Times each of the daemon's limits was hit (blockd-query-limits)."""
 
 
 def _extra(extra: dict[str, object], key: str) -> str:
@@ -199,6 +201,8 @@ class MetricsSource:
         self.nbd = nbd
         self.qmp = qmp
         self.hotplug = hotplug
+        # The daemon's limits hit so far, by name (set by the composition root).
+        self.limit_hits: Callable[[], dict[str, int]] = dict
         self.version = version
         self.qemu_version = qemu_version
         self.python_version = platform.python_version()
@@ -236,6 +240,7 @@ class MetricsSource:
             hotplug_udevd=udevd,
             hotplug_lost=lost,
             hotplug_rules=rules,
+            limit_hits=tuple(sorted(self.limit_hits().items())),
         )
 
     def sample_now(self) -> DaemonSample:

@@ -98,6 +98,8 @@ class ClientHost(PollHost, Protocol):
 
     def admit(self, client: NbdClient) -> bool: ...
 
+    def limit_hit(self, name: str) -> None: ...
+
     def client_gone(self, client: NbdClient) -> None: ...
 
 
@@ -171,6 +173,7 @@ class NbdClient(asyncio.Protocol):
     def _handshake_expired(self) -> None:
         self._handshake_timer = None
         if self.export is None:
+            self._server.limit_hit("nbd-handshake-timeout")
             self.disconnect(logging.WARNING, "client did not finish the handshake within "
                             "%.0f s", HANDSHAKE_TIMEOUT)
 
@@ -266,6 +269,8 @@ class NbdClient(asyncio.Protocol):
                 if self.in_flight >= MAX_IN_FLIGHT or (
                     self.in_flight_bytes >= MAX_IN_FLIGHT_BYTES and self.in_flight
                 ) or (replies.writing_paused and replies.backlogged()):
+                    if not self.held:
+                        self._server.limit_hit("nbd-backpressure")
                     self.held = True
                     break
                 event = next_event()

@@ -77,6 +77,11 @@ class NbdServer:
         self._poll_buf: bytearray | None = None
         self.poll_ns_total = 0  # for the metrics: time the loop spent polling
         self.max_connections = 100
+        # The daemon's own cap, from its descriptor limit (each client holds a socket,
+        # and pipes while it splices): applies whatever max-connections says.
+        self.connection_budget = 0  # 0: none
+        # Times a limit was hit, by name (blockd-query-limits, blockd_limit_hits_total).
+        self.limit_hits: dict[str, int] = {}
         self.address: NbdAddress | None = None
         self._server: asyncio.AbstractServer | None = None
 
@@ -183,10 +188,16 @@ class NbdServer:
     def admit(self, client: NbdClient) -> bool:
         """A new connection: count it; False if it is one too many (then it must go)."""
         self.clients.add(client)
-        if 0 < self.max_connections < len(self.clients):
+        if 0 < self.max_connections < len(self.clients) or (
+                0 < self.connection_budget < len(self.clients)):
+            self.limit_hit("nbd-connections")
             return False
         self.connections_accepted += 1
         return True
+
+    def limit_hit(self, name: str) -> None:
+        """Count a limit a client ran into (the connection logs the details)."""
+        self.limit_hits[name] = self.limit_hits.get(name, 0) + 1
 
     def client_gone(self, client: NbdClient) -> None:
         """A connection ended: forget it, and finish its export's pending deletion."""

@@ -73,6 +73,7 @@ class _Connection:
         if self.closing:
             return
         if self.queued_bytes + len(data) > MAX_QUEUED_BYTES:
+            self.server.limit_hit("qmp-unread-replies")
             log.warning("QMP client is not reading its messages (%d bytes queued); "
                         "disconnecting it", self.queued_bytes)
             self.close()
@@ -133,8 +134,10 @@ class _Connection:
             try:
                 data = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout)
             except TimeoutError:
-                what = ("did not negotiate" if self.session.phase is Phase.NEGOTIATION
-                        else "left a message unfinished")
+                negotiating = self.session.phase is Phase.NEGOTIATION
+                self.server.limit_hit(
+                    "qmp-handshake-timeout" if negotiating else "qmp-message-timeout")
+                what = "did not negotiate" if negotiating else "left a message unfinished"
                 log.warning("QMP client %s within %.0f s; disconnecting it", what,
                             HANDSHAKE_TIMEOUT if self.session.phase is Phase.NEGOTIATION
                             else MESSAGE_TIMEOUT)
@@ -207,6 +210,8 @@ class QmpServer:
         self._connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.sessions_accepted = 0  # for the metrics: blockd_qmp_sessions_total
+        # Times a limit was hit, by name (blockd-query-limits, blockd_limit_hits_total).
+        self.limit_hits: dict[str, int] = {}
         self._unsubscribe = bus.subscribe(self._on_event)
 
     @property
@@ -239,6 +244,7 @@ class QmpServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._connections) >= self.max_sessions:
+            self.limit_hit("qmp-sessions")
             log.warning("refusing QMP connection: %d sessions open", len(self._connections))
             writer.close()
             return
@@ -254,6 +260,9 @@ class QmpServer:
             self._connections.discard(conn)
             if task is not None:
                 self._tasks.discard(task)
+
+    def limit_hit(self, name: str) -> None:
+        self.limit_hits[name] = self.limit_hits.get(name, 0) + 1
 
     def _on_event(self, event: Event) -> None:
         name, data = to_qmp(event)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -271,3 +273,64 @@ async def test_what_qmp_clients_may_open(
     nodes = await qmp.execute("query-named-block-nodes")
     assert any(n["node-name"] == "cli" for n in nodes)  # type: ignore[union-attr]
     await qmp.disconnect()
+
+
+async def test_a_low_descriptor_limit_still_serves_and_caps_clients(tmp_path: Path) -> None:
+    """Finding 3 and the bounds of item 1: with a limit of 256 descriptors the daemon
+    starts and serves, sizes its client caps from the limit, refuses what is over and
+    reports it (blockd-query-limits, blockd_limit_hits_total); a soft limit below the
+    hard one is raised at start."""
+    from test_nbd_bad_input import RawNbd
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    nbd = str(tmp_path / "nbd.sock")
+    argv = ["prlimit", "--nofile=256:256", "--", *blockd_argv(
+        "--qmp", str(tmp_path / "qmp.sock"), "--blockdev",
+        f"driver=file,node-name=f0,filename={image}", "--nbd-server",
+        f"addr.type=unix,addr.path={nbd},max-connections=0",
+        "--export", "type=nbd,id=e0,node-name=f0,name=disk", metrics="127.0.0.1:0")]
+    d = start_daemon(argv, tmp_path, "low")
+    try:
+        qmp = await d.client()
+        limits: Any = await qmp.execute("blockd-query-limits")
+        assert limits["limits"]["fd-limit"] == 256
+        cap = limits["limits"]["nbd-connections"]
+        assert 8 <= cap < 256 // 2
+        clients = []
+        for _ in range(cap + 10):
+            c = await RawNbd.connect(nbd) if len(clients) < cap else None
+            if c is None:
+                break
+            c.send(struct.pack(">I", 3))
+            assert await c.go(b"disk") == 1 << 20
+            clients.append(c)
+        refused = 0
+        for _ in range(10):
+            try:
+                c = await RawNbd.connect(nbd)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                refused += 1
+                continue
+            clients.append(c)
+        assert refused == 10, f"{refused} of 10 connections over the cap were refused"
+        limits = await qmp.execute("blockd-query-limits")
+        assert limits["hits"]["nbd-connections"] == 10
+        text = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(d.metrics_url, timeout=10).read().decode())
+        assert 'blockd_limit_hits_total{limit="nbd-connections"} 10.0' in text
+        assert "qemu" in await qmp.execute("query-version")  # type: ignore[operator]
+        for c in clients:
+            await c.close()
+        await qmp.disconnect()
+    finally:
+        assert d.stop() == 0, d.stderr()
+    raised = start_daemon(["prlimit", "--nofile=256:4096", "--", *blockd_argv(
+        "--qmp", str(tmp_path / "qmp2.sock"))], tmp_path, "raised")
+    try:
+        qmp = await raised.client()
+        limits = await qmp.execute("blockd-query-limits")
+        assert limits["limits"]["fd-limit"] == 4096
+        await qmp.disconnect()
+    finally:
+        assert raised.stop() == 0

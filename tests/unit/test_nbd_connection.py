@@ -125,6 +125,7 @@ class FakeServer:
         self.poll_hits = self.poll_ns_total = 0
         self.clients: set[NbdClient] = set()
         self.max_connections = max_connections
+        self.hits: dict[str, int] = {}
         self.gone: list[NbdClient] = []
 
     def lookup(self, name: str) -> ExportInfo | None:
@@ -136,6 +137,9 @@ class FakeServer:
     def admit(self, client: NbdClient) -> bool:
         self.clients.add(client)
         return len(self.clients) <= self.max_connections
+
+    def limit_hit(self, name: str) -> None:
+        self.hits[name] = self.hits.get(name, 0) + 1
 
     @property
     def connection_count(self) -> int:
@@ -267,11 +271,15 @@ async def test_device_errors_become_nbd_error_replies(c: Connected) -> None:
 
 
 async def test_reading_pauses_at_the_in_flight_limit(c: Connected) -> None:
-    c.client.data_received(b"".join(request(FLUSH, i) for i in range(MAX_IN_FLIGHT)))
-    assert c.client.in_flight == MAX_IN_FLIGHT
+    c.client.data_received(b"".join(request(FLUSH, i) for i in range(MAX_IN_FLIGHT + 3)))
+    assert c.client.in_flight == MAX_IN_FLIGHT  # the other 3 wait unparsed
     assert not c.transport.reading
-    c.device.pending.pop()(None, None)
-    assert c.transport.reading
+    assert c.server.hits == {"nbd-backpressure": 1}
+    for _ in range(3):  # each completion lets one waiting request in
+        c.device.pending.pop(0)(None, None)
+        assert c.client.in_flight == MAX_IN_FLIGHT and not c.transport.reading
+    c.device.pending.pop(0)(None, None)  # nothing waits any more: read again
+    assert c.client.in_flight == MAX_IN_FLIGHT - 1 and c.transport.reading
 
 
 async def test_a_client_over_the_connection_limit_is_refused(

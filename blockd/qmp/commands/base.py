@@ -64,6 +64,8 @@ class CommandContext:
     # blockd-scsi-command's allowlist: opcodes, "all", or None for the safe default.
     scsi_allowed_opcodes: frozenset[int] | Literal["all"] | None = None
     hotplug: HotplugControl | None = None
+    # The daemon's limits and how often they were hit (blockd-query-limits).
+    limits: Callable[[], dict[str, object]] = lambda: {"limits": {}, "hits": {}}
     # What QMP clients may open (None: anything; the command line is never checked).
     path_policy: PathPolicy | None = None
 

@@ -1,4 +1,4 @@
-"""Control commands: query-version, query-commands, quit."""
+"""Control commands: query-version, query-commands, quit, blockd-query-limits."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ def register(table: CommandTable) -> None:
     async def query_commands(ctx: CommandContext, args: NoArgs) -> object:
         # qmp_capabilities is handled by the session but is a command all the same.
         return [{"name": "qmp_capabilities"}] + [{"name": n} for n in ctx.command_names()]
+
+    @table.command("blockd-query-limits")
+    async def query_limits(ctx: CommandContext, args: NoArgs) -> object:
+        # blockd's extension: the bounds on what clients can make it hold, and hits.
+        return ctx.limits()
 
     @table.command("quit")
     async def quit_(ctx: CommandContext, args: NoArgs) -> object:
