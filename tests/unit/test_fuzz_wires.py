@@ -5,8 +5,8 @@ structure-aware NBD handshakes and requests with bad fields, any split into read
 end in a defined outcome: for QMP, replies that are valid JSON each ending in CRLF,
 never an exception; for NBD, only the protocol's events, or NbdProtocolError (the
 connection is dropped), never another exception and never a request outside the export.
-CI runs a bounded number of examples; ``BLOCKD_FUZZ_EXAMPLES=100000`` runs a long
-campaign (see docs/reliability.md for the figures of such runs).
+CI runs a bounded number of examples; ``BLOCKD_FUZZ_EXAMPLES=100000`` with pytest's
+``--timeout 0`` runs a long campaign (see docs/reliability.md).
 """
 
 from __future__ import annotations
