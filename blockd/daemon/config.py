@@ -619,6 +619,16 @@ def _apply_table(builder: _Builder, data: Mapping[str, object], source: str) -> 
     def fail(where: str, message: str) -> NoReturn:
         raise ConfigError(f"{source}: {where}: {message}")
 
+    def section(key: str, value: object, keys: tuple[str, ...], expected: str
+                ) -> dict[str, object]:
+        """A ``[key]`` table whose members are all among ``keys``."""
+        if not isinstance(value, dict):
+            fail(key, expected)
+        for name in value:
+            if name not in keys:
+                fail(f"[{key}] {name}", "unknown key")
+        return value
+
     for key, value in data.items():
         match key:
             case "qmp":
@@ -666,11 +676,7 @@ def _apply_table(builder: _Builder, data: Mapping[str, object], source: str) -> 
                     fail(key, "expected a number of seconds (0 turns polling off)")
                 builder.media_poll = float(value)
             case "metrics":
-                if not isinstance(value, dict):
-                    fail(key, "expected a table ([metrics])")
-                for name in value:
-                    if name != "listen":
-                        fail(f"[metrics] {name}", "unknown key")
+                value = section(key, value, ("listen",), "expected a table ([metrics])")
                 listen = value.get("listen")
                 if listen is None:
                     continue
@@ -687,21 +693,15 @@ def _apply_table(builder: _Builder, data: Mapping[str, object], source: str) -> 
                               '(["/var/lib/images/", "/dev/sd*"])')
                 builder.allowed_paths = tuple(value)
             case "hotplug":
-                if not isinstance(value, dict):
-                    fail(key, "expected a table ([[hotplug.rule]] arrays go in it)")
-                for name in value:
-                    if name != "rule":
-                        fail(f"[hotplug] {name}", "unknown key")
+                value = section(key, value, ("rule",),
+                                "expected a table ([[hotplug.rule]] arrays go in it)")
                 try:
                     builder.hotplug_rules = parse_rules(value.get("rule", []))
                 except RuleError as exc:
                     fail("hotplug", str(exc))
             case "scsi-passthrough":
-                if not isinstance(value, dict):
-                    fail(key, "expected a table ([scsi-passthrough])")
-                for name in value:
-                    if name != "allowed-opcodes":
-                        fail(f"[scsi-passthrough] {name}", "unknown key")
+                value = section(key, value, ("allowed-opcodes",),
+                                "expected a table ([scsi-passthrough])")
                 if "allowed-opcodes" in value:
                     try:
                         builder.scsi_allowed_opcodes = _opcodes(value["allowed-opcodes"])
