@@ -29,6 +29,7 @@ import select
 import shlex
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -932,6 +933,122 @@ def run_group(module: str, nodeids: Sequence[str], hardware: Sequence[Hardware],
     if run.error:
         run.error += f"\n\n---- tail of {log} ----\n{run.log_tail}"
     return run
+
+
+# ------------------------------------------------------------ a guest for a host-side test
+
+
+@dataclass
+class BootedGuest:
+    """A guest booted by :func:`boot_guest`, driven by a test on the host.
+
+    Unlike a group, the test holds the emulator itself: :attr:`monitor` is a QMP
+    monitor of its own (beside the witness relay's two), so it sees the guest's
+    ``stop`` as a STOP event and can snapshot, ``cont`` or kill the emulator.
+    """
+
+    proc: subprocess.Popen[bytes]
+    shared: Path
+    images: dict[str, Path]
+    log: Path
+    monitor: Path
+    relay: WitnessRelay
+    sockdir: Path
+    copier: threading.Thread
+    t0: float
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def connect_monitor(self, timeout: float = 120) -> tuple[socket.socket, QMPStream]:
+        """A negotiated session with the test's own monitor (the socket and its stream)."""
+        sock = _connect_unix(self.monitor, time.monotonic() + timeout, self.alive)
+        stream = QMPStream(sock.fileno())
+        stream.negotiate(timeout)
+        return sock, stream
+
+    def emulator_pid(self) -> int:
+        """The emulator's pid, from the credentials of a connection to its monitor."""
+        sock = _connect_unix(self.monitor, time.monotonic() + 10, self.alive)
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+        finally:
+            sock.close()
+        pid: int = struct.unpack("3i", creds)[0]
+        return pid
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit code of vng, or None if it is still running after ``timeout``."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def tail(self, lines: int = 60) -> str:
+        return f"---- tail of {self.log} ----\n{_tail(self.log, lines)}"
+
+    def close(self) -> None:
+        """End the guest if it still runs; keep the log (with the relay's notes)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, 9)
+        self.proc.wait()
+        self.relay.stop()
+        self.copier.join(10)
+        shutil.rmtree(self.sockdir, ignore_errors=True)
+        with open(self.log, "a") as out:
+            out.write("\n".join(self.relay.log) + "\n")
+
+
+def boot_guest(hardware: Sequence[Hardware], workdir: Path,
+               argv: Callable[[Path], Sequence[str]],
+               extra_qemu_args: Sequence[str] = ()) -> BootedGuest:
+    """Boot a guest with ``hardware`` that runs ``argv(shared)`` and return at once.
+
+    For a test that must outlive the guest (a power cut): the command runs as root in
+    the guest, with ``shared`` (``workdir/shared``, holding the images and
+    ``manifest.json`` as :func:`run_group` writes them) shared read-write.  The caller
+    must :meth:`BootedGuest.close` it.  Raises :class:`VMUnavailable`.
+    """
+    vng, kernel = requirements()
+    shared = workdir / "shared"
+    shared.mkdir(parents=True, exist_ok=True)
+    images: dict[str, Path] = {lbl: make_image(shared / f"disc-{lbl}.img", lbl, DISC_SIZE)
+                               for lbl in DISC_LABELS}
+    for h in hardware:
+        if h.kind == "scsi-hd":
+            images[h.id] = make_image(shared / f"{h.id}.img", h.id, HD_SIZE)
+    (shared / "manifest.json").write_text(json.dumps({
+        "hardware": [asdict(h) for h in hardware],
+        "images": {k: str(v) for k, v in images.items()},
+        "shared": str(shared),
+    }, indent=1))
+    sockdir = Path(tempfile.mkdtemp(prefix="blockd-vm-", dir="/tmp"))
+    sockets = WitnessSockets.in_dir(sockdir)
+    monitor = sockdir / "test.sock"
+    log = workdir / "guest.log"
+    verbose = ["--verbose"] if os.environ.get(VERBOSE_ENV) == "1" else []
+    qemu = [*qemu_args(hardware, images, sockets),
+            "-qmp", f"unix:{_qemu_path(monitor)},server=on,wait=off", *extra_qemu_args]
+    cmd = [vng, "--run", str(kernel), "--disable-kvm", "--memory", "1G", "--user", "root",
+           *verbose, "--rwdir", str(shared), "--cwd", str(ROOT),
+           "--qemu-opts=" + " ".join(qemu), "--exec", shlex.join(argv(shared))]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}"
+               f"{os.environ.get('PATH', '')}")
+    for var in (IN_VM_ENV, MANIFEST_ENV, REPORT_ENV, REQUIRE_ENV, STRICT_ENV):
+        env.pop(var, None)
+    t0 = time.monotonic()
+    log.write_text(f"$ {shlex.join(cmd)}\n")
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+    assert proc.stdout is not None
+    copier = threading.Thread(target=_copy_to_log, args=(proc.stdout, log, t0),
+                              name="blockd-vm-log", daemon=True)
+    copier.start()
+    relay = WitnessRelay(sockets, alive=lambda: proc.poll() is None)
+    relay.start()
+    return BootedGuest(proc, shared, images, log, monitor, relay, sockdir, copier, t0)
 
 
 # --------------------------------------------------------------------------- the guest's runner
