@@ -431,7 +431,7 @@ async def timed_qmp(run: Run, qmp: QMPClient, cmd: str, args: dict[str, Any] | N
     except ExecuteError as exc:
         run.stats.time(f"qmp {cmd}", (time.perf_counter() - t) * 1e3)
         if not expect_error:
-            run.stats.errors[f"qmp {cmd}: {exc.error_class}: {exc.error.desc}"] += 1
+            run.stats.errors[f"qmp {cmd}: {exc.error_class}: {exc}"] += 1
         return None
     except TimeoutError:
         run.stats.hangs += 1
