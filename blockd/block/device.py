@@ -15,11 +15,19 @@ error policy to failures: ``report`` returns the error, ``ignore`` hides it,
 ``stop`` (or ``enospc`` on ENOSPC) pauses the device and holds the request
 until ``cont`` or ``blockd-device-resume`` retries it.  Each policy publishes
 BLOCK_IO_ERROR; pausing also publishes STOP, resuming RESUME.
+
+In-flight cap: a device lets at most ``max_in_flight`` requests into its driver at
+once; later ones wait in the device, in order, and start as earlier ones finish.
+A device whose backing stopped answering (a dead NFS server, a disk that hangs)
+thus holds at most that many I/O threads, and other devices keep being served.
+Each request that has to wait counts as a hit of the ``device-in-flight`` limit;
+the first of a burst is logged, and the end of the burst.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import logging
 import os
@@ -46,7 +54,10 @@ from blockd.devices.base import (
 from blockd.errors import InUse, InvalidArgument, NoMedium, ReadOnly, Unsupported
 from blockd.events import BlockIoError, DeviceTrayMoved, EventBus, Resume, Stop
 
-__all__ = ["ERROR_ACTIONS", "Device", "DeviceKind", "ErrorAction", "run_scsi_command"]
+__all__ = [
+    "DEFAULT_MAX_IN_FLIGHT", "ERROR_ACTIONS", "Device", "DeviceKind", "ErrorAction",
+    "run_scsi_command",
+]
 
 DeviceKind = Literal["cd", "hd"]
 ErrorAction = Literal["report", "ignore", "stop", "enospc", "auto"]
@@ -55,7 +66,8 @@ ERROR_ACTIONS = ("auto", "report", "ignore", "enospc", "stop")
 log = logging.getLogger(__name__)
 
 Done = Callable[[Any, BaseException | None], None]
-
+DEFAULT_MAX_IN_FLIGHT = 64
+"""Requests one device lets into its driver at once (the ``device-in-flight`` limit)."""
 
 
 @dataclass(slots=True)
@@ -90,8 +102,18 @@ class Device:
         stats: BlockAcctStats | None = None,
         control: Runner | None = None,
         writes: bool = True,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        limit_hit: Callable[[str], None] | None = None,
     ) -> None:
         self.id = id
+        # Requests in the driver now, at most max_in_flight (0: no cap); the rest wait,
+        # in order, as functions that start them (see the module's docstring).
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self._waiting: collections.deque[Callable[[], None]] = collections.deque()
+        self._releasing = False  # starting waiting requests (no nested release)
+        self.waited = 0  # requests of the current burst that had to wait
+        self._limit_hit = limit_hit
         # Whether this device may write its medium: the image locks it takes say so
         # (an implicit device of a read-only export only reads, as in QSD).
         self.writes = writes
@@ -248,8 +270,54 @@ class Device:
         if self.paused:
             self._held.append(request)
             return
-        request.node.in_flight += 1
+        request.node.in_flight += 1  # waiting or running: the node must not close under it
         cookie = self.stats.start(request.kind, request.nbytes)
+        cap = self.max_in_flight
+        if cap and (self.in_flight >= cap or self._waiting):
+            self._wait(lambda: self._start(request, cookie))
+            return
+        self._start(request, cookie)
+
+    def _admit(self, start: Callable[[], None]) -> None:
+        """Run ``start`` now if the in-flight cap allows (and nothing waits), else later."""
+        cap = self.max_in_flight
+        if cap and (self.in_flight >= cap or self._waiting):
+            self._wait(start)
+            return
+        start()
+
+    def _wait(self, start: Callable[[], None]) -> None:
+        """Queue ``start`` behind the requests in the driver; count it, log a burst once."""
+        self._waiting.append(start)
+        if not self.waited:
+            log.warning("%s: %d requests are in its driver (the device-in-flight limit); "
+                        "more wait their turn", self.id, self.in_flight)
+        self.waited += 1
+        if self._limit_hit is not None:
+            self._limit_hit("device-in-flight")
+
+    def _left_driver(self) -> None:
+        """A request left the driver: start those waiting, as far as the cap allows."""
+        self.in_flight -= 1
+        if self._waiting and not self._releasing:
+            self._release()
+
+    def _release(self) -> None:
+        self._releasing = True  # a request that completes at once must not recurse here
+        try:
+            waiting = self._waiting
+            while waiting and self.in_flight < self.max_in_flight:
+                waiting.popleft()()
+        finally:
+            self._releasing = False
+        if not self._waiting and self.waited:
+            log.info("%s: below the device-in-flight limit again (%d requests waited)",
+                     self.id, self.waited)
+            self.waited = 0
+
+    def _start(self, request: _Request, cookie: AcctCookie) -> None:
+        """Hand one admitted request to the driver by the cheapest safe route."""
+        self.in_flight += 1
         if request.inline or request.nowait is not None:
             call = request.fn if request.inline else request.nowait
             assert call is not None
@@ -309,6 +377,9 @@ class Device:
         node.in_flight -= 1
         if not node.in_flight and node.idle_waiters:
             node.wake_idle()
+        self.in_flight -= 1  # _left_driver(), inlined: this runs once per request
+        if self._waiting and not self._releasing:
+            self._release()
         if exc is None:
             self.stats.done(cookie)
             if request.written_at >= 0:
@@ -580,9 +651,14 @@ class Device:
             node.in_flight -= 1
             if not node.in_flight and node.idle_waiters:
                 node.wake_idle()
+            self._left_driver()
             done(extents, exc)
 
-        self._workers.submit(lookup, (offset, length), looked_up)
+        def start() -> None:
+            self.in_flight += 1
+            self._workers.submit(lookup, (offset, length), looked_up)
+
+        self._admit(start)
 
     # -- raw SCSI commands ---------------------------------------------------------
 

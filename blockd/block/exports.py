@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from blockd.aio.tls import TlsCredentials
 from blockd.block.device import Device
 
 __all__ = ["MAX_NBD_STRING", "Export", "ExportService", "NbdAddress", "check_export_id"]
@@ -80,8 +81,9 @@ class ExportService(Protocol):
         """Whether the server listens (nbd-server-start has run)."""
         ...
 
-    async def start(self, address: NbdAddress, max_connections: int) -> None:
-        """nbd-server-start; raises BlockdError with QEMU's texts."""
+    async def start(self, address: NbdAddress, max_connections: int,
+                    tls: TlsCredentials | None = None) -> None:
+        """nbd-server-start (TLS required when ``tls`` is given); raises BlockdError."""
         ...
 
     async def stop(self, *, missing_ok: bool = False) -> None:

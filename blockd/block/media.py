@@ -20,7 +20,6 @@ registry (which opens and closes nodes).  The device changes its own state.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 from typing import Literal
@@ -153,8 +152,8 @@ async def change_medium(
         read_only = read_only_mode == "read-only"
     if fmt is not None and fmt != "raw" and fmt not in DRIVERS:
         raise InvalidArgument(f"Unknown driver: '{fmt}'")
-    loop = asyncio.get_running_loop()  # probing stats the file: not on the loop
-    driver = await loop.run_in_executor(registry.executor, _driver_for, filename, fmt)
+    # Probing stats the file: not on the loop, and under the open timeout.
+    driver = await registry.run_open(filename, _driver_for, filename, fmt)
     node = await registry.add_node(
         NodeOptions(driver=driver, node_name=_generated_name(),
                     filename=filename, read_only=read_only),

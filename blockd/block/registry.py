@@ -1,7 +1,8 @@
 """Nodes and devices by name, with QEMU's naming and ownership rules.
 
 The registry is the one place that knows every node and device.  It opens
-nodes in the executor (opening may touch slow hardware), enforces unique
+nodes in threads of their own with a timeout (opening may touch slow hardware or
+hang on a dead file server: see :mod:`blockd.block.opens`), enforces unique
 names (a node-name may not clash with a device id and vice versa), refuses to
 delete what is in use, and publishes the events that follow from its changes.
 """
@@ -9,18 +10,19 @@ delete what is in use, and publishes the events that follow from its changes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import os
 import re
 from collections.abc import Callable
 from concurrent.futures import Executor
+from dataclasses import replace
 from typing import TypeVar
 
 from blockd.aio.workers import IoWorkers
-from blockd.block.device import Device, DeviceKind, ErrorAction
+from blockd.block.device import DEFAULT_MAX_IN_FLIGHT, Device, DeviceKind, ErrorAction
 from blockd.block.exports import MAX_NBD_STRING, Export, check_export_id
 from blockd.block.node import Node, check_node_name
+from blockd.block.opens import OpenRunner
 from blockd.block.stats import BlockAcctStats
 from blockd.devices import open_driver
 from blockd.devices.base import BlockDriver, NodeOptions
@@ -47,15 +49,23 @@ class Registry:
     """All nodes and devices of one daemon."""
 
     def __init__(
-        self, *, executor: Executor | None, bus: EventBus, workers: IoWorkers | None = None
+        self, *, executor: Executor | None, bus: EventBus, workers: IoWorkers | None = None,
+        opens: OpenRunner | None = None, device_max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
-        self.executor = executor  # control operations: open, close, tray
+        self.executor = executor  # control operations: close, tray
+        self.opens = opens if opens is not None else OpenRunner()  # opens and probes
         self.stats_class: type[BlockAcctStats] = BlockAcctStats
         self.workers = workers if workers is not None else IoWorkers()  # data requests
         self.bus = bus
+        self.device_max_in_flight = device_max_in_flight  # each device's cap (0: none)
+        # Times a device's limit was hit, by name (blockd-query-limits, the metrics).
+        self.limit_hits: dict[str, int] = {}
         self.nodes: dict[str, Node] = {}
         self.devices: dict[str, Device] = {}
         self.exports: dict[str, Export] = {}
+
+    def limit_hit(self, name: str) -> None:
+        self.limit_hits[name] = self.limit_hits.get(name, 0) + 1
 
     async def run_control(self, fn: Callable[..., T], *args: object) -> T:
         """Run a control call that may block (open, close, tray) in the control executor."""
@@ -63,13 +73,23 @@ class Registry:
 
     # -- nodes ----------------------------------------------------------------
 
+    async def run_open(self, what: str, fn: Callable[..., T], *args: object,
+                       undo: Callable[[T], None] | None = None) -> T:
+        """Run a call that opens or stats ``what`` (a path), with the open timeout."""
+        return await self.opens.run(what, fn, *args, undo=undo)
+
     async def add_node(
-        self, options: NodeOptions, *, monitor_owned: bool = True, generated: bool = False
+        self, options: NodeOptions, *, monitor_owned: bool = True, generated: bool = False,
+        resolve: Callable[[str], str] | None = None,
     ) -> Node:
         """Open a node; raise BlockdError with QEMU's text on any failure.
 
         ``generated`` names come from blockd itself (``#blockNNN``, as QEMU names
-        implicit nodes) and skip the user's node-name rules.
+        implicit nodes) and skip the user's node-name rules.  ``resolve`` turns the
+        filename into the path to open (a QMP client's path policy); it runs in the
+        open's thread, under the same timeout, since resolving stats the path too.
+        An open that does not finish within the open timeout fails with an error
+        naming the path; if it finishes later, its driver is closed there and then.
         """
         name = options.node_name
         if not generated:
@@ -79,7 +99,8 @@ class Registry:
         if name in self.devices:
             raise InUse(f"node-name={name} is conflicting with a device id")
         loop = asyncio.get_running_loop()
-        node = await loop.run_in_executor(self.executor, _open_node, options, monitor_owned)
+        node = await self.run_open(options.filename or name, _open_node, options,
+                                   monitor_owned, resolve, undo=_close_node)
         if name in self.nodes or name in self.devices:  # lost a race with a concurrent add
             await loop.run_in_executor(self.executor, node.driver.close)
             raise InUse(f"Duplicate nodes with node-name='{name}'")
@@ -133,7 +154,8 @@ class Registry:
             raise InvalidArgument("No drive specified")
         device = Device(id, kind, node, workers=self.workers, bus=self.bus,
                         rerror=rerror, werror=werror, stats=stats or self.stats_class(),
-                        control=self.run_control)
+                        control=self.run_control, max_in_flight=self.device_max_in_flight,
+                        limit_hit=self.limit_hit)
         self.devices[id] = device
         return device
 
@@ -203,7 +225,8 @@ class Registry:
                 raise InUse(f"Duplicate device ID '{id}'")
             holder = Device(id, "hd", node, workers=self.workers, bus=self.bus,
                             stats=self.stats_class(), control=self.run_control,
-                            writes=writable)
+                            writes=writable, max_in_flight=self.device_max_in_flight,
+                            limit_hit=self.limit_hit)
             self.devices[id] = holder
         export = Export(id, export_name, description, holder, node_name, writable,
                         writethrough, implicit_device=implicit)
@@ -237,21 +260,45 @@ class Registry:
 
     # -- shutdown -------------------------------------------------------------------
 
-    async def close_all(self) -> None:
-        """Detach every device and close every node (used at exit)."""
+    async def close_all(self, timeout: float = QUIESCE_TIMEOUT) -> list[str]:
+        """Detach every device and close every node (used at exit), within ``timeout``.
+
+        A node whose requests are still in its driver when the time is up is left
+        open (closing it under a running call could hand its descriptor number to
+        another open); the names of those nodes are returned.
+        """
         for device in self.devices.values():
             device.detach()
         self.devices.clear()
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         nodes, self.nodes = list(self.nodes.values()), {}
+        left_open: list[str] = []
         for node in nodes:
-            await node.wait_idle(QUIESCE_TIMEOUT)
-            with contextlib.suppress(OSError):
-                await loop.run_in_executor(self.executor, node.driver.close)
+            if not await node.wait_idle(max(0.0, deadline - loop.time())):
+                left_open.append(node.name)
+                continue
+            try:
+                await asyncio.wait_for(
+                    loop.run_in_executor(self.executor, node.driver.close),
+                    max(0.1, deadline - loop.time()))
+            except TimeoutError:
+                left_open.append(node.name)
+            except OSError:
+                pass
+        return left_open
 
 
-def _open_node(options: NodeOptions, monitor_owned: bool) -> Node:
-    """Open a driver and read its size and info (runs in the executor)."""
+def _close_node(node: Node) -> None:
+    """Undo an open that finished too late (runs in the open's thread)."""
+    node.driver.close()
+
+
+def _open_node(options: NodeOptions, monitor_owned: bool,
+               resolve: Callable[[str], str] | None = None) -> Node:
+    """Resolve the path, open a driver and read its size and info (in an open's thread)."""
+    if resolve is not None and options.filename is not None:
+        options = replace(options, filename=resolve(options.filename))
     driver: BlockDriver = open_driver(options)
     try:
         size = driver.getlength()

@@ -57,6 +57,7 @@ __all__ = [
     "ConfigError",
     "DaemonConfig",
     "InfoRequested",
+    "Limits",
     "MetricsListener",
     "OptionSpec",
     "QmpListener",
@@ -117,17 +118,18 @@ qemu-storage-daemon options:
   --blockdev [driver=]<driver>,node-name=<N>[,...]   (or a JSON object)
                          add a block node, as QMP's blockdev-add
   --chardev socket,id=<id>,path=<path>,server=on,wait=off
-  --chardev socket,id=<id>,host=<host>,port=<port>,server=on,wait=off
+  --chardev socket,id=<id>,host=<host>,port=<port>,server=on,wait=off[,tls-creds=<id>]
                          define a listening socket for --monitor
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
                          serve QMP on that chardev
   --nbd-server addr.type=unix,addr.path=<path>
-  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>[,tls-creds=<id>]
                          start the NBD server
   --export [type=]nbd,id=<id>,node-name=<node>[,name=<name>][,writable=on|off]
                          export a node over NBD
-  --object <type>,id=<id>[,...]
-                         define a QOM object (kept for later use)
+  --object tls-creds-x509,id=<id>,dir=<dir>,endpoint=server[,verify-peer=on|off]
+                         TLS credentials (QEMU's file layout in <dir>), used by
+                         --nbd-server ...,tls-creds=<id> and --chardev ...,tls-creds=<id>
   --pidfile <path>       write the pid there once ready
 
 blockd options:
@@ -141,6 +143,7 @@ blockd options:
                          none turns the endpoint off)
   --media-poll <seconds> how often to read the status of host CD-ROM drives, for
                          changes udev does not report (default 2; 0 turns it off)
+  --insecure-network     allow QMP and NBD on non-loopback TCP addresses without TLS
   --config <file>        read a TOML configuration file at this point
   --log-level debug|info|warning|error
 
@@ -158,7 +161,7 @@ _VALUE_OPTIONS = frozenset(
         "--metrics", "--media-poll",
     }
 )  # fmt: skip
-_FLAG_OPTIONS = frozenset({"--help", "--version", "--daemonize"})
+_FLAG_OPTIONS = frozenset({"--help", "--version", "--daemonize", "--insecure-network"})
 # Options that tune the embedded default rather than replace it.
 _DEFAULT_KEEPING = frozenset({"--log-level", "--metrics", "--media-poll"})
 _SHORT_OPTIONS = {"-h": "--help", "-V": "--version", "-T": "--trace"}
@@ -179,7 +182,7 @@ _OTHER_CHARDEV_BACKENDS = frozenset(
 _UNSUPPORTED_SOCKET_PARAMS = frozenset(
     {
         "to", "ipv4", "ipv6", "nodelay", "telnet", "tn3270", "websocket", "reconnect",
-        "reconnect-ms", "tls-creds", "tls-authz", "abstract", "tight", "fd", "logfile",
+        "reconnect-ms", "tls-authz", "abstract", "tight", "fd", "logfile",
         "logappend", "mux", "keep-alive",
     }
 )  # fmt: skip
@@ -187,6 +190,46 @@ _UNSUPPORTED_SOCKET_PARAMS = frozenset(
 
 class ConfigError(Exception):
     """The command line or a config file is wrong; ``str()`` is one line naming the option."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """``[limits]``: the bounds on what clients can make the daemon hold (see
+    docs/reliability.md).  The defaults are the servers' own; timeouts in seconds."""
+
+    nbd_in_flight_requests: int = 128
+    nbd_in_flight_bytes: int = 64 << 20
+    nbd_unsent_reply_bytes: int = 8 << 20
+    device_in_flight: int = 64
+    qmp_queued_reply_bytes: int = 64 << 20
+    handshake_timeout: float = 10.0
+    message_timeout: float = 10.0
+    open_timeout: float = 30.0
+    shutdown_timeout: float = 10.0
+    metrics_connections: int = 16
+
+
+_LIMIT_KEYS = {f.replace("_", "-"): f for f in Limits.__dataclass_fields__}
+
+
+def _limits_from_table(table: Mapping[str, object], limits: Limits) -> Limits:
+    """``limits`` with the values of a ``[limits]`` table; raises _OptionError naming
+    the key (``[limits] KEY: ...``) for an unknown key or a wrong value."""
+    changes: dict[str, object] = {}
+    for key, value in table.items():
+        name = _LIMIT_KEYS.get(key)
+        if name is None:
+            raise _OptionError(f"[limits] {key}: unknown key")
+        if key.endswith("-timeout"):
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not 0 < value < float("inf")):
+                raise _OptionError(f"[limits] {key}: expected a number of seconds above 0")
+            changes[name] = float(value)
+        else:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _OptionError(f"[limits] {key}: expected a whole number, 1 or more")
+            changes[name] = value
+    return replace(limits, **changes)  # type: ignore[arg-type]
 
 
 class InfoRequested(Exception):
@@ -205,6 +248,8 @@ class QmpListener:
     host: str | None = None
     port: int | None = None
     pretty: bool = False
+    tls_creds: str | None = None
+    """The id of a ``tls-creds-x509`` object: TLS from the first byte, as QEMU's chardev."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +287,10 @@ class DaemonConfig:
     socket_mode: int = 0o600
     socket_group: str | None = None
     default_used: bool = False
-    objects: tuple[str, ...] = ()
+    objects: tuple[OptionSpec, ...] = ()
+    """``--object`` and ``[[object]]``: object-add's arguments (TLS credentials)."""
+    insecure_network: bool = False
+    """QMP and NBD may listen beyond loopback without TLS (``--insecure-network``)."""
     metrics: MetricsListener | None = MetricsListener()
     """Where to serve metrics; None when turned off (``--metrics none``)."""
     media_poll: float = DEFAULT_MEDIA_POLL
@@ -253,6 +301,8 @@ class DaemonConfig:
     """``[[hotplug.rule]]``: which host devices udev events attach (none: hotplug is off)."""
     allowed_paths: tuple[str, ...] | None = None
     """``allowed-paths``: what QMP clients may open (None: see blockd.qmp.paths)."""
+    limits: Limits = Limits()
+    """``[limits]``: bounds on what clients can make the daemon hold, and timeouts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +312,7 @@ class _Chardev:
     path: str | None
     host: str | None
     port: int | None
+    tls_creds: str | None = None
 
 
 @dataclass(slots=True)
@@ -273,7 +324,8 @@ class _Builder:
     devices: list[OptionSpec] = field(default_factory=list)
     nbd_server: OptionSpec | None = None
     exports: list[OptionSpec] = field(default_factory=list)
-    objects: list[str] = field(default_factory=list)
+    objects: list[OptionSpec] = field(default_factory=list)
+    insecure_network: bool = False
     pidfile: str | None = None
     log_level: str = "info"
     socket_mode: int = 0o600
@@ -283,6 +335,7 @@ class _Builder:
     scsi_allowed_opcodes: frozenset[int] | Literal["all"] | None = None
     hotplug_rules: tuple[Rule, ...] = ()
     allowed_paths: tuple[str, ...] | None = None
+    limits: Limits = Limits()
     chardevs: dict[str, _Chardev] = field(default_factory=dict)
     used_chardevs: set[str] = field(default_factory=set)
 
@@ -299,11 +352,13 @@ class _Builder:
             socket_group=self.socket_group,
             default_used=default_used,
             objects=tuple(self.objects),
+            insecure_network=self.insecure_network,
             metrics=self.metrics,
             media_poll=self.media_poll,
             scsi_allowed_opcodes=self.scsi_allowed_opcodes,
             hotplug_rules=self.hotplug_rules,
             allowed_paths=self.allowed_paths,
+            limits=self.limits,
         )
 
 
@@ -386,6 +441,9 @@ def _apply_option(builder: _Builder, name: str, value: str | None) -> None:
             "not supported: blockd runs in the foreground, as systemd and other "
             "supervisors expect (use --pidfile or sd_notify to learn when it is ready)"
         )
+    if name == "--insecure-network":
+        builder.insecure_network = True
+        return
     assert value is not None
     match name:
         case "--blockdev":
@@ -401,7 +459,7 @@ def _apply_option(builder: _Builder, name: str, value: str | None) -> None:
                 raise _OptionError("an NBD server is already configured")
             builder.nbd_server = _keyval_spec(value, None)
         case "--object":
-            builder.objects.append(value)
+            builder.objects.append(_keyval_spec(value, "qom-type"))
         case "--chardev":
             _add_chardev(builder, value)
         case "--monitor":
@@ -477,7 +535,7 @@ def _add_chardev(builder: _Builder, value: str) -> None:
     for key in opts:
         if key in _UNSUPPORTED_SOCKET_PARAMS:
             raise _OptionError(f"Parameter '{key}' is not supported by blockd")
-        if key not in {"path", "host", "port", "server", "wait"}:
+        if key not in {"path", "host", "port", "server", "wait", "tls-creds"}:
             raise _OptionError(f"Invalid parameter '{key}'")
     if not _qemu_bool("server", opts.get("server", "off")):
         raise _OptionError("blockd only listens: a QMP chardev needs server=on")
@@ -489,18 +547,20 @@ def _add_chardev(builder: _Builder, value: str) -> None:
     path = opts.get("path")
     host = opts.get("host")
     port_text = opts.get("port")
+    tls_creds = opts.get("tls-creds") or None
     if path is not None:
         if host is not None or port_text is not None:
             raise _OptionError("chardev: socket: 'path' cannot be combined with 'host' or 'port'")
         if not path:
             raise _OptionError("chardev: socket: the path is empty")
-        builder.chardevs[chardev_id] = _Chardev(path, None, None)
+        builder.chardevs[chardev_id] = _Chardev(path, None, None, tls_creds)
         return
     if port_text is None:
         if host is None:
             raise _OptionError("chardev: socket: no host given")
         raise _OptionError("chardev: socket: no port given")
-    builder.chardevs[chardev_id] = _Chardev(None, host or _LOOPBACK, _port("port", port_text))
+    builder.chardevs[chardev_id] = _Chardev(
+        None, host or _LOOPBACK, _port("port", port_text), tls_creds)
 
 
 def _qemu_bool(name: str, text: str) -> bool:
@@ -541,7 +601,8 @@ def _monitor_listener(builder: _Builder, value: str) -> QmpListener:
     if options.chardev in builder.used_chardevs:
         raise _OptionError(f'chardev "{options.chardev}" is already used by another monitor')
     builder.used_chardevs.add(options.chardev)
-    return QmpListener(chardev.path, chardev.host, chardev.port, options.pretty)
+    return QmpListener(chardev.path, chardev.host, chardev.port, options.pretty,
+                       chardev.tls_creds)
 
 
 def _parse_seconds(value: str) -> float:
@@ -637,6 +698,13 @@ def _apply_table(builder: _Builder, data: Mapping[str, object], source: str) -> 
                         builder.qmp.append(_qmp_from_table(table))
                     except _OptionError as exc:
                         fail(f"[[qmp]] #{n}", str(exc))
+            case "object":
+                for table in _tables(value, source, key):
+                    builder.objects.append(OptionSpec(types.MappingProxyType(dict(table)), False))
+            case "insecure-network":
+                if not isinstance(value, bool):
+                    fail(key, "expected true or false")
+                builder.insecure_network = value
             case "blockdev" | "export":
                 target = builder.blockdevs if key == "blockdev" else builder.exports
                 for table in _tables(value, source, key):
@@ -692,6 +760,13 @@ def _apply_table(builder: _Builder, data: Mapping[str, object], source: str) -> 
                     fail(key, 'expected an array of absolute paths, directories or globs '
                               '(["/var/lib/images/", "/dev/sd*"])')
                 builder.allowed_paths = tuple(value)
+            case "limits":
+                if not isinstance(value, dict):
+                    fail(key, "expected a table ([limits])")
+                try:
+                    builder.limits = _limits_from_table(value, builder.limits)
+                except _OptionError as exc:
+                    raise ConfigError(f"{source}: {exc}") from None
             case "hotplug":
                 value = section(key, value, ("rule",),
                                 "expected a table ([[hotplug.rule]] arrays go in it)")
@@ -733,25 +808,28 @@ def _tables(value: object, source: str, key: str) -> list[dict[str, object]]:
 
 def _qmp_from_table(table: Mapping[str, object]) -> QmpListener:
     for key in table:
-        if key not in {"path", "host", "port", "pretty"}:
+        if key not in {"path", "host", "port", "pretty", "tls-creds"}:
             raise _OptionError(f"unknown key '{key}'")
     path, host, port = table.get("path"), table.get("host"), table.get("port")
     pretty = table.get("pretty", False)
     if not isinstance(pretty, bool):
         raise _OptionError("'pretty' must be true or false")
+    tls_creds = table.get("tls-creds")
+    if tls_creds is not None and (not isinstance(tls_creds, str) or not tls_creds):
+        raise _OptionError("'tls-creds' must be the id of a tls-creds-x509 object")
     if path is not None:
         if host is not None or port is not None:
             raise _OptionError("give either 'path' or 'host'/'port', not both")
         if not isinstance(path, str) or not path:
             raise _OptionError("'path' must be a non-empty string")
-        return QmpListener(path=path, pretty=pretty)
+        return QmpListener(path=path, pretty=pretty, tls_creds=tls_creds)
     if port is None:
         raise _OptionError("give 'path' (UNIX socket) or 'port' (TCP)")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise _OptionError("'port' must be an integer from 1 to 65535")
     if host is not None and not isinstance(host, str):
         raise _OptionError("'host' must be a string")
-    return QmpListener(host=host or _LOOPBACK, port=port, pretty=pretty)
+    return QmpListener(host=host or _LOOPBACK, port=port, pretty=pretty, tls_creds=tls_creds)
 
 
 def _socket_mode(value: object) -> int:

@@ -17,11 +17,15 @@ import logging
 import os
 import resource
 import signal
-from concurrent.futures import ThreadPoolExecutor
+import ssl
+from collections.abc import Awaitable
 
 from blockd import __version__
+from blockd.aio.addresses import resolves_to_loopback
+from blockd.aio.tls import TlsError
 from blockd.aio.uring import UringIo
-from blockd.aio.workers import IoWorkers
+from blockd.aio.workers import ControlExecutor, IoWorkers
+from blockd.block.opens import DEFAULT_OPEN_THREADS, OpenRunner
 from blockd.block.registry import Registry
 from blockd.block.stats import NoAccounting
 from blockd.daemon import sdnotify
@@ -33,20 +37,16 @@ from blockd.hotplug.manager import Hotplug
 from blockd.hotplug.media_watch import MediaWatcher
 from blockd.monitoring.collector import BlockdCollector
 from blockd.monitoring.daemon_stats import DaemonStats
-from blockd.monitoring.http import MAX_CONNECTIONS as METRICS_MAX_CONNECTIONS
 from blockd.monitoring.http import REQUEST_TIMEOUT, MetricsServer
 from blockd.monitoring.samples import MetricsSource
-from blockd.nbd.connection import HANDSHAKE_TIMEOUT as NBD_HANDSHAKE_TIMEOUT
-from blockd.nbd.connection import MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES
-from blockd.nbd.replies import MAX_UNSENT
+from blockd.nbd.connection import NbdLimits
 from blockd.nbd.server import NbdServer
 from blockd.qmp.commands import CommandContext, build_table
 from blockd.qmp.commands.exports import NbdServerOptions, start_server
 from blockd.qmp.dispatch import Dispatcher
 from blockd.qmp.paths import PathPolicy
 from blockd.qmp.schema import SchemaError, validate
-from blockd.qmp.server import DEFAULT_MAX_SESSIONS, MAX_QUEUED_BYTES, MESSAGE_TIMEOUT, QmpServer
-from blockd.qmp.server import HANDSHAKE_TIMEOUT as QMP_HANDSHAKE_TIMEOUT
+from blockd.qmp.server import DEFAULT_MAX_SESSIONS, QmpServer
 
 __all__ = ["QEMU_VERSION", "Daemon", "StartupError", "version_info"]
 
@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 
 # The QEMU release whose QMP blockd speaks (clients check this).
 QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
-DRAIN_TIMEOUT = 30.0
 EXECUTOR_THREADS = 8  # control operations (open, close, tray)
 IO_THREADS = 4  # data requests that may block
 
@@ -74,17 +73,26 @@ class Daemon:
     def __init__(self, config: DaemonConfig, tuning: Tuning | None = None) -> None:
         self.config = config
         self.tuning = tuning if tuning is not None else Tuning()
-        self.executor = ThreadPoolExecutor(EXECUTOR_THREADS, thread_name_prefix="blockd-ctl")
+        limits = config.limits
+        # Daemon threads throughout: one stuck in the kernel never holds the exit up.
+        self.executor = ControlExecutor(EXECUTOR_THREADS)
         self.workers = IoWorkers(IO_THREADS)
         self.bus = EventBus()
-        self.registry = Registry(executor=self.executor, bus=self.bus, workers=self.workers)
+        self.registry = Registry(
+            executor=self.executor, bus=self.bus, workers=self.workers,
+            opens=OpenRunner(limits.open_timeout, DEFAULT_OPEN_THREADS),
+            device_max_in_flight=limits.device_in_flight)
         if not self.tuning.accounting:
             log.warning("BLOCKD_NO_ACCOUNTING=1: I/O statistics are off (benchmarking only)")
             self.registry.stats_class = NoAccounting
         self.table = build_table()
         self.daemon_stats = DaemonStats()
         self.nbd = NbdServer(self.registry, poll_max_ns=self.tuning.poll_max_ns,
-                             splice=self.tuning.splice)
+                             splice=self.tuning.splice, limits=NbdLimits(
+                                 in_flight=limits.nbd_in_flight_requests,
+                                 in_flight_bytes=limits.nbd_in_flight_bytes,
+                                 unsent=limits.nbd_unsent_reply_bytes,
+                                 handshake_timeout=limits.handshake_timeout))
         self.context = CommandContext(
             registry=self.registry,
             nbd=self.nbd,
@@ -96,6 +104,10 @@ class Daemon:
         shared = (config.socket_group is not None or bool(config.socket_mode & 0o077)
                   or any(listener.path is None for listener in config.qmp))
         self.context.path_policy = PathPolicy.for_listeners(config.allowed_paths, shared)
+        self.nbd.insecure_network = config.insecure_network
+        if config.insecure_network:
+            log.warning("insecure-network: QMP and NBD may listen beyond loopback without TLS")
+        self.context.objects_in_use = self._objects_in_use
         if self.context.path_policy is not None and config.allowed_paths is None:
             log.warning("QMP is reachable by others (socket group or mode, or TCP): QMP "
                         "clients may open only %s; set allowed-paths to choose",
@@ -131,12 +143,15 @@ class Daemon:
             _check_pidfile(self.config.pidfile)  # before anything is taken over
         self._stop = asyncio.Event()
         self.workers.uring = UringIo.create() if self.tuning.io_uring else None
+        limits = self.config.limits
         self.qmp = QmpServer(self.dispatcher, self.bus, version_info(),
-                             max_sessions=self.qmp_max_sessions)
+                             max_sessions=self.qmp_max_sessions,
+                             max_queued_bytes=limits.qmp_queued_reply_bytes,
+                             handshake_timeout=limits.handshake_timeout,
+                             message_timeout=limits.message_timeout)
         self.metrics_source.qmp = self.qmp
-        if self.config.objects:
-            # No object type (TLS credentials, secrets, iothreads) is implemented yet.
-            raise StartupError(f"--object {self.config.objects[0]}: object types are not supported")
+        for spec in self.config.objects:
+            await self._apply("object-add", "--object", spec)
         for spec in self.config.blockdevs:
             await self._apply("blockdev-add", "--blockdev", spec)
         for spec in self.config.devices:
@@ -148,19 +163,27 @@ class Daemon:
         # Coldplug: devices present now go through the rules before anyone connects.
         await self.hotplug.start()
         for listener in self.config.qmp:
+            where = listener.path or f"{listener.host}:{listener.port}"
+            tls = self._qmp_tls(listener.tls_creds, where)
+            if (listener.path is None and tls is None and not self.config.insecure_network
+                    and not await resolves_to_loopback(listener.host, listener.port)):
+                raise StartupError(
+                    f"QMP on the non-loopback address {where} needs TLS: give its chardev "
+                    "tls-creds, or allow plaintext with --insecure-network")
             try:
                 if listener.path is not None:
                     directory = os.path.dirname(listener.path)
                     if directory:
                         os.makedirs(directory, exist_ok=True)
                     await self.qmp.listen_unix(
-                        listener.path, self.config.socket_mode, self.config.socket_group
+                        listener.path, self.config.socket_mode, self.config.socket_group, tls
                     )
                     self.listening.append(listener.path)
                 else:
                     assert listener.host is not None and listener.port is not None
-                    port = await self.qmp.listen_tcp(listener.host, listener.port)
-                    self.listening.append(f"tcp:{listener.host}:{port}")
+                    port = await self.qmp.listen_tcp(listener.host, listener.port, tls)
+                    scheme = "tls" if tls is not None else "tcp"
+                    self.listening.append(f"{scheme}:{listener.host}:{port}")
             except (OSError, KeyError) as err:
                 where = listener.path or f"{listener.host}:{listener.port}"
                 reason = err.strerror if isinstance(err, OSError) and err.strerror else err
@@ -169,6 +192,25 @@ class Daemon:
         await self.media_watcher.start()
         if self.config.pidfile:
             self._pidfile_fd = _write_pidfile(self.config.pidfile)
+
+    def _qmp_tls(self, creds_id: str | None, where: str) -> ssl.SSLContext | None:
+        """The server context of a QMP listener's ``tls-creds``, if it has one."""
+        if creds_id is None:
+            return None
+        creds = self.context.objects.get(creds_id)
+        if creds is None:
+            raise StartupError(f"QMP on {where}: No TLS credentials with id '{creds_id}'")
+        try:
+            return creds.server_context()
+        except TlsError as err:
+            raise StartupError(f"QMP on {where}: {err}") from None
+
+    def _objects_in_use(self) -> set[str]:
+        """Objects object-del must keep: those of the NBD server and the QMP listeners."""
+        used = {q.tls_creds for q in self.config.qmp if q.tls_creds is not None}
+        if self.nbd.tls_creds is not None:
+            used.add(self.nbd.tls_creds.id)
+        return used
 
     async def _apply(self, command: str, option: str, spec: OptionSpec) -> None:
         cmd = self.table.get(command)
@@ -194,7 +236,7 @@ class Daemon:
         if listen is None:
             return
         collector = BlockdCollector(self.metrics_source, asyncio.get_running_loop())
-        server = MetricsServer(collector)
+        server = MetricsServer(collector, self.config.limits.metrics_connections)
         try:
             server.start(listen.host, listen.port)
         except OSError as err:
@@ -208,6 +250,8 @@ class Daemon:
 
     def _limit_hits(self) -> dict[str, int]:
         hits = dict(self.nbd.limit_hits)
+        hits.update(self.registry.limit_hits)
+        hits.update(self.registry.opens.limit_hits)
         if self.qmp is not None:
             hits.update(self.qmp.limit_hits)
         if self.metrics is not None and self.metrics.refused:
@@ -220,17 +264,24 @@ class Daemon:
             "limits": {
                 "fd-limit": self.fd_limit,
                 "nbd-connections": self.nbd.connection_budget,
-                "nbd-in-flight-requests": MAX_IN_FLIGHT,
-                "nbd-in-flight-bytes": MAX_IN_FLIGHT_BYTES,
-                "nbd-unsent-reply-bytes": MAX_UNSENT,
-                "nbd-handshake-timeout-ms": int(NBD_HANDSHAKE_TIMEOUT * 1000),
+                "nbd-in-flight-requests": self.nbd.limits.in_flight,
+                "nbd-in-flight-bytes": self.nbd.limits.in_flight_bytes,
+                "nbd-unsent-reply-bytes": self.nbd.limits.unsent,
+                "nbd-handshake-timeout-ms": _ms(self.nbd.limits.handshake_timeout),
+                "device-in-flight": self.registry.device_max_in_flight,
+                "io-threads": self.workers.max_threads,
                 "qmp-sessions": self.qmp_max_sessions,
-                "qmp-queued-reply-bytes": MAX_QUEUED_BYTES,
-                "qmp-handshake-timeout-ms": int(QMP_HANDSHAKE_TIMEOUT * 1000),
-                "qmp-message-timeout-ms": int(MESSAGE_TIMEOUT * 1000),
-                "metrics-connections": METRICS_MAX_CONNECTIONS,
-                "metrics-request-timeout-ms": int(REQUEST_TIMEOUT * 1000),
+                "qmp-queued-reply-bytes": self.config.limits.qmp_queued_reply_bytes,
+                "qmp-handshake-timeout-ms": _ms(self.config.limits.handshake_timeout),
+                "qmp-message-timeout-ms": _ms(self.config.limits.message_timeout),
+                "open-timeout-ms": _ms(self.registry.opens.timeout),
+                "open-threads": self.registry.opens.capacity,
+                "shutdown-timeout-ms": _ms(self.config.limits.shutdown_timeout),
+                "metrics-connections": self.config.limits.metrics_connections,
+                "metrics-request-timeout-ms": _ms(REQUEST_TIMEOUT),
             },
+            # Opens still running after their caller gave up (each holds an open slot).
+            "opens-stuck": self.registry.opens.stuck,
             "hits": self._limit_hits(),
         }
 
@@ -252,35 +303,74 @@ class Daemon:
             loop.remove_signal_handler(signum)
 
     async def shutdown(self) -> None:
-        """Close sessions, drain I/O, close devices and nodes, remove files."""
+        """Close sessions, drain I/O, close devices and nodes, remove files.
+
+        All within the shutdown timeout (``[limits] shutdown-timeout``): each step
+        gets a share of what is left, and what is still stuck then (an open or a
+        request waiting on storage that does not answer, a client that never reads)
+        is left behind, and logged.  Every thread that can get stuck is a daemon
+        thread, so nothing keeps the process from exiting.
+        """
         sdnotify.notify("STOPPING=1")
+        loop = asyncio.get_running_loop()
+        bound = self.config.limits.shutdown_timeout
+        deadline = loop.time() + bound
+        abandoned: list[str] = []
+
+        def left(share: float = 1.0) -> float:
+            return max(0.0, deadline - loop.time()) * share
+
+        async def step(what: str, awaitable: Awaitable[object], share: float) -> None:
+            try:
+                await asyncio.wait_for(awaitable, left(share))
+            except TimeoutError:
+                abandoned.append(what)
+
         if self.metrics is not None:
             metrics, self.metrics = self.metrics, None
-            await asyncio.to_thread(metrics.close)
-        await self.media_watcher.close()
-        await self.hotplug.close()
-        await self.nbd.stop(missing_ok=True)
+            await step("the metrics endpoint", asyncio.to_thread(metrics.close), 0.2)
+        await step("media watching", self.media_watcher.close(), 0.1)
+        await step("hotplug", self.hotplug.close(), 0.2)
+        await step("the NBD server", self.nbd.stop(missing_ok=True), 0.3)
         if self.qmp is not None:
-            await self.qmp.close()
-        await self._drain()
-        await self.registry.close_all()
+            await step("QMP sessions", self.qmp.close(grace=left(0.3)), 0.6)
+        busy = await self._drain(left(0.6))
+        left_open = await self.registry.close_all(left(0.8))
+        if busy:
+            abandoned.append(f"I/O still running on {', '.join(busy)}")
+        if left_open:
+            abandoned.append(f"nodes left open: {', '.join(left_open)}")
         if self.workers.uring is not None:
-            self.workers.uring.close()
+            if not busy:  # closing the ring waits for what it has in flight
+                self.workers.uring.close()
             self.workers.uring = None
-        self.workers.close()
-        self.executor.shutdown(wait=True)
+        stuck_threads = self.workers.close(timeout=left())
+        if stuck_threads:
+            abandoned.append(f"{stuck_threads} I/O threads stuck in a call")
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.executor.busy:
+            abandoned.append(f"{self.executor.busy} control threads stuck in a call")
+        if self.registry.opens.running:
+            abandoned.append(f"{self.registry.opens.running} opens that never returned")
+        if abandoned:
+            log.warning("shutdown: within the %g s bound, left behind: %s", bound,
+                        "; ".join(abandoned))
         if self._pidfile_fd is not None:  # ours: another daemon's is left alone
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.config.pidfile or "")
             os.close(self._pidfile_fd)
             self._pidfile_fd = None
 
-    async def _drain(self) -> None:
-        """Wait for the requests still running in drivers, for at most DRAIN_TIMEOUT."""
+    async def _drain(self, timeout: float) -> list[str]:
+        """Wait for the requests still running in drivers, for at most ``timeout``;
+        the names of the nodes still busy then."""
         nodes = list(self.registry.nodes.values())
-        idle = await asyncio.gather(*(n.wait_idle(DRAIN_TIMEOUT) for n in nodes))
-        if not all(idle):
-            log.warning("giving up waiting for in-flight I/O")
+        idle = await asyncio.gather(*(n.wait_idle(timeout) for n in nodes))
+        return [node.name for node, done in zip(nodes, idle, strict=True) if not done]
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
 
 
 def _raise_fd_limit() -> int:

@@ -55,9 +55,10 @@ class _Server(ThreadingMixIn, WSGIServer):
     allow_reuse_address = True
     request_queue_size = 64  # the listen backlog (socketserver's 5 drops SYNs under load)
 
-    def __init__(self, address: tuple[str, int], family: socket.AddressFamily) -> None:
+    def __init__(self, address: tuple[str, int], family: socket.AddressFamily,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.address_family = family
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._slots = threading.BoundedSemaphore(max_connections)
         self.refused = 0
         super().__init__(address, _QuietHandler)
 
@@ -114,8 +115,10 @@ class MetricsServer:
     sample.  ``/`` shows a link to ``/metrics``; every other path is 404.
     """
 
-    def __init__(self, collector: BlockdCollector) -> None:
+    def __init__(self, collector: BlockdCollector, max_connections: int = MAX_CONNECTIONS
+                 ) -> None:
         self.collector = collector
+        self.max_connections = max_connections  # served at once; more are closed at once
         self.registry = make_registry(collector)
         self._writer = device_metrics.TextWriter()
         self._writer_lock = threading.Lock()  # scrapes may overlap (a thread each)
@@ -126,7 +129,7 @@ class MetricsServer:
         """Bind ``host``:``port`` (0: any free port) and serve; raise OSError if binding fails."""
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, _, _, _, sockaddr = infos[0]
-        server = _Server((str(sockaddr[0]), port), family)
+        server = _Server((str(sockaddr[0]), port), family, self.max_connections)
         server.set_app(self._app)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="blockd-metrics",

@@ -15,6 +15,12 @@ the client has not left too many replies unread (:meth:`ReplyWriter.backlogged`)
 Otherwise the rest stays unparsed in the protocol's buffer and the socket is not read
 until a request completes or the replies drain: a client that sends thousands of
 requests in one burst and never reads a reply holds a bounded amount of memory.
+
+With TLS (the server has credentials), the protocol asks for the upgrade with a
+``StartTls`` event once the ``NBD_OPT_STARTTLS`` ACK is queued: reading stops, the
+ACK goes out, and ``loop.start_tls`` wraps the socket; negotiation then goes on over
+TLS.  Such a connection never touches its socket directly (no polling reads, no
+splicing), since every byte must pass through the TLS layer.
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ import asyncio
 import errno
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NoReturn, Protocol, cast
 
 from blockd.aio.buffers import MIN_POOLED, BufferPool
@@ -47,20 +55,35 @@ from blockd.nbd.protocol import (
     Ready,
     Rejected,
     Send,
+    StartTls,
     Trim,
     Write,
     WriteZeroes,
 )
 from blockd.nbd.replies import MAX_UNSENT, ReplyWriter
 
-__all__ = ["HANDSHAKE_TIMEOUT", "MAX_IN_FLIGHT", "MAX_IN_FLIGHT_BYTES", "NbdClient"]
+__all__ = ["HANDSHAKE_TIMEOUT", "MAX_IN_FLIGHT", "MAX_IN_FLIGHT_BYTES", "NbdClient", "NbdLimits"]
 
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 128
 MAX_IN_FLIGHT_BYTES = 64 << 20  # payload of the reads and writes running for one client
 HANDSHAKE_TIMEOUT = 10.0  # seconds to finish option haggling, as qemu-nbd allows
+
+
+@dataclass(frozen=True, slots=True)
+class NbdLimits:
+    """A client's bounds (the ``[limits]`` table can change them; see the module doc)."""
+
+    in_flight: int = MAX_IN_FLIGHT
+    in_flight_bytes: int = MAX_IN_FLIGHT_BYTES
+    unsent: int = MAX_UNSENT  # reply bytes queued unsent before the client is backlogged
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+
+
+_DEFAULT_LIMITS = NbdLimits()
 SEND_BUFFER = 4 << 20  # socket send buffer per client
+TLS_WRITE_HIGH = 64 << 10  # encrypted bytes a TLS transport holds before pause_writing
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 # Plain ints: IntFlag arithmetic costs microseconds on the hot path.
 _FUA = int(CommandFlag.FUA)
@@ -94,6 +117,9 @@ class ClientHost(PollHost, Protocol):
     def splice(self) -> bool: ...
 
     @property
+    def tls(self) -> ssl.SSLContext | None: ...
+
+    @property
     def connection_count(self) -> int: ...
 
     def admit(self, client: NbdClient) -> bool: ...
@@ -108,7 +134,8 @@ class NbdClient(asyncio.Protocol):
 
     def __init__(self, server: ClientHost) -> None:
         self._server = server
-        self._conn = conn = NbdServerConnection(server.catalog)
+        self._tls = server.tls
+        self._conn = conn = NbdServerConnection(server.catalog, tls=self._tls is not None)
         self.transport: asyncio.Transport | None = None
         self.export: Export | None = None
         self.device: Device | None = None  # the export's, once negotiated
@@ -119,6 +146,7 @@ class NbdClient(asyncio.Protocol):
         self.closed = False  # the transport is gone
         self.stopping = False  # no more requests will be read: the connection is ending
         self.reading_paused = False
+        self._upgrading = False  # between the STARTTLS ACK and the end of the TLS handshake
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._writethrough = False
         # Structured replies to a node that reads zeroes: reads may go as holes.  Known
@@ -129,6 +157,12 @@ class NbdClient(asyncio.Protocol):
             asyncio.get_running_loop(), server.buffers, server.pipes,
             turn_end=self.flush, backpressure=self._update_reading, failed=self._splice_failed,
         )
+        # The server's limits (a test double may have none: the defaults then).
+        limits: NbdLimits = getattr(server, "limits", _DEFAULT_LIMITS)
+        self._limits = limits
+        self._max_in_flight = limits.in_flight
+        self._max_in_flight_bytes = limits.in_flight_bytes
+        replies.max_unsent = limits.unsent
         self._poller = poller = Poller(server, self, server.poll_max_ns)
         # Bound once: the per-request paths pay no lookups for them.
         self._out = replies.out
@@ -156,6 +190,9 @@ class NbdClient(asyncio.Protocol):
         sock = self.transport.get_extra_info("socket")
         _enlarge_send_buffer(sock)
         sock_fd = sock.fileno() if sock is not None else -1
+        if self._tls is not None:
+            sock_fd = -1  # every byte goes through the TLS layer: no polling, no splicing
+            self._polling = False
         self._replies.attach(self.transport, sock_fd)
         self._poller.attach(self.transport, sock_fd)
         if sock_fd >= 0 and self._server.splice:
@@ -167,7 +204,7 @@ class NbdClient(asyncio.Protocol):
         # A client that never finishes negotiating must not hold its slot for ever;
         # once negotiated, a connection may stay idle as long as it likes.
         self._handshake_timer = asyncio.get_running_loop().call_later(
-            HANDSHAKE_TIMEOUT, self._handshake_expired)
+            self._limits.handshake_timeout, self._handshake_expired)
         self.transport.write(self._conn.initial_data())
 
     def _handshake_expired(self) -> None:
@@ -175,7 +212,7 @@ class NbdClient(asyncio.Protocol):
         if self.export is None:
             self._server.limit_hit("nbd-handshake-timeout")
             self.disconnect(logging.WARNING, "client did not finish the handshake within "
-                            "%.0f s", HANDSHAKE_TIMEOUT)
+                            "%g s", self._limits.handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self._polling:
@@ -190,6 +227,8 @@ class NbdClient(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Where every end completes, whoever started it (disconnect() or the transport)."""
+        if self.closed:  # a failed TLS handshake may end it before the transport does
+            return
         if exc is not None:
             log.debug("NBD: connection lost: %s", exc)
         self.closed = True
@@ -266,8 +305,8 @@ class NbdClient(asyncio.Protocol):
         self._running = True
         try:
             while not self.stopping:
-                if self.in_flight >= MAX_IN_FLIGHT or (
-                    self.in_flight_bytes >= MAX_IN_FLIGHT_BYTES and self.in_flight
+                if self.in_flight >= self._max_in_flight or (
+                    self.in_flight_bytes >= self._max_in_flight_bytes and self.in_flight
                 ) or (replies.writing_paused and replies.backlogged()):
                     if not self.held:
                         self._server.limit_hit("nbd-backpressure")
@@ -280,7 +319,7 @@ class NbdClient(asyncio.Protocol):
                 queued = self._handle(event)
                 if queued:
                     replies.queued += queued
-                if replies.queued >= MAX_UNSENT:
+                if replies.queued >= replies.max_unsent:
                     # Reads that completed at once queue their data here: send it, so
                     # that a client that does not read shows up as backlogged.
                     self._send()
@@ -352,6 +391,8 @@ class NbdClient(asyncio.Protocol):
                 self._write(event.data)
             case Ready():
                 self._ready(event)
+            case StartTls():
+                self._start_tls()
             case Disconnect() | Closed():
                 # Finish what is in flight, then close (the spec's NBD_CMD_DISC).
                 self.stopping = True
@@ -380,6 +421,41 @@ class NbdClient(asyncio.Protocol):
     def _device(self) -> Device:
         assert self.device is not None
         return self.device
+
+    def _start_tls(self) -> None:
+        """Stop reading; once this turn has sent the ACK, wrap the socket in TLS."""
+        assert self.transport is not None
+        self._upgrading = True
+        self.reading_paused = True
+        self.transport.pause_reading()
+        asyncio.get_running_loop().create_task(self._upgrade(self.transport))
+
+    async def _upgrade(self, transport: asyncio.Transport) -> None:
+        """The TLS handshake (within the negotiation's time limit), then negotiation again."""
+        assert self._tls is not None
+        loop = asyncio.get_running_loop()
+        try:
+            wrapped = await loop.start_tls(transport, self, self._tls, server_side=True,
+                                           ssl_handshake_timeout=self._limits.handshake_timeout)
+        except Exception as exc:  # ssl.SSLError, a timeout, the peer gone
+            log.info("NBD: TLS handshake failed: %s", exc)
+            self._server.limit_hit("nbd-tls-failures")
+            transport.abort()
+            if not self.closed:
+                self.connection_lost(exc)
+            return
+        if wrapped is None or self.closed:
+            return
+        self.transport = wrapped
+        # Not (0, 0) as on the plain socket: the TLS transport then calls pause_writing
+        # with nothing buffered (size 0 >= high 0) and flaps on every write.  It encrypts
+        # (copies) what it is given at once, so pooled buffers are free to go back.
+        wrapped.set_write_buffer_limits(high=TLS_WRITE_HIGH, low=0)
+        self._replies.attach(wrapped, -1)
+        self._poller.attach(wrapped, -1)
+        self._conn.tls_started()
+        self._upgrading = False
+        self.reading_paused = False
 
     def _close_when_idle(self) -> None:
         if self.in_flight == 0:
@@ -484,13 +560,13 @@ class NbdClient(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed:
             return
-        over = (self.in_flight >= MAX_IN_FLIGHT
-                or (self.in_flight_bytes >= MAX_IN_FLIGHT_BYTES and self.in_flight > 0)
+        over = (self.in_flight >= self._max_in_flight
+                or (self.in_flight_bytes >= self._max_in_flight_bytes and self.in_flight > 0)
                 or self._replies.backlogged())
         if self.held and not over and not self._running and not self.stopping:
             self._run()  # take the requests that waited (it calls back here when done)
             return
-        want_pause = over or self.held
+        want_pause = over or self.held or self._upgrading
         if want_pause and not self.reading_paused:
             self.reading_paused = True
             transport.pause_reading()

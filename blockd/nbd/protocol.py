@@ -1,13 +1,16 @@
 """One NBD server connection, sans-IO: bytes in, events out, replies as bytes.
 
 Theory of operation. A connection speaks the fixed newstyle protocol of NetworkBlockDevice/nbd
-``doc/proto.md`` (no oldstyle, no TLS). The server writes :meth:`NbdServerConnection.
+``doc/proto.md`` (no oldstyle). The server writes :meth:`NbdServerConnection.
 initial_data` as soon as the socket opens, hands every read to :meth:`~NbdServerConnection.
 receive_data` (``b""`` at EOF), and then calls :meth:`~NbdServerConnection.next_event` until
 it returns :data:`NEED_DATA`. Events come out in input order:
 
 * :class:`Send` (negotiation only): bytes the server must write now, one per option, all of
   that option's replies in one piece.
+* :class:`StartTls` (negotiation only, right after the :class:`Send` carrying the
+  ``NBD_OPT_STARTTLS`` ACK): the server must wrap the socket in TLS before it reads
+  again; negotiation then goes on over TLS.
 * :class:`Ready`: option haggling is over (``NBD_OPT_GO`` acknowledged, or
   ``NBD_OPT_EXPORT_NAME`` answered); the :class:`Send` carrying that answer comes first.
   Requests may follow at once in the same input.
@@ -46,9 +49,13 @@ Choices where the spec leaves room:
 
 * A client that does not set ``NBD_FLAG_C_FIXED_NEWSTYLE`` still gets fixed-newstyle replies
   ("Servers MAY choose to honour fixed newstyle from clients that didn't set this bit").
-* ``NBD_OPT_STARTTLS`` is answered ``NBD_REP_ERR_UNSUP``: blockd has no TLS yet, so it "does
-  not support the NBD_OPT_STARTTLS option at all" (NOTLS mode). Nothing is ever answered
-  ``NBD_REP_ERR_TLS_REQD``.
+* TLS, as qemu-nbd does it: with ``tls=True`` the server is in FORCEDTLS mode. Before
+  ``NBD_OPT_STARTTLS`` every option but STARTTLS is answered ``NBD_REP_ERR_TLS_REQD``
+  (an ``NBD_OPT_ABORT`` too, then the connection ends) and ``NBD_OPT_EXPORT_NAME``, which
+  cannot be refused, ends the connection. Without TLS, STARTTLS is answered
+  ``NBD_REP_ERR_POLICY`` ("TLS not configured"); once TLS is on, ``NBD_REP_ERR_INVALID``.
+  A STARTTLS carrying data is refused with ``NBD_REP_ERR_INVALID`` and ends the connection,
+  and input the client sent behind a STARTTLS (before seeing its ACK) is a protocol error.
 * ``NBD_INFO_BLOCK_SIZE`` is always sent for INFO/GO. Size constraints are always enforced
   (unaligned requests get ``NBD_EINVAL``: a server "MUST cleanly error commands that fall
   outside the constraints"). With ``require_block_size=True``, an export with non-default
@@ -131,6 +138,7 @@ __all__ = [
     "Rejected",
     "Request",
     "Send",
+    "StartTls",
     "Trim",
     "Write",
     "WriteZeroes",
@@ -265,6 +273,11 @@ class Send:
     """Bytes the server must write now (negotiation replies)."""
 
     data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """Wrap the connection in TLS now (the STARTTLS ACK was in the Send before)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,7 +446,7 @@ class Rejected:
 
 
 Request = Read | Write | Flush | Trim | WriteZeroes | BlockStatus
-Event = Send | Ready | Closed | Request | Disconnect | Rejected
+Event = Send | StartTls | Ready | Closed | Request | Disconnect | Rejected
 
 
 # The connection ----------------------------------------------------------------------------
@@ -491,13 +504,17 @@ class NbdServerConnection:
         *,
         max_option_length: int = 64 << 10,
         require_block_size: bool = False,
+        tls: bool = False,
     ) -> None:
-        """``max_option_length`` bounds buffered option data (ValueError below 4 KiB + 16)."""
+        """``max_option_length`` bounds buffered option data (ValueError below 4 KiB + 16);
+        ``tls``: options need TLS first (see the module docstring)."""
         if max_option_length < MAX_STRING + 16:
             raise ValueError(f"max_option_length must be at least {MAX_STRING + 16}")
         self._catalog = catalog
         self._max_option_length = max_option_length
         self._require_block_size = require_block_size
+        self._tls = tls
+        self._tls_pending = tls  # TLS is required and not started yet
         self._phase = Phase.HANDSHAKE
         self._in = ReceiveBuffer()
         self._eof = False
@@ -670,7 +687,34 @@ class NbdServerConnection:
         buf.consume(OPTION_HEADER.size)
         return self._handle_option(option, buf.take(length))
 
+    def tls_started(self) -> None:
+        """The server has wrapped the socket in TLS: options are taken again."""
+        if not self._tls_pending or len(self._in) or self._discard:
+            raise RuntimeError("tls_started without a pending NBD_OPT_STARTTLS")
+        self._tls_pending = False
+
+    def _before_tls(self, option: int, data: bytes) -> Event:
+        """FORCEDTLS: what an option gets while TLS has not started."""
+        name = f"Option {option:#x} not permitted before TLS"
+        if option == Option.STARTTLS:
+            if data:
+                self._events.append(self._close(CloseReason.REFUSED, "STARTTLS with data"))
+                return self._refuse(option, OptionReply.ERR_INVALID,
+                                    "option 'NBD_OPT_STARTTLS' has unexpected length")
+            if len(self._in):
+                # The client must wait for the ACK: what follows would be plaintext.
+                raise self._fail("data sent behind NBD_OPT_STARTTLS")
+            self._events.append(StartTls())
+            return Send(option_reply(option, OptionReply.ACK))
+        if option == Option.EXPORT_NAME:
+            return self._close(CloseReason.REFUSED, name)
+        if option == Option.ABORT:
+            self._events.append(self._close(CloseReason.ABORT))
+        return self._refuse(option, OptionReply.ERR_TLS_REQD, name)
+
     def _handle_option(self, option: int, data: bytes) -> Event:
+        if self._tls_pending:
+            return self._before_tls(option, data)
         match option:
             case Option.EXPORT_NAME:
                 return self._opt_export_name(data)
@@ -692,7 +736,13 @@ class NbdServerConnection:
             case Option.LIST_META_CONTEXT | Option.SET_META_CONTEXT:
                 return self._opt_meta_context(option, data)
             case Option.STARTTLS:
-                return self._refuse(option, OptionReply.ERR_UNSUP, "TLS is not supported")
+                if data:
+                    self._events.append(self._close(CloseReason.REFUSED, "STARTTLS with data"))
+                    return self._refuse(option, OptionReply.ERR_INVALID,
+                                        "option 'NBD_OPT_STARTTLS' has unexpected length")
+                if self._tls:
+                    return self._refuse(option, OptionReply.ERR_INVALID, "TLS already enabled")
+                return self._refuse(option, OptionReply.ERR_POLICY, "TLS not configured")
             case _:
                 # "Servers that receive messages which they do not implement MUST reply to
                 # them with NBD_REP_ERR_UNSUP"

@@ -46,7 +46,8 @@ class ReplyWriter:
         failed: Callable[[OSError], None],
     ) -> None:
         self.out: list[Reply] = []  # in order; never replaced, only emptied
-        self.queued = 0  # read data bytes in ``out`` (the connection flushes at MAX_UNSENT)
+        self.queued = 0  # read data bytes in ``out`` (the connection flushes at max_unsent)
+        self.max_unsent = MAX_UNSENT  # the client's limit (NbdLimits.unsent)
         self.scheduled = False
         self.writing_paused = False  # the transport holds unsent data
         self.closed = False
@@ -149,7 +150,7 @@ class ReplyWriter:
         transport = self.transport
         return (
             self.writing_paused and transport is not None
-            and transport.get_write_buffer_size() > MAX_UNSENT
+            and transport.get_write_buffer_size() > self.max_unsent
         )
 
     def pause_writing(self) -> None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import logging
 import os
-import socket
+import ssl
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from blockd.aio.addresses import resolves_to_loopback
 from blockd.aio.buffers import BufferPool
 from blockd.aio.pipes import PipePool
 from blockd.aio.polling import DEFAULT_MAX_NS
@@ -24,11 +24,12 @@ from blockd.aio.unix import claim_socket_path
 from blockd.block.exports import Export, NbdAddress
 from blockd.block.registry import Registry
 from blockd.errors import BlockdError, InUse, InvalidArgument, NotFound
-from blockd.nbd.connection import NbdClient
+from blockd.nbd.connection import NbdClient, NbdLimits
 from blockd.nbd.poller import POLL_BUFFER
 from blockd.nbd.protocol import ExportInfo
 
 if TYPE_CHECKING:
+    from blockd.aio.tls import TlsCredentials
     from blockd.aio.uring import UringIo
 
 __all__ = ["NbdServer"]
@@ -64,8 +65,9 @@ class NbdServer:
     """The daemon's NBD server: at most one set of listeners, many exports."""
 
     def __init__(self, registry: Registry, *, poll_max_ns: int = DEFAULT_MAX_NS,
-                 splice: bool = True) -> None:
+                 splice: bool = True, limits: NbdLimits | None = None) -> None:
         self.registry = registry
+        self.limits = limits if limits is not None else NbdLimits()  # each client's bounds
         self.catalog = _Catalog(self)
         self.clients: set[NbdClient] = set()
         self.connections_accepted = 0  # for the metrics: blockd_nbd_connections_total
@@ -83,6 +85,10 @@ class NbdServer:
         # Times a limit was hit, by name (blockd-query-limits, blockd_limit_hits_total).
         self.limit_hits: dict[str, int] = {}
         self.address: NbdAddress | None = None
+        self.tls_creds: TlsCredentials | None = None  # FORCEDTLS while set (nbd-server-start)
+        self.tls: ssl.SSLContext | None = None
+        # The operator allows NBD on addresses beyond loopback without TLS (insecure-network).
+        self.insecure_network = False
         self._server: asyncio.AbstractServer | None = None
 
     def poll_buffer(self) -> bytearray:
@@ -131,15 +137,22 @@ class NbdServer:
             handle=export,
         )
 
-    async def start(self, address: NbdAddress, max_connections: int) -> None:
-        """nbd-server-start; raise BlockdError with QEMU's texts."""
+    async def start(self, address: NbdAddress, max_connections: int,
+                    tls: TlsCredentials | None = None) -> None:
+        """nbd-server-start; raise BlockdError with QEMU's texts.
+
+        Beyond loopback, NBD needs TLS unless the operator set insecure-network.
+        """
         if self._server is not None:
             raise InUse("NBD server already running")
         loop = asyncio.get_running_loop()
-        if address.path is None and not await _resolves_to_loopback(loop, address):
+        context = tls.server_context() if tls is not None else None
+        if (address.path is None and context is None and not self.insecure_network
+                and not await resolves_to_loopback(address.host, address.port)):
             raise InvalidArgument(
-                f"NBD on non-loopback address {address.host} needs TLS, which blockd does not "
-                "support yet; listen on a UNIX socket or a loopback address"
+                f"NBD on the non-loopback address {address.host or '(every interface)'} "
+                "needs TLS: give tls-creds, listen on a UNIX socket or a loopback address, "
+                "or allow plaintext with the insecure-network setting"
             )
         try:
             if address.path is not None:
@@ -160,6 +173,7 @@ class NbdServer:
             raise BlockdError(f"Failed to bind socket: {exc.strerror}", exc.errno) from None
         self.address = address
         self.max_connections = max_connections
+        self.tls_creds, self.tls = tls, context
 
     def export_added(self, export: Export) -> None:
         """Check that a new export can be served now (QEMU checks the length at once)."""
@@ -228,19 +242,4 @@ class NbdServer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.address.path)
         self.address = None
-
-
-async def _resolves_to_loopback(loop: asyncio.AbstractEventLoop, address: NbdAddress) -> bool:
-    """Whether every address the host name resolves to is a loopback address.
-
-    Decided on what the name resolves to, not on how it is spelt: ``127.0.0.1.nip.io``
-    looks like loopback and is not; an empty host means every interface.
-    """
-    if not address.host:
-        return False
-    try:
-        infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
-    except OSError:
-        return False
-    return bool(infos) and all(
-        ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]).is_loopback for info in infos)
+        self.tls_creds = self.tls = None

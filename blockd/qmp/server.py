@@ -16,6 +16,7 @@ import contextlib
 import grp
 import logging
 import os
+import ssl
 import time
 from collections.abc import Mapping
 
@@ -72,7 +73,7 @@ class _Connection:
         """Queue ``data``; a client that stops reading is disconnected, not buffered forever."""
         if self.closing:
             return
-        if self.queued_bytes + len(data) > MAX_QUEUED_BYTES:
+        if self.queued_bytes + len(data) > self.server.max_queued_bytes:
             self.server.limit_hit("qmp-unread-replies")
             log.warning("QMP client is not reading its messages (%d bytes queued); "
                         "disconnecting it", self.queued_bytes)
@@ -120,13 +121,13 @@ class _Connection:
         """How long the next read may wait: None for an idle, negotiated session."""
         now = time.monotonic()
         if self.session.phase is Phase.NEGOTIATION:
-            return max(0.0, self._connected_at + HANDSHAKE_TIMEOUT - now)
+            return max(0.0, self._connected_at + self.server.handshake_timeout - now)
         if not self.session.mid_message:
             self._message_since = None
             return None
         if self._message_since is None:
             self._message_since = now
-        return max(0.0, self._message_since + MESSAGE_TIMEOUT - now)
+        return max(0.0, self._message_since + self.server.message_timeout - now)
 
     async def _read_loop(self) -> None:
         while not self.closing:
@@ -138,9 +139,9 @@ class _Connection:
                 self.server.limit_hit(
                     "qmp-handshake-timeout" if negotiating else "qmp-message-timeout")
                 what = "did not negotiate" if negotiating else "left a message unfinished"
-                log.warning("QMP client %s within %.0f s; disconnecting it", what,
-                            HANDSHAKE_TIMEOUT if self.session.phase is Phase.NEGOTIATION
-                            else MESSAGE_TIMEOUT)
+                log.warning("QMP client %s within %g s; disconnecting it", what,
+                            self.server.handshake_timeout if negotiating
+                            else self.server.message_timeout)
                 return
             if not data:
                 return
@@ -201,10 +202,16 @@ class QmpServer:
         version: Mapping[str, object],
         *,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        message_timeout: float = MESSAGE_TIMEOUT,
     ) -> None:
         self.dispatcher = dispatcher
         self.version = version
         self.max_sessions = max_sessions
+        self.max_queued_bytes = max_queued_bytes
+        self.handshake_timeout = handshake_timeout
+        self.message_timeout = message_timeout
         self._servers: list[asyncio.Server] = []
         self._paths: list[str] = []
         self._connections: set[_Connection] = set()
@@ -218,15 +225,19 @@ class QmpServer:
     def session_count(self) -> int:
         return len(self._connections)
 
-    async def listen_unix(self, path: str, mode: int = 0o600, group: str | None = None) -> None:
+    async def listen_unix(self, path: str, mode: int = 0o600, group: str | None = None,
+                          tls: ssl.SSLContext | None = None) -> None:
         """Listen on a UNIX socket created with ``mode`` (and ``group``), replacing a stale one.
 
-        Raises SocketInUse when a running program listens on ``path``.
+        Raises SocketInUse when a running program listens on ``path``.  With ``tls``,
+        TLS starts with the first byte, as on a QEMU chardev with ``tls-creds``.
         """
         claim_socket_path(path)
         old_umask = os.umask(0o777 & ~mode)
         try:
-            server = await asyncio.start_unix_server(self._accept, path=path)
+            server = await asyncio.start_unix_server(
+                self._accept, path=path, ssl=tls,
+                ssl_handshake_timeout=self.handshake_timeout if tls is not None else None)
         finally:
             os.umask(old_umask)
         os.chmod(path, mode)
@@ -235,9 +246,11 @@ class QmpServer:
         self._servers.append(server)
         self._paths.append(path)
 
-    async def listen_tcp(self, host: str, port: int) -> int:
-        """Listen on TCP; returns the bound port (useful with port 0)."""
-        server = await asyncio.start_server(self._accept, host=host, port=port)
+    async def listen_tcp(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
+        """Listen on TCP (TLS from the first byte with ``tls``); returns the bound port."""
+        server = await asyncio.start_server(
+            self._accept, host=host, port=port, ssl=tls,
+            ssl_handshake_timeout=self.handshake_timeout if tls is not None else None)
         self._servers.append(server)
         sock = server.sockets[0]
         return int(sock.getsockname()[1])
@@ -271,8 +284,12 @@ class QmpServer:
         for conn in list(self._connections):
             conn.deliver(name, data, ts)
 
-    async def close(self) -> None:
-        """Stop listening, flush and close every session, remove socket files."""
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop listening, flush and close every session, remove socket files.
+
+        Sessions get ``grace`` seconds to finish; then those left (a client that
+        never reads, a command waiting on storage that does not answer) are cut off.
+        """
         self._unsubscribe()
         for server in self._servers:
             server.close()
@@ -280,9 +297,16 @@ class QmpServer:
             conn.close()
         for server in self._servers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 5)
+                await asyncio.wait_for(server.wait_closed(), grace)
         if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
+            await asyncio.wait(list(self._tasks), timeout=grace)
+        if self._connections:
+            log.warning("cutting off %d QMP sessions that did not end within %g s",
+                        len(self._connections), grace)
+            for conn in list(self._connections):
+                conn.writer.transport.abort()
+            for task in list(self._tasks):
+                task.cancel()
         for path in self._paths:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

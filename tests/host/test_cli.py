@@ -34,7 +34,8 @@ def run_blockd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     (["--qmp", "x.sock", "--device", "hd,id=hd0,drive=nope"],
      "blockd: --device: Property 'hd.drive' can't find value 'nope'"),
     (["--qmp", "x.sock", "--object", "secret,id=s0,data=x"],
-     "blockd: --object secret,id=s0,data=x: object types are not supported"),
+     "blockd: --object: object type 'secret' is not supported by blockd "
+     "(it has tls-creds-x509 only)"),
 ])
 def test_bad_options_give_one_line_and_fail(tmp_path: Path, args: list[str], message: str) -> None:
     result = run_blockd(*args, cwd=tmp_path)

@@ -22,7 +22,7 @@ ALL_COMMANDS = {
     "eject", "blockdev-open-tray", "blockdev-close-tray", "blockdev-remove-medium",
     "blockdev-insert-medium", "blockdev-change-medium", "blockd-lock-medium",
     "blockd-scsi-command", "blockd-query-hotplug", "blockd-hotplug-rescan",
-    "blockd-query-limits",
+    "blockd-query-limits", "object-add", "object-del",
 }
 
 

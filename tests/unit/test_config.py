@@ -144,7 +144,8 @@ def test_nbd_server_export_and_object() -> None:
         {"type": "nbd", "id": "e0", "node-name": "n", "writable": "on"},
         {"type": "nbd", "id": "e1", "node-name": "m"},
     ]
-    assert config.objects == ("secret,id=s0,data=x", "iothread,id=io0")
+    assert [o.args for o in config.objects] == [
+        {"qom-type": "secret", "id": "s0", "data": "x"}, {"qom-type": "iothread", "id": "io0"}]
 
 
 def test_pidfile() -> None:
@@ -741,3 +742,35 @@ def test_allowed_paths(tmp_path: Path) -> None:
                               "allowed-paths = [1]"]):
         with pytest.raises(ConfigError, match="allowed-paths: expected an array of absolute"):
             load_config_file(write(tmp_path, text + "\n", f"bad{n}.toml"))
+
+
+def test_tls_objects_listeners_and_insecure_network() -> None:
+    config = parse_command_line([
+        "--object", "tls-creds-x509,id=tls0,dir=/etc/pki/blockd,endpoint=server",
+        "--chardev", "socket,id=m0,host=0.0.0.0,port=4444,server=on,wait=off,tls-creds=tls0",
+        "--monitor", "m0",
+        "--insecure-network",
+    ])
+    assert config.objects[0].args == {
+        "qom-type": "tls-creds-x509", "id": "tls0", "dir": "/etc/pki/blockd",
+        "endpoint": "server"}
+    assert config.qmp[0].tls_creds == "tls0" and config.qmp[0].host == "0.0.0.0"
+    assert config.insecure_network is True
+    assert parse_command_line(["--qmp", "/tmp/q.sock"]).insecure_network is False
+
+
+def test_tls_in_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "blockd.toml"
+    path.write_text(
+        'insecure-network = false\n'
+        '[[object]]\nqom-type = "tls-creds-x509"\nid = "tls0"\ndir = "/x"\n'
+        'endpoint = "server"\n'
+        '[[qmp]]\nhost = "::"\nport = 4444\ntls-creds = "tls0"\n')
+    config = load_config_file(path)
+    assert config.objects[0].args["endpoint"] == "server"
+    assert config.qmp[0].tls_creds == "tls0"
+    path.write_text('insecure-network = "yes"\n')
+    with pytest.raises(ConfigError, match="insecure-network: expected true or false"):
+        load_config_file(path)
+    with pytest.raises(ConfigError, match="tls-authz"):
+        parse_command_line(["--chardev", "socket,id=m,port=1,server=on,tls-authz=a"])

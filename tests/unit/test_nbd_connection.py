@@ -122,6 +122,7 @@ class FakeServer:
         self.buffers = BufferPool()
         self.pipes = PipePool(limit=0)
         self.poll_max_ns = 0
+        self.tls = None  # plaintext (TLS is tested with real peers: tests/host/test_tls.py)
         self.poll_hits = self.poll_ns_total = 0
         self.clients: set[NbdClient] = set()
         self.max_connections = max_connections
@@ -306,23 +307,18 @@ async def test_loopback_is_decided_on_the_resolved_address(
     """The hardening issue's finding 9: the check was a string prefix."""
     import socket
 
-    from blockd.block.exports import NbdAddress
-    from blockd.nbd.server import _resolves_to_loopback
+    from blockd.aio.addresses import resolves_to_loopback
 
     class Resolver:
         async def getaddrinfo(self, host: str, port: object, **kw: object) -> list[object]:
             return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6,
                      "", (a, 10809)) for a in resolved]
 
-    address = NbdAddress(host=host, port=10809)
-    assert await _resolves_to_loopback(Resolver(), address) is loopback  # type: ignore[arg-type]
+    resolver = Resolver()
+    assert await resolves_to_loopback(host, 10809, loop=resolver) is loopback  # type: ignore[arg-type]
 
 
 async def test_an_unresolvable_name_is_not_loopback() -> None:
-    import asyncio
+    from blockd.aio.addresses import resolves_to_loopback
 
-    from blockd.block.exports import NbdAddress
-    from blockd.nbd.server import _resolves_to_loopback
-
-    address = NbdAddress(host="127.0.0.1.name.invalid", port=10809)
-    assert await _resolves_to_loopback(asyncio.get_running_loop(), address) is False
+    assert await resolves_to_loopback("127.0.0.1.name.invalid", 10809) is False

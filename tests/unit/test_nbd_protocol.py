@@ -31,6 +31,7 @@ from blockd.nbd.protocol import (
     Ready,
     Rejected,
     Send,
+    StartTls,
     Trim,
     Write,
     WriteZeroes,
@@ -46,7 +47,8 @@ STRUCTURED = 0x668E33EF
 EXPORT_NAME, ABORT, LIST, PEEK, STARTTLS, INFO, GO = 1, 2, 3, 4, 5, 6, 7
 STRUCTURED_REPLY, LIST_META, SET_META, EXTENDED_HEADERS = 8, 9, 10, 11
 ACK, SERVER, REP_INFO, META_CONTEXT = 1, 2, 3, 4
-ERR_UNSUP, ERR_INVALID, ERR_UNKNOWN = 2**31 + 1, 2**31 + 3, 2**31 + 6
+ERR_UNSUP, ERR_POLICY, ERR_INVALID, ERR_UNKNOWN = 2**31 + 1, 2**31 + 2, 2**31 + 3, 2**31 + 6
+ERR_TLS_REQD = 2**31 + 5
 ERR_BLOCK_SIZE_REQD, ERR_TOO_BIG = 2**31 + 8, 2**31 + 9
 INFO_EXPORT, INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE = 0, 1, 2, 3
 READ, WRITE, DISC, FLUSH, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS = range(8)
@@ -377,14 +379,76 @@ def test_list_with_data_is_invalid() -> None:
     refusal(send, LIST, ERR_INVALID)
 
 
-@pytest.mark.parametrize("option", [STARTTLS, PEEK, EXTENDED_HEADERS, 0, 12, 0xFFFFFFFF])
+@pytest.mark.parametrize("option", [PEEK, EXTENDED_HEADERS, 0, 12, 0xFFFFFFFF])
 def test_unsupported_options(option: int) -> None:
-    # NOTLS mode: STARTTLS gets NBD_REP_ERR_UNSUP like any option we do not implement.
     conn = make()
     events = feed(conn, flags() + opt(option, b"some data") + opt(LIST))
     assert len(events) == 2
     refusal(events[0], option, ERR_UNSUP)
     assert isinstance(events[1], Send) and replies(events[1].data)[-1] == (LIST, ACK, b"")
+
+
+# TLS (FORCEDTLS as qemu-nbd, or none) -----------------------------------------------------
+
+
+def test_starttls_without_tls_is_policy_and_negotiation_goes_on() -> None:
+    conn = make()
+    events = feed(conn, flags() + opt(STARTTLS) + opt(LIST))
+    assert "TLS not configured" in refusal(events[0], STARTTLS, ERR_POLICY)
+    assert replies(events[1].data)[-1] == (LIST, ACK, b"")  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_starttls_with_data_is_refused_and_ends_the_connection(tls: bool) -> None:
+    conn = make(tls=tls)
+    events = feed(conn, flags() + opt(STARTTLS, b"x"))
+    refusal(events[0], STARTTLS, ERR_INVALID)
+    assert isinstance(events[1], Closed) and phase(conn) is Phase.CLOSED
+
+
+@pytest.mark.parametrize("option", [LIST, INFO, GO, STRUCTURED_REPLY, LIST_META, 12])
+def test_forced_tls_refuses_options_before_starttls(option: int) -> None:
+    conn = make(tls=True)
+    data = info_data(b"disk") if option in (INFO, GO) else b""
+    events = feed(conn, flags() + opt(option, data) + opt(LIST))
+    assert "not permitted before TLS" in refusal(events[0], option, ERR_TLS_REQD)
+    refusal(events[1], LIST, ERR_TLS_REQD)
+    assert phase(conn) is Phase.OPTIONS
+
+
+def test_forced_tls_export_name_before_starttls_closes() -> None:
+    conn = make(tls=True)
+    (event,) = feed(conn, flags() + opt(EXPORT_NAME, b"disk"))
+    assert isinstance(event, Closed) and event.reason is CloseReason.REFUSED
+
+
+def test_forced_tls_abort_before_starttls_is_refused_then_closes() -> None:
+    conn = make(tls=True)
+    events = feed(conn, flags() + opt(ABORT))
+    refusal(events[0], ABORT, ERR_TLS_REQD)
+    assert isinstance(events[1], Closed) and events[1].reason is CloseReason.ABORT
+
+
+def test_starttls_then_negotiation_over_tls() -> None:
+    conn = make(tls=True)
+    events = feed(conn, flags() + opt(STARTTLS))
+    assert events == [Send(rep(STARTTLS, ACK)), StartTls()]
+    conn.tls_started()
+    (send, ready) = feed(conn, opt(GO, info_data(b"disk")))
+    assert replies(send.data)[-1] == (GO, ACK, b"")  # type: ignore[union-attr]
+    assert isinstance(ready, Ready) and ready.export.name == "disk"
+    # Once TLS is on, another STARTTLS is invalid.
+    conn = make(tls=True)
+    feed(conn, flags() + opt(STARTTLS))
+    conn.tls_started()
+    assert "already" in refusal(feed(conn, opt(STARTTLS))[0], STARTTLS, ERR_INVALID)
+
+
+def test_data_behind_starttls_is_a_protocol_error() -> None:
+    # The client must wait for the ACK: bytes behind STARTTLS would be plaintext.
+    conn = make(tls=True)
+    with pytest.raises(NbdProtocolError):
+        feed(conn, flags() + opt(STARTTLS) + opt(LIST))
 
 
 # NBD_OPT_INFO / NBD_OPT_GO ----------------------------------------------------------------

@@ -14,6 +14,7 @@ from blockd.qmp.commands import (
     hotplug,
     media,
     nodes,
+    objects,
     runstate,
     scsi,
 )
@@ -25,6 +26,7 @@ __all__ = ["Command", "CommandContext", "CommandTable", "NoArgs", "build_table"]
 def build_table() -> CommandTable:
     """The table of every command blockd implements."""
     table = CommandTable()
-    for module in (control, nodes, devices, block, media, exports, runstate, scsi, hotplug):
+    for module in (control, nodes, devices, block, media, exports, runstate, scsi, hotplug,
+                   objects):
         module.register(table)
     return table

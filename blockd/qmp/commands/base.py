@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar, get_type_hints
 
+from blockd.aio.tls import TlsCredentials
 from blockd.block.exports import ExportService
 from blockd.block.registry import Registry
 from blockd.qmp.paths import PathPolicy
@@ -68,13 +69,16 @@ class CommandContext:
     limits: Callable[[], dict[str, object]] = lambda: {"limits": {}, "hits": {}}
     # What QMP clients may open (None: anything; the command line is never checked).
     path_policy: PathPolicy | None = None
+    # object-add's objects by id (TLS credentials), and the ids listeners use now.
+    objects: dict[str, TlsCredentials] = field(default_factory=dict)
+    objects_in_use: Callable[[], set[str]] = set
 
     async def allowed_path(self, filename: str) -> str:
         """The path to open for ``filename`` named by a QMP client (resolved when a
         policy applies); raises PathRefused."""
         if self.path_policy is None:
             return filename
-        return await self.registry.run_control(self.path_policy.resolve, filename)
+        return await self.registry.run_open(filename, self.path_policy.resolve, filename)
 
 
 @dataclass(frozen=True, slots=True)

@@ -162,11 +162,15 @@ def address_from_args(addr: UnixSocketAddress | InetSocketAddress) -> NbdAddress
 async def start_server(ctx: CommandContext, args: NbdServerArgs) -> None:
     """nbd-server-start and ``--nbd-server``: QEMU's checks in QEMU's order, then start."""
     address = address_from_args(args.addr)
+    creds = None
     if args.tls_creds is not None:
-        raise NotFound(f"No TLS credentials with id '{args.tls_creds}'")
+        creds = ctx.objects.get(args.tls_creds)
+        if creds is None:
+            raise NotFound(f"No TLS credentials with id '{args.tls_creds}'")
+        creds.server_context()  # TlsError unless a server endpoint
     if args.tls_authz is not None:
         raise NotFound(f"No TLS authorization with id '{args.tls_authz}'")
-    await ctx.nbd.start(address, args.max_connections)
+    await ctx.nbd.start(address, args.max_connections, creds)
 
 
 def add_export(ctx: CommandContext, args: BlockExportOptions) -> None:

@@ -164,9 +164,10 @@ def register(table: CommandTable) -> None:
     @table.command("blockdev-add")
     async def blockdev_add(ctx: CommandContext, args: BlockdevOptions) -> object:
         options = node_options(args)
-        if options.filename is not None:
-            options = replace(options, filename=await ctx.allowed_path(options.filename))
-        await ctx.registry.add_node(options)
+        # The path policy resolves the path (it stats it): in the open's own thread,
+        # under the open timeout, like the open itself.
+        policy = ctx.path_policy
+        await ctx.registry.add_node(options, resolve=policy.resolve if policy else None)
         return {}
 
     @table.command("blockdev-del")
