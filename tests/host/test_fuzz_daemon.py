@@ -18,6 +18,7 @@ CI runs a bounded number of examples; ``BLOCKD_FUZZ_EXAMPLES=100000`` with pytes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -115,18 +116,43 @@ class Watcher:
     stop: threading.Event = field(default_factory=threading.Event)
     failures: list[str] = field(default_factory=list)
     slowest: dict[str, float] = field(default_factory=lambda: {"qmp": 0.0, "nbd": 0.0})
+    slowest_unstarved: dict[str, float] = field(
+        default_factory=lambda: {"qmp": 0.0, "nbd": 0.0})
     count: dict[str, int] = field(default_factory=lambda: {"qmp": 0, "nbd": 0})
     threads: list[threading.Thread] = field(default_factory=list)
     # The last inputs the fuzzer sent, to tell which one stalled the watcher.
     recent: deque[bytes] = field(default_factory=lambda: deque(maxlen=3))
 
-    def _timed(self, kind: str, started: float) -> None:
-        took = time.monotonic() - started
+    def _clock(self) -> tuple[float, int]:
+        """Now, and how long the daemon's threads and this one have waited for a CPU."""
+        return time.monotonic(), self._waited()
+
+    def _waited(self) -> int:
+        """Nanoseconds spent runnable but not running (schedstat's run_delay): the most of
+        any one of the daemon's threads, or of the calling thread."""
+        paths = [Path(f"/proc/self/task/{threading.get_native_id()}/schedstat")]
+        with contextlib.suppress(OSError):
+            paths += Path(f"/proc/{self.daemon.proc.proc.pid}/task").glob("*/schedstat")
+        delays = [0]
+        for path in paths:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                delays.append(int(path.read_text().split()[1]))
+        return max(delays)
+
+    def _timed(self, kind: str, what: str, since: tuple[float, int]) -> None:
+        """Check one request's time. The bound is on the daemon, not on the machine's
+        scheduler: time the daemon (or this thread) spent waiting for a CPU that other
+        programs held is not counted against it (on 2 cores shared with other test runs,
+        that alone reached 4 s once)."""
+        took = time.monotonic() - since[0]
+        starved = max(0, self._waited() - since[1]) / 1e9
         self.slowest[kind] = max(self.slowest[kind], took)
+        self.slowest_unstarved[kind] = max(self.slowest_unstarved[kind], took - starved)
         self.count[kind] += 1
-        if took > LIVENESS:
-            self.failures.append(f"a watcher {kind} request took {took:.2f} s; the last "
-                                 f"inputs sent: {list(self.recent)!r}")
+        if took - starved > LIVENESS:
+            self.failures.append(
+                f"the watcher's {what} took {took:.2f} s ({starved:.2f} s of it waiting for "
+                f"a CPU); the last inputs sent: {list(self.recent)!r}")
 
     def _qmp(self) -> None:
         async def run() -> None:
@@ -134,11 +160,15 @@ class Watcher:
             await qmp.connect(self.daemon.proc.qmp_path)
             try:
                 while not self.stop.is_set():
-                    started = time.monotonic()
+                    since = self._clock()
                     exports = await asyncio.wait_for(qmp.execute("query-block-exports"), 30)
+                    self._timed("qmp", "query-block-exports", since)
+                    since = self._clock()
                     stats = await asyncio.wait_for(qmp.execute("query-blockstats"), 30)
+                    self._timed("qmp", "query-blockstats", since)
+                    since = self._clock()
                     version = await asyncio.wait_for(qmp.execute("query-version"), 30)
-                    self._timed("qmp", started)
+                    self._timed("qmp", "query-version", since)
                     ids = {e["id"] for e in exports}
                     assert {"disk", "watch"} <= ids, exports
                     assert isinstance(stats, list) and stats, stats
@@ -166,12 +196,16 @@ class Watcher:
             while not self.stop.is_set():
                 offset = rng.randrange(0, WATCH_SIZE // 4096) * 4096
                 data = rng.randbytes(4096)
-                started = time.monotonic()
+                since = self._clock()
                 h.pwrite(data, offset)
+                self._timed("nbd", "write", since)
                 shadow[offset:offset + 4096] = data
+                since = self._clock()
                 back = h.pread(4096, offset)
+                self._timed("nbd", "read", since)
+                since = self._clock()
                 whole = h.pread(64 << 10, 0)
-                self._timed("nbd", started)
+                self._timed("nbd", "read", since)
                 assert back == data, f"read back at {offset} differs"
                 assert whole == shadow[:64 << 10], "the watcher's first 64 KiB changed"
                 time.sleep(0.005)
@@ -244,7 +278,9 @@ def fuzzing(daemon: Daemon, request: pytest.FixtureRequest) -> Iterator[Run]:
     took = time.monotonic() - run.began
     print(f"{request.node.name}: {run.inputs} inputs in {took:.1f} s, {run.replies} replies "
           f"checked; watcher {watcher.count} requests, slowest "
-          f"{ {k: round(v, 3) for k, v in watcher.slowest.items()} } s")
+          f"{ {k: round(v, 3) for k, v in watcher.slowest.items()} } s, without the time "
+          f"spent waiting for a CPU "
+          f"{ {k: round(v, 3) for k, v in watcher.slowest_unstarved.items()} } s")
     settle(daemon, run.baseline, request.node.name)
     daemon.alive()
 
