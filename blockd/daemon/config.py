@@ -204,6 +204,7 @@ class Limits:
     qmp_queued_reply_bytes: int = 64 << 20
     handshake_timeout: float = 10.0
     message_timeout: float = 10.0
+    stall_timeout: float = 60.0
     open_timeout: float = 30.0
     shutdown_timeout: float = 10.0
     metrics_connections: int = 16

@@ -92,7 +92,9 @@ class Daemon:
                                  in_flight=limits.nbd_in_flight_requests,
                                  in_flight_bytes=limits.nbd_in_flight_bytes,
                                  unsent=limits.nbd_unsent_reply_bytes,
-                                 handshake_timeout=limits.handshake_timeout))
+                                 handshake_timeout=limits.handshake_timeout,
+                                 message_timeout=limits.message_timeout,
+                                 stall_timeout=limits.stall_timeout))
         self.context = CommandContext(
             registry=self.registry,
             nbd=self.nbd,
@@ -148,7 +150,8 @@ class Daemon:
                              max_sessions=self.qmp_max_sessions,
                              max_queued_bytes=limits.qmp_queued_reply_bytes,
                              handshake_timeout=limits.handshake_timeout,
-                             message_timeout=limits.message_timeout)
+                             message_timeout=limits.message_timeout,
+                             stall_timeout=limits.stall_timeout)
         self.metrics_source.qmp = self.qmp
         for spec in self.config.objects:
             await self._apply("object-add", "--object", spec)
@@ -189,6 +192,10 @@ class Daemon:
                 reason = err.strerror if isinstance(err, OSError) and err.strerror else err
                 raise StartupError(f"cannot listen for QMP on {where}: {reason}") from None
         self._start_metrics()
+        listen = self.config.metrics
+        if listen is not None and not await resolves_to_loopback(listen.host, listen.port):
+            log.warning("metrics on %s:%d are readable beyond this machine (device names, "
+                        "serial numbers, file names, counters)", listen.host, listen.port)
         await self.media_watcher.start()
         if self.config.pidfile:
             self._pidfile_fd = _write_pidfile(self.config.pidfile)
@@ -268,6 +275,8 @@ class Daemon:
                 "nbd-in-flight-bytes": self.nbd.limits.in_flight_bytes,
                 "nbd-unsent-reply-bytes": self.nbd.limits.unsent,
                 "nbd-handshake-timeout-ms": _ms(self.nbd.limits.handshake_timeout),
+                "nbd-message-timeout-ms": _ms(self.nbd.limits.message_timeout),
+                "stall-timeout-ms": _ms(self.config.limits.stall_timeout),
                 "device-in-flight": self.registry.device_max_in_flight,
                 "io-threads": self.workers.max_threads,
                 "qmp-sessions": self.qmp_max_sessions,

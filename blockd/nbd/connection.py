@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import NoReturn, Protocol, cast
 
 from blockd.aio.buffers import MIN_POOLED, BufferPool
+from blockd.aio.outq import unsent_bytes
 from blockd.aio.pipes import Pipe, PipePool
 from blockd.block.device import Device
 from blockd.block.exports import Export
@@ -69,6 +70,8 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 128
 MAX_IN_FLIGHT_BYTES = 64 << 20  # payload of the reads and writes running for one client
 HANDSHAKE_TIMEOUT = 10.0  # seconds to finish option haggling, as qemu-nbd allows
+MESSAGE_TIMEOUT = 10.0  # seconds a half-sent message may go without a new byte
+STALL_TIMEOUT = 60.0  # seconds replies may wait unread without the client reading any
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,8 @@ class NbdLimits:
     in_flight_bytes: int = MAX_IN_FLIGHT_BYTES
     unsent: int = MAX_UNSENT  # reply bytes queued unsent before the client is backlogged
     handshake_timeout: float = HANDSHAKE_TIMEOUT
+    message_timeout: float = MESSAGE_TIMEOUT
+    stall_timeout: float = STALL_TIMEOUT
 
 
 _DEFAULT_LIMITS = NbdLimits()
@@ -147,6 +152,11 @@ class NbdClient(asyncio.Protocol):
         self.stopping = False  # no more requests will be read: the connection is ending
         self.reading_paused = False
         self._upgrading = False  # between the STARTTLS ACK and the end of the TLS handshake
+        # What check_stalls saw last: reads and drains so far, unsent bytes, and since when.
+        self.received = 0  # batches of input taken
+        self.drains = 0  # times the transport drained everything to the kernel
+        self._seen = (0, 0.0)  # (received, since): the half-sent message's progress
+        self._seen_out = (0, 0, 0.0)  # (drains, unsent bytes, since): the reader's progress
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._writethrough = False
         # Structured replies to a node that reads zeroes: reads may go as holes.  Known
@@ -248,8 +258,36 @@ class NbdClient(asyncio.Protocol):
         self._replies.pause_writing()
 
     def resume_writing(self) -> None:
+        self.drains += 1
         self._replies.drained()
         self._update_reading()
+
+    def check_stalls(self, now: float) -> None:
+        """About once a second (the server's sweep): drop a negotiated client that left
+        a message half-sent for ``message_timeout``, or left its replies unread for
+        ``stall_timeout``, without progress.  An idle client is never dropped, nor one
+        whose requests wait because of our own limits (``held``)."""
+        if self.export is None or self.stopping or self.closed:
+            return  # negotiating: the handshake timer covers it
+        limits = self._limits
+        if self.held or not self._conn.mid_message or self.received != self._seen[0]:
+            self._seen = (self.received, now)
+        elif now - self._seen[1] >= limits.message_timeout:
+            self._server.limit_hit("nbd-message-timeout")
+            self.disconnect(logging.WARNING, "client left a request half-sent for %g s",
+                            limits.message_timeout, hard=True)
+            return
+        transport = self.transport
+        unsent = unsent_bytes(transport) if transport is not None else 0
+        drains, before, since = self._seen_out
+        if not unsent or unsent < before or drains != self.drains:
+            self._seen_out = (self.drains, unsent, now)
+        elif now - since >= limits.stall_timeout:
+            self._server.limit_hit("nbd-stalled-reader")
+            self.disconnect(logging.WARNING, "client read none of its %d bytes of replies "
+                            "for %g s", unsent, limits.stall_timeout, hard=True)
+        else:
+            self._seen_out = (drains, unsent, since)
 
     # -- the one way out -----------------------------------------------------------------
 
@@ -284,6 +322,7 @@ class NbdClient(asyncio.Protocol):
 
     def process(self, data: bytes) -> None:
         """Take ``data`` in, then handle what it completes (see :meth:`_run`)."""
+        self.received += 1
         try:
             self._receive(data)
         except NbdProtocolError as exc:
@@ -414,6 +453,9 @@ class NbdClient(asyncio.Protocol):
         self._try_write = device.try_write
         self._try_read_hole = device.try_read_hole
         export.clients.add(self)
+        now = asyncio.get_running_loop().time()  # check_stalls counts from here
+        self._seen = (self.received, now)
+        self._seen_out = (self.drains, 0, now)
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None

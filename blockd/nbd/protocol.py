@@ -570,6 +570,11 @@ class NbdServerConnection:
         return self._context_id
 
     @property
+    def mid_message(self) -> bool:
+        """Whether part of a message has arrived and the rest has not (negotiated or not)."""
+        return bool(self._discard) or bool(len(self._in))
+
+    @property
     def buffered(self) -> int:
         """Bytes received and not yet consumed (bounded: see the module docstring)."""
         return len(self._in)

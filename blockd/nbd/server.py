@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["NbdServer"]
 
 MAX_BLOCK = 32 << 20
+SWEEP_INTERVAL = 1.0  # seconds between checks for stalled clients
 PREFERRED_BLOCK = 4096
 
 
@@ -90,6 +91,16 @@ class NbdServer:
         # The operator allows NBD on addresses beyond loopback without TLS (insecure-network).
         self.insecure_network = False
         self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def _sweep(self) -> None:
+        """Once a second, let each client check for a peer that stalled (check_stalls)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = loop.time()
+            for client in list(self.clients):
+                client.check_stalls(now)
 
     def poll_buffer(self) -> bytearray:
         """Where polling reads a socket into; shared, since what it reads is copied at once."""
@@ -154,6 +165,8 @@ class NbdServer:
                 "needs TLS: give tls-creds, listen on a UNIX socket or a loopback address, "
                 "or allow plaintext with the insecure-network setting"
             )
+        # Before the listener exists: no client may ever see a TLS server without TLS.
+        self.tls_creds, self.tls = tls, context
         try:
             if address.path is not None:
                 claim_socket_path(address.path)
@@ -170,10 +183,11 @@ class NbdServer:
                     lambda: NbdClient(self), address.host, address.port
                 )
         except OSError as exc:  # SocketInUse too: a live program listens there
+            self.tls_creds = self.tls = None
             raise BlockdError(f"Failed to bind socket: {exc.strerror}", exc.errno) from None
         self.address = address
         self.max_connections = max_connections
-        self.tls_creds, self.tls = tls, context
+        self._sweeper = loop.create_task(self._sweep())
 
     def export_added(self, export: Export) -> None:
         """Check that a new export can be served now (QEMU checks the length at once)."""
@@ -231,6 +245,9 @@ class NbdServer:
             raise NotFound("NBD server not running")
         server, self._server = self._server, None
         server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for export in list(self.registry.exports.values()):
             if not export.shutting_down:
                 await self.delete_export(export, hard=True)

@@ -20,6 +20,7 @@ import ssl
 import time
 from collections.abc import Mapping
 
+from blockd.aio.outq import unsent_bytes
 from blockd.aio.unix import claim_socket_path
 from blockd.events import Event, EventBus
 from blockd.qmp.dispatch import CommandError, Dispatcher
@@ -40,6 +41,7 @@ MAX_QUEUED_BYTES = 64 << 20
 DEFAULT_MAX_SESSIONS = 64
 HANDSHAKE_TIMEOUT = 10.0  # seconds from connecting to qmp_capabilities
 MESSAGE_TIMEOUT = 10.0  # seconds a message may take from its first byte to its last
+STALL_TIMEOUT = 60.0  # seconds replies may wait while the client reads none of them
 # A negotiated session with no message under way may stay idle for ever: qmp-shell and
 # management tools sit connected for hours.
 
@@ -176,7 +178,8 @@ class _Connection:
             self.writer.write(data)
             written += len(data)
             if self.queue.empty():
-                await self.writer.drain()
+                if not await self._drain():
+                    return
                 self.queued_bytes -= written  # that much reached the kernel
                 written = 0
                 if self.queued_bytes <= SOFT_QUEUED_BYTES:
@@ -185,6 +188,30 @@ class _Connection:
             await self.writer.drain()
         # Closing the transport also ends a reader blocked in read().
         self.writer.close()
+
+    async def _drain(self) -> bool:
+        """Wait until the transport takes what is queued; False (and the client is cut
+        off) once it has read nothing for ``stall_timeout`` seconds."""
+        transport = self.writer.transport
+        drained = asyncio.ensure_future(self.writer.drain())
+        left = unsent_bytes(transport)
+        while True:
+            done, _ = await asyncio.wait({drained}, timeout=self.server.stall_timeout)
+            if done:
+                drained.result()  # ConnectionError: the peer is gone (run() handles it)
+                return True
+            now_left = unsent_bytes(transport)
+            if now_left < left:  # it reads, slowly: keep waiting
+                left = now_left
+                continue
+            drained.cancel()
+            self.server.limit_hit("qmp-stalled-reader")
+            log.warning("QMP client read none of its %d bytes of replies for %g s; "
+                        "disconnecting it", now_left, self.server.stall_timeout)
+            self.closing = True
+            self._drained.set()
+            transport.abort()
+            return False
 
     def deliver(self, name: str, data: Mapping[str, object] | None, ts: tuple[int, int]) -> None:
         message = self.session.event(name, data, ts[0], ts[1])
@@ -205,6 +232,7 @@ class QmpServer:
         max_queued_bytes: int = MAX_QUEUED_BYTES,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         message_timeout: float = MESSAGE_TIMEOUT,
+        stall_timeout: float = STALL_TIMEOUT,
     ) -> None:
         self.dispatcher = dispatcher
         self.version = version
@@ -212,6 +240,7 @@ class QmpServer:
         self.max_queued_bytes = max_queued_bytes
         self.handshake_timeout = handshake_timeout
         self.message_timeout = message_timeout
+        self.stall_timeout = stall_timeout
         self._servers: list[asyncio.Server] = []
         self._paths: list[str] = []
         self._connections: set[_Connection] = set()

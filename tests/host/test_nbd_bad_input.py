@@ -329,3 +329,89 @@ async def test_half_finished_handshakes_and_messages_release_their_slots(
     assert await idle_nbd.simple_reply() == (0, 5)
     await idle_qmp.close()
     await idle_nbd.close()
+
+
+async def test_half_sent_requests_and_unread_replies_release_their_clients(
+    blockd_factory: BlockdFactory, tmp_path: Path
+) -> None:
+    """Negotiated peers that stall hold a connection (and up to a write payload, or the
+    unsent replies) for ever: a request left half-sent, replies never read.  With
+    ``message-timeout`` and ``stall-timeout`` they are dropped; an idle client and one
+    that reads slowly are not (hardening issue, item 1)."""
+    from test_qmp_raw import negotiated
+
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(4 * MiB))
+    sock = str(tmp_path / "nbd.sock")
+    config = tmp_path / "limits.toml"
+    config.write_text("[limits]\nmessage-timeout = 1\nstall-timeout = 2\n")
+    d = blockd_factory("--config", str(config),
+                       "--blockdev", f"driver=file,node-name=f0,filename={img}",
+                       "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                       "--export", "type=nbd,id=e0,node-name=f0,name=disk,writable=on")
+
+    async def client() -> RawNbd:
+        c = await RawNbd.connect(sock)
+        c.send(struct.pack(">I", 3))
+        assert await c.go(b"disk") == 4 * MiB
+        return c
+
+    idle = await client()
+    half_header = await client()
+    half_header.send(struct.pack(">IHH", REQUEST_MAGIC, 0, CMD_READ))  # 8 of 28 bytes
+    half_write = await client()
+    half_write.request(CMD_WRITE, 1, 0, 65536)
+    half_write.send(bytes(1000))  # 1,000 of 65,536 payload bytes
+    never_reads = await client()
+    for cookie in range(64):  # 64 MiB of replies it will never read
+        never_reads.request(CMD_READ, cookie, 0, MiB)
+    slow = await client()
+    for cookie in range(16):
+        slow.request(CMD_READ, cookie, 0, MiB)
+    qmp = await negotiated(d)
+    await qmp.send(b'{"execute": "query-commands"}' * 3000)  # about 10 MB of replies, unread
+    # The slow reader takes 64 KiB every 0.2 s (all of it takes about 50 s): progress, so
+    # it is never cut off, while the others are.
+
+    async def read_slowly() -> int:
+        got = 0
+        while got < 16 * (MiB + 16):
+            data = await slow.reader.read(65536)
+            assert data, f"the slow reader was cut off after {got} bytes"
+            got += len(data)
+            await asyncio.sleep(0.2)
+        return got
+
+    reading = asyncio.ensure_future(read_slowly())
+    await asyncio.sleep(5)  # past every timeout
+    assert await half_header.closed() and await half_write.closed()
+    # It gets what was already in its socket, then EOF: nothing more was sent.
+    left = 0
+    with contextlib.suppress(ConnectionError):
+        while data := await asyncio.wait_for(never_reads.reader.read(1 << 20), 10):
+            left += len(data)
+    assert left < 64 * MiB
+    # The QMP session that reads nothing was cut off too: what is left ends in EOF.
+    with contextlib.suppress(ConnectionError):
+        while await asyncio.wait_for(qmp.reader.read(1 << 20), 10):
+            pass
+    idle.request(CMD_READ, 7, 0, 512)
+    assert await idle.simple_reply() == (0, 7)
+    assert len(await idle.read(512)) == 512
+    limits = await _limits(d)
+    assert limits["hits"]["nbd-message-timeout"] == 2, limits
+    assert limits["hits"]["nbd-stalled-reader"] == 1, limits
+    assert limits["hits"]["qmp-stalled-reader"] == 1, limits
+    assert limits["limits"]["stall-timeout-ms"] == 2000
+    assert not reading.done()  # still reading, slowly, and still served
+    reading.cancel()
+
+
+async def _limits(d: DaemonProcess) -> dict:  # type: ignore[type-arg]
+    from test_qmp_raw import negotiated
+
+    raw = await negotiated(d)
+    await raw.send(b'{"execute": "blockd-query-limits"}')
+    reply = await raw.recv()
+    await raw.close()
+    return reply["return"]  # type: ignore[return-value]

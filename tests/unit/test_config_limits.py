@@ -14,7 +14,7 @@ from blockd.daemon.root import Daemon
 from blockd.monitoring.http import MAX_CONNECTIONS
 from blockd.nbd.connection import HANDSHAKE_TIMEOUT, MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES
 from blockd.nbd.replies import MAX_UNSENT
-from blockd.qmp.server import MAX_QUEUED_BYTES, MESSAGE_TIMEOUT
+from blockd.qmp.server import MAX_QUEUED_BYTES, MESSAGE_TIMEOUT, STALL_TIMEOUT
 
 
 def _load(tmp_path: Path, text: str) -> Limits:
@@ -28,7 +28,8 @@ def test_the_defaults_are_the_servers_own() -> None:
         nbd_in_flight_requests=MAX_IN_FLIGHT, nbd_in_flight_bytes=MAX_IN_FLIGHT_BYTES,
         nbd_unsent_reply_bytes=MAX_UNSENT, device_in_flight=DEFAULT_MAX_IN_FLIGHT,
         qmp_queued_reply_bytes=MAX_QUEUED_BYTES, handshake_timeout=HANDSHAKE_TIMEOUT,
-        message_timeout=MESSAGE_TIMEOUT, open_timeout=DEFAULT_OPEN_TIMEOUT,
+        message_timeout=MESSAGE_TIMEOUT, stall_timeout=STALL_TIMEOUT,
+        open_timeout=DEFAULT_OPEN_TIMEOUT,
         shutdown_timeout=10.0, metrics_connections=MAX_CONNECTIONS)
 
 
@@ -42,11 +43,12 @@ device-in-flight = 8
 qmp-queued-reply-bytes = 4194304
 handshake-timeout = 5
 message-timeout = 2.5
+stall-timeout = 90
 open-timeout = 60
 shutdown-timeout = 20
 metrics-connections = 4
 """)
-    assert limits == Limits(32, 8 << 20, 1 << 20, 8, 4 << 20, 5.0, 2.5, 60.0, 20.0, 4)
+    assert limits == Limits(32, 8 << 20, 1 << 20, 8, 4 << 20, 5.0, 2.5, 90.0, 60.0, 20.0, 4)
 
 
 @pytest.mark.parametrize(("line", "message"), [
