@@ -208,6 +208,7 @@ class Limits:
     open_timeout: float = 30.0
     shutdown_timeout: float = 10.0
     metrics_connections: int = 16
+    qmp_partial_bytes: int = 128 << 20
 
 
 _LIMIT_KEYS = {f.replace("_", "-"): f for f in Limits.__dataclass_fields__}

@@ -151,7 +151,8 @@ class Daemon:
                              max_queued_bytes=limits.qmp_queued_reply_bytes,
                              handshake_timeout=limits.handshake_timeout,
                              message_timeout=limits.message_timeout,
-                             stall_timeout=limits.stall_timeout)
+                             stall_timeout=limits.stall_timeout,
+                             max_partial_bytes=limits.qmp_partial_bytes)
         self.metrics_source.qmp = self.qmp
         for spec in self.config.objects:
             await self._apply("object-add", "--object", spec)
@@ -281,6 +282,7 @@ class Daemon:
                 "io-threads": self.workers.max_threads,
                 "qmp-sessions": self.qmp_max_sessions,
                 "qmp-queued-reply-bytes": self.config.limits.qmp_queued_reply_bytes,
+                "qmp-partial-bytes": self.config.limits.qmp_partial_bytes,
                 "qmp-handshake-timeout-ms": _ms(self.config.limits.handshake_timeout),
                 "qmp-message-timeout-ms": _ms(self.config.limits.message_timeout),
                 "open-timeout-ms": _ms(self.registry.opens.timeout),

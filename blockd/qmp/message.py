@@ -530,6 +530,11 @@ class JsonStreamParser:
         """Whether a message has begun and not ended (some of it was received)."""
         return bool(self._count or self._partial) or self._state not in (_START, _RECOVERY)
 
+    @property
+    def pending_bytes(self) -> int:
+        """Token text held for the unfinished message (what a slow sender makes us keep)."""
+        return 0 if self._discarding else self._size + len(self._partial)
+
     def _take_output(self) -> list[ParsedValue | ParseError]:
         out, self._out = self._out, []
         return out

@@ -153,6 +153,11 @@ class QmpSession:
         """Whether part of a message has arrived and the rest has not."""
         return self._parser.pending
 
+    @property
+    def partial_bytes(self) -> int:
+        """Bytes of the unfinished message held so far."""
+        return self._parser.pending_bytes
+
     def greeting(self) -> bytes:
         """The message to send as soon as the connection opens."""
         return encode({"QMP": {"version": self._version, "capabilities": list(self._offered)}})

@@ -42,6 +42,7 @@ DEFAULT_MAX_SESSIONS = 64
 HANDSHAKE_TIMEOUT = 10.0  # seconds from connecting to qmp_capabilities
 MESSAGE_TIMEOUT = 10.0  # seconds a message may take from its first byte to its last
 STALL_TIMEOUT = 60.0  # seconds replies may wait while the client reads none of them
+MAX_PARTIAL_BYTES = 128 << 20  # unfinished messages of every session together
 # A negotiated session with no message under way may stay idle for ever: qmp-shell and
 # management tools sit connected for hours.
 
@@ -65,6 +66,7 @@ class _Connection:
         )
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(MAX_QUEUED_MESSAGES)
         self.queued_bytes = 0  # in the queue and in the transport, not yet sent
+        self.partial_bytes = 0  # of the unfinished message, counted in the server's total
         self._connected_at = time.monotonic()
         self._message_since: float | None = None  # when the unfinished message began
         self._drained = asyncio.Event()  # queued_bytes fell under the soft limit
@@ -112,6 +114,7 @@ class _Connection:
         except Exception:
             log.exception("QMP connection failed")
         finally:
+            self._hold_partial(0)
             self.close()
             with contextlib.suppress(Exception):
                 await writer_task
@@ -147,7 +150,10 @@ class _Connection:
                 return
             if not data:
                 return
-            for action in self.session.receive_data(data):
+            actions = self.session.receive_data(data)
+            if not self._hold_partial(self.session.partial_bytes):
+                return
+            for action in actions:
                 if isinstance(action, Send):
                     self.send(action.data)
                 elif isinstance(action, Execute):
@@ -160,6 +166,20 @@ class _Connection:
                     await asyncio.sleep(0)
                 if self.closing:
                     return
+
+    def _hold_partial(self, size: int) -> bool:
+        """Account this session's unfinished message in the server's total; False (cut
+        off) when holding it would take every session's together past the limit."""
+        server = self.server
+        server.partial_bytes += size - self.partial_bytes
+        self.partial_bytes = size
+        if server.partial_bytes <= server.max_partial_bytes:
+            return True
+        server.limit_hit("qmp-partial-bytes")
+        log.warning("QMP sessions hold %d bytes of unfinished messages (limit %d); "
+                    "disconnecting the one that sent the last %d", server.partial_bytes,
+                    server.max_partial_bytes, size)
+        return False
 
     async def _execute(self, request: Execute) -> None:
         try:
@@ -233,6 +253,7 @@ class QmpServer:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         message_timeout: float = MESSAGE_TIMEOUT,
         stall_timeout: float = STALL_TIMEOUT,
+        max_partial_bytes: int = MAX_PARTIAL_BYTES,
     ) -> None:
         self.dispatcher = dispatcher
         self.version = version
@@ -241,6 +262,8 @@ class QmpServer:
         self.handshake_timeout = handshake_timeout
         self.message_timeout = message_timeout
         self.stall_timeout = stall_timeout
+        self.max_partial_bytes = max_partial_bytes
+        self.partial_bytes = 0  # unfinished messages of every session together
         self._servers: list[asyncio.Server] = []
         self._paths: list[str] = []
         self._connections: set[_Connection] = set()

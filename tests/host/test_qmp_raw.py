@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -209,3 +210,41 @@ async def test_big_replies_never_read_hold_bounded_memory(blockd: DaemonProcess)
     finally:
         await raw.close()
         await other.close()
+
+
+async def test_unfinished_messages_of_all_sessions_together_are_bounded(
+    blockd_factory: object, tmp_path: Path
+) -> None:
+    """Finding 8's other half: 64 sessions each holding a 63 MiB unfinished message reach
+    4 GiB.  The sessions' unfinished messages together are capped (``qmp-partial-bytes``);
+    the session that would pass the cap is cut off, the others and new ones are served."""
+    config = tmp_path / "limits.toml"
+    config.write_text("[limits]\nqmp-partial-bytes = 4194304\nmessage-timeout = 120\n")
+    d = blockd_factory("--config", str(config))  # type: ignore[operator]
+    holders = []
+    for _ in range(6):  # 6 x just under 1 MiB: the fifth passes 4 MiB
+        raw = await negotiated(d)
+        with contextlib.suppress(ConnectionError):  # a session cut off while it sends
+            await raw.send(b'{"execute": "query-version", "arguments": {"a": "'
+                           + b"x" * ((1 << 20) - 1000))
+        holders.append(raw)
+        await asyncio.sleep(0.2)
+    cut = 0
+    for raw in holders:
+        try:
+            if await asyncio.wait_for(raw.reader.read(1), 2) == b"":
+                cut += 1
+        except TimeoutError:
+            pass  # still connected, still holding its message
+        except ConnectionError:
+            cut += 1
+    assert cut == 2, cut
+    fresh = await negotiated(d)
+    await fresh.send(b'{"execute": "blockd-query-limits", "id": 1}')
+    reply = await fresh.recv()
+    assert reply["return"]["hits"]["qmp-partial-bytes"] == 2  # type: ignore[index]
+    assert reply["return"]["limits"]["qmp-partial-bytes"] == 4 << 20  # type: ignore[index]
+    # A session that finishes its message is answered and frees its share.
+    await holders[0].send(b'"}}')
+    answer = await holders[0].recv()
+    assert "error" in answer  # query-version takes no "a": a clean error, not a cut
