@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import random
@@ -269,11 +270,25 @@ def fuzzing(daemon: Daemon, request: pytest.FixtureRequest) -> Iterator[Run]:
     """The watcher works throughout the examples; afterwards its verdict, then the leak
     check, once what the stateful QMP commands left is removed."""
     libnbd()  # skips here, not in the watcher's thread, where it is missing
+    pauses = [0.0, 0.0]  # when the current collection began, the longest one
+
+    def collecting(phase: str, _info: dict[str, int]) -> None:
+        """The test process's own GC pauses stall the watcher too: reported with its times."""
+        if phase == "start":
+            pauses[0] = time.monotonic()
+        else:
+            pauses[1] = max(pauses[1], time.monotonic() - pauses[0])
+
+    gc.callbacks.append(collecting)
     watcher = Watcher(daemon)
     watcher.start()
     run = Run(daemon, watcher, Baseline(daemon.fds(), daemon.rss()))
-    yield run
-    watcher.finish()
+    try:
+        yield run
+        watcher.finish()
+    finally:
+        gc.callbacks.remove(collecting)
+        print(f"the test process's longest GC pause: {pauses[1]:.3f} s")
     _cleanup(daemon)
     took = time.monotonic() - run.began
     print(f"{request.node.name}: {run.inputs} inputs in {took:.1f} s, {run.replies} replies "
