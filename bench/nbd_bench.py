@@ -6,7 +6,8 @@ Every peer is started with the same qemu-storage-daemon-style command line
 socket, all peers are up at once, and each round runs every workload on every
 peer back to back (peer order alternates between rounds), so drift on a noisy
 VM hits all peers alike.  Ratios are taken within a round; the table shows
-their median, min and max.  See bench/README.md and
+their median, min and max.  Beside IOPS and MB/s it reports each server's CPU time
+(every thread and process, from /proc) per request and per MiB.  See bench/README.md and
 /work/shared/notes/perf-baseline.md for the method.
 
 Stdlib only; the clients are qemu-img bench, fio (nbd engine) and nbdcopy.
@@ -46,6 +47,8 @@ GiB = 1 << 30
 STEP_BLOCKS = 40009
 
 Metric = Literal["IOPS", "MB/s"]
+# Server CPU (user + system, every thread of every process of the peer) per unit of work.
+CpuUnit = Literal["us/req", "us/MiB"]
 Tool = Literal["qemu-img", "fio", "nbdcopy"]
 
 # --------------------------------------------------------------------------------------
@@ -77,7 +80,12 @@ def round_ratios(cand: Sequence[float | None], ref: Sequence[float | None]) -> l
 
 
 def fmt_quantity(value: float, metric: str) -> str:
-    """IOPS as 8,714 / 64.3k / 1.87M; MB/s with thousands separators; ratios as 1.52x."""
+    """IOPS as 8,714 / 64.3k / 1.87M; MB/s with thousands separators; ratios as 1.52x;
+    CPU microseconds with one decimal below 100 (14.2), else as integers (3,640)."""
+    if metric in ("us/req", "us/MiB", "us"):
+        return f"{value:.1f}" if value < 99.95 else f"{value:,.0f}"
+    if metric == "cores":
+        return f"{value:.2f}"
     if metric == "IOPS":
         if value >= 999_500:
             return f"{value / 1e6:.2f}M"
@@ -105,28 +113,33 @@ class TableRow:
 
     backing: str
     workload: str
-    metric: Metric
+    metric: Metric | CpuUnit
     values: Mapping[str, Spread | None]  # by peer label
     ratios: Mapping[str, Spread | None]  # by ratio label ("blockd/qsd")
-    target: float | None = None  # minimum median ratio for the target ratio column
+    # The target ratio column's bound on the median ratio: a minimum for throughput
+    # rows, a maximum for CPU rows (less CPU per request is better).
+    target: float | None = None
 
 
-def target_mark(ratio: Spread | None, target: float | None) -> str:
-    """``>=1.5x ok`` / ``>=1.5x MISS`` judged on the median ratio; ``-`` without a target."""
+def target_mark(ratio: Spread | None, target: float | None, at_most: bool = False) -> str:
+    """``>=1.5x ok`` / ``>=1.5x MISS`` judged on the median ratio (``<=0.55x ...`` with
+    ``at_most``); ``-`` without a target."""
     if target is None:
         return "-"
+    sign = "<=" if at_most else ">="
     if ratio is None:
-        return f">={target:g}x ?"
-    return f">={target:g}x {'ok' if ratio.median >= target else 'MISS'}"
+        return f"{sign}{target:g}x ?"
+    met = ratio.median <= target if at_most else ratio.median >= target
+    return f"{sign}{target:g}x {'ok' if met else 'MISS'}"
 
 
 def format_table(rows: Sequence[TableRow], peers: Sequence[str], ratio_labels: Sequence[str],
-                 target_ratio: str | None = None) -> str:
+                 target_ratio: str | None = None, at_most: bool = False) -> str:
     """A Markdown table, padded so it also reads well in a terminal.
 
     Columns: backing, workload, metric, each peer's median (min-max), each ratio's
     median (min-max) over rounds and, when ``target_ratio`` names one of the ratio
-    columns, whether its median meets the row's target.
+    columns, whether its median meets the row's target (a maximum with ``at_most``).
     """
     header = ["backing", "workload", "metric", *peers, *ratio_labels]
     if target_ratio is not None:
@@ -140,8 +153,44 @@ def format_table(rows: Sequence[TableRow], peers: Sequence[str], ratio_labels: S
         cells += [fmt_spread(row.values.get(p), row.metric) for p in peers]
         cells += [fmt_spread(row.ratios.get(r), "ratio") for r in ratio_labels]
         if target_ratio is not None:
-            cells.append(target_mark(row.ratios.get(target_ratio), row.target))
+            cells.append(target_mark(row.ratios.get(target_ratio), row.target, at_most))
         lines.append(cells)
+    return render_table(header, right, lines)
+
+
+@dataclass(frozen=True)
+class PeerRow:
+    """Every figure of one peer on one (backing, workload): medians over the rounds."""
+
+    backing: str
+    workload: str
+    peer: str
+    iops: float | None
+    mbps: float | None
+    cpu_us_per_request: float | None
+    cpu_us_per_mib: float | None
+    server_cores: float | None  # server CPU seconds per second of client wall time
+
+
+PEER_COLUMNS = ["IOPS", "MB/s", "CPU us/req", "CPU us/MiB", "server cores"]
+
+
+def format_peer_table(rows: Sequence[PeerRow]) -> str:
+    """One line per peer: IOPS and MB/s beside the server CPU per request and per MiB."""
+    header = ["backing", "workload", "peer", *PEER_COLUMNS]
+    right = [False, False, False] + [True] * len(PEER_COLUMNS)
+    lines = []
+    for r in rows:
+        figures = [(r.iops, "IOPS"), (r.mbps, "MB/s"), (r.cpu_us_per_request, "us"),
+                   (r.cpu_us_per_mib, "us"), (r.server_cores, "cores")]
+        lines.append([r.backing, r.workload, r.peer,
+                      *("-" if v is None else fmt_quantity(v, m) for v, m in figures)])
+    return render_table(header, right, lines)
+
+
+def render_table(header: Sequence[str], right: Sequence[bool],
+                 lines: Sequence[Sequence[str]]) -> str:
+    """Markdown with padded cells; ``right`` marks the right-aligned (numeric) columns."""
     widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h)
               for i, h in enumerate(header)]
 
@@ -172,15 +221,17 @@ class Workload:
     random: bool = False
     target: float | None = None  # blockd/qsd median ratio the issue asks for (not null-co)
     start_count: int = 1000  # qemu-img bench: first calibration count
+    # Highest blockd/qsd median ratio of server CPU per request the speed issue asks for.
+    cpu_target: float | None = None
 
 
 WORKLOADS: dict[str, Workload] = {w.key: w for w in [
     Workload("rr4k-qd1", "4K rand read QD1 (qemu-img)", "qemu-img", "IOPS", qd=1,
              random=True, target=1.0, start_count=3000),
     Workload("rr4k-qd32", "4K rand read QD32 (qemu-img)", "qemu-img", "IOPS", qd=32,
-             random=True, target=1.5, start_count=20000),
+             random=True, target=1.5, start_count=20000, cpu_target=0.55),
     Workload("rw4k-qd32", "4K rand write QD32 (qemu-img)", "qemu-img", "IOPS", qd=32,
-             write=True, random=True, target=1.5, start_count=20000),
+             write=True, random=True, target=1.5, start_count=20000, cpu_target=0.55),
     Workload("sr64k-qd8", "64K seq read QD8 (qemu-img)", "qemu-img", "MB/s", bs=64 << 10,
              qd=8, start_count=5000),
     Workload("sr1m-qd4", "1M seq read QD4 (qemu-img)", "qemu-img", "MB/s", bs=MiB, qd=4,
@@ -208,6 +259,8 @@ class Result:
     iops: float | None
     mbps: float
     wall: float  # wall time of the client process(es), start to exit
+    requests: int | None = None  # NBD requests of the whole run (None: not known)
+    nbytes: int = 0  # bytes read or written in the whole run
 
 
 class BenchError(RuntimeError):
@@ -248,7 +301,7 @@ def run_qemu_img(uri: str, wl: Workload, count: int, size: int) -> Result:
     if m is None:
         raise ClientError(f"no 'Run completed' line from {shlex.join(argv)}:\n{out[-1000:]}")
     secs = max(float(m.group(1)), 1e-3)
-    return Result(secs, count / secs, count * wl.bs / secs / 1e6, wall)
+    return Result(secs, count / secs, count * wl.bs / secs / 1e6, wall, count, count * wl.bs)
 
 
 def run_fio(uri: str, wl: Workload, runtime: float, size: int, outdir: Path) -> Result:
@@ -262,11 +315,13 @@ def run_fio(uri: str, wl: Workload, runtime: float, size: int, outdir: Path) -> 
         data = json.loads(out_path.read_text())
         job = data["jobs"][0]["write" if wl.write else "read"]
         secs = job["runtime"] / 1e3  # ms
+        requests, nbytes = int(job["total_ios"]), int(job["io_bytes"])
     except (OSError, ValueError, LookupError, TypeError) as err:
         raise ClientError(f"unreadable fio output {out_path}: {err!r}") from err
     if secs <= 0:
         raise ClientError(f"fio ran for 0 ms: {shlex.join(argv)}")
-    return Result(secs, float(job["iops"]), float(job["bw_bytes"]) / 1e6, wall)
+    return Result(secs, float(job["iops"]), float(job["bw_bytes"]) / 1e6, wall, requests,
+                  nbytes)
 
 
 def run_nbdcopy(uri: str, copies: int, size: int) -> Result:
@@ -274,7 +329,8 @@ def run_nbdcopy(uri: str, copies: int, size: int) -> Result:
     for _ in range(copies):
         _run_client(["nbdcopy", "--no-extents", uri, "null:"])
     secs = time.perf_counter() - t0
-    return Result(secs, None, copies * size / secs / 1e6, secs)
+    # nbdcopy picks its own request sizes and count: CPU is reported per MiB only.
+    return Result(secs, None, copies * size / secs / 1e6, secs, None, copies * size)
 
 
 # --------------------------------------------------------------------------------------
@@ -339,14 +395,51 @@ def resolve_peers(names: Sequence[str],
     return specs
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process (all its threads) from /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+def parse_stat(text: str) -> tuple[int, int]:
+    """The parent pid and the CPU clock ticks from a ``/proc/PID/stat`` line.
+
+    The ticks are utime + stime (every thread, the exited ones included) plus cutime
+    + cstime (children that exited and were waited for), so a peer's worker process
+    that ends during a round is still counted, through its parent.
+    """
+    fields = text[text.rindex(")") + 2:].split()  # the name may hold spaces and ')'
+    return int(fields[1]), sum(int(f) for f in fields[11:15])
+
+
+def tree_ticks(stats: Mapping[int, tuple[int, int]], root: int) -> int | None:
+    """The ticks of ``root`` and of all its descendants; None if root is not there."""
+    if root not in stats:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo, seen = 0, [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += stats[pid][1]
+        todo.extend(children.get(pid, ()))
+    return total
+
+
+def _all_stats() -> dict[int, tuple[int, int]]:
+    stats = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stats[int(entry.name)] = parse_stat(
+                    Path(entry.path, "stat").read_text(errors="replace"))
+            except (OSError, ValueError, IndexError):
+                continue  # exited meanwhile
+    return stats
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process, all its threads and all its descendants."""
+    ticks = tree_ticks(_all_stats(), pid)
+    return None if ticks is None else ticks / os.sysconf("SC_CLK_TCK")
 
 
 class Peer:
@@ -546,10 +639,37 @@ class Sample:
     seconds: float
     wall: float
     param: int | float  # qemu-img count, nbdcopy copies, fio runtime
-    server_cpu_s: float | None
+    server_cpu_s: float | None  # the peer's CPU (every thread and process) during the run
+    requests: int | None = None
+    nbytes: int = 0
 
     def value(self, metric: Metric) -> float | None:
         return self.iops if metric == "IOPS" else self.mbps
+
+    def cpu_us_per_request(self) -> float | None:
+        if self.server_cpu_s is None or not self.requests:
+            return None
+        return self.server_cpu_s * 1e6 / self.requests
+
+    def cpu_us_per_mib(self) -> float | None:
+        if self.server_cpu_s is None or self.nbytes <= 0:
+            return None
+        return self.server_cpu_s * 1e6 * MiB / self.nbytes
+
+    def server_cores(self) -> float | None:
+        """How many CPUs the server kept busy on average while the client ran."""
+        if self.server_cpu_s is None or self.wall <= 0:
+            return None
+        return self.server_cpu_s / self.wall
+
+    def cpu_value(self, unit: CpuUnit) -> float | None:
+        return self.cpu_us_per_request() if unit == "us/req" else self.cpu_us_per_mib()
+
+    def figures(self) -> dict[str, float | None]:
+        """The derived figures, for --json."""
+        return {"cpu_us_per_request": self.cpu_us_per_request(),
+                "cpu_us_per_mib": self.cpu_us_per_mib(),
+                "server_cores": self.server_cores()}
 
 
 @dataclass
@@ -561,6 +681,12 @@ class Options:
     repeats: int
     size: int
     target_s: float
+    skipped: dict[str, str] = field(default_factory=dict)  # default peer -> why not run
+
+
+def cpu_unit(wl: Workload) -> CpuUnit:
+    """Per request where the client's request count is known, else per MiB (nbdcopy)."""
+    return "us/MiB" if wl.tool == "nbdcopy" else "us/req"
 
 
 class Runner:
@@ -656,12 +782,17 @@ class Runner:
                         cpu1 = peer.cpu_seconds()
                         cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
                         s = Sample(peer.spec.label, kind, wl.key, rnd, res.iops, res.mbps,
-                                   res.seconds, res.wall, param, cpu)
+                                   res.seconds, res.wall, param, cpu, res.requests,
+                                   res.nbytes)
                         self.samples.append(s)
                         value = s.value(wl.metric)
+                        unit = cpu_unit(wl)
+                        per = s.cpu_value(unit)
+                        cpu_text = "" if per is None else (
+                            f", server CPU {fmt_quantity(per, unit)} {unit.replace('us', 'µs')}")
                         _log(f"round {rnd + 1}/{opts.repeats} {kind}/{wl.key}/"
                              f"{peer.spec.label}: {fmt_quantity(value or 0, wl.metric)} "
-                             f"{wl.metric} in {res.seconds:.2f} s")
+                             f"{wl.metric} in {res.seconds:.2f} s{cpu_text}")
                         if res.seconds < 0.5 * opts.target_s:
                             _log(f"  note: run shorter than half the target "
                                  f"({res.seconds:.2f} s < {opts.target_s / 2:.2f} s)")
@@ -682,42 +813,119 @@ class Runner:
 
 
 def ratio_pairs(opts: Options) -> list[tuple[str, str]]:
-    """(candidate, reference) pairs: every peer against the reference, plus blockd
-    against blockd-noacct (the cost of accounting) when both run."""
+    """(candidate, reference) pairs: every peer against the reference, blockd against
+    nbdkit (a C server's cost per request) and against blockd-noacct (the cost of
+    accounting) when those run."""
     labels = [p.label for p in opts.peers]
     pairs = [(label, opts.reference) for label in labels if label != opts.reference]
-    if "blockd" in labels and "blockd-noacct" in labels:
-        pairs.append(("blockd", "blockd-noacct"))
+    for other in ("nbdkit", "blockd-noacct"):
+        if "blockd" in labels and other in labels:
+            pairs.append(("blockd", other))
     return list(dict.fromkeys(pairs))
 
 
-def build_rows(opts: Options, samples: Sequence[Sample]
-               ) -> tuple[list[TableRow], list[str], str | None]:
+def _by_round(samples: Sequence[Sample], repeats: int, kind: str, wl: Workload, label: str,
+              get: Callable[[Sample], float | None]) -> list[float | None]:
+    """One figure of one peer per round (None where the round has no sample)."""
+    by_round: list[float | None] = [None] * repeats
+    for s in samples:
+        if (s.backing, s.workload, s.peer) == (kind, wl.key, label):
+            by_round[s.round] = get(s)
+    return by_round
+
+
+def _target_ratio(opts: Options, pairs: Sequence[tuple[str, str]]) -> str | None:
+    return next((f"{a}/{b}" for a, b in pairs
+                 if b == opts.reference and a.startswith("blockd")
+                 and not opts.reference.startswith("blockd")), None)
+
+
+def _build(opts: Options, samples: Sequence[Sample], cpu: bool
+           ) -> tuple[list[TableRow], list[str], str | None]:
     labels = [p.label for p in opts.peers]
     pairs = ratio_pairs(opts)
-    ratio_labels = [f"{a}/{b}" for a, b in pairs]
-    target_ratio = next((f"{a}/{b}" for a, b in pairs
-                         if b == opts.reference and a.startswith("blockd")
-                         and not opts.reference.startswith("blockd")), None)
     rows: list[TableRow] = []
     for kind in opts.backings:
         for wl in opts.workloads:
-            per_peer: dict[str, list[float | None]] = {}
-            for label in labels:
-                by_round: list[float | None] = [None] * opts.repeats
-                for s in samples:
-                    if (s.backing, s.workload, s.peer) == (kind, wl.key, label):
-                        by_round[s.round] = s.value(wl.metric)
-                per_peer[label] = by_round
+            unit = cpu_unit(wl)
+
+            def get(s: Sample, wl: Workload = wl, unit: CpuUnit = unit) -> float | None:
+                return s.cpu_value(unit) if cpu else s.value(wl.metric)
+
+            per_peer = {label: _by_round(samples, opts.repeats, kind, wl, label, get)
+                        for label in labels}
             if all(v is None for vals in per_peer.values() for v in vals):
                 continue
             ratios = {f"{a}/{b}": spread(round_ratios(per_peer[a], per_peer[b]))
                       for a, b in pairs}
+            target = wl.cpu_target if cpu else wl.target
             rows.append(TableRow(
-                BACKING_LABELS.get(kind, kind), wl.label, wl.metric,
+                BACKING_LABELS.get(kind, kind), wl.label, unit if cpu else wl.metric,
                 {label: spread(per_peer[label]) for label in labels}, ratios,
-                None if kind == "null" else wl.target))
-    return rows, ratio_labels, target_ratio
+                None if kind == "null" else target))
+    return rows, [f"{a}/{b}" for a, b in pairs], _target_ratio(opts, pairs)
+
+
+def build_rows(opts: Options, samples: Sequence[Sample]
+               ) -> tuple[list[TableRow], list[str], str | None]:
+    """The throughput table: each row's headline metric (IOPS or MB/s) and its ratios."""
+    return _build(opts, samples, cpu=False)
+
+
+def build_cpu_rows(opts: Options, samples: Sequence[Sample]
+                   ) -> tuple[list[TableRow], list[str], str | None]:
+    """The server CPU table: microseconds per request (per MiB for nbdcopy) and the
+    per-round ratios of those, with the same ratio columns as the throughput table."""
+    return _build(opts, samples, cpu=True)
+
+
+def build_peer_rows(opts: Options, samples: Sequence[Sample]) -> list[PeerRow]:
+    """Every figure of every peer, as medians over the rounds."""
+    getters: list[Callable[[Sample], float | None]] = [
+        lambda s: s.iops, lambda s: s.mbps, Sample.cpu_us_per_request,
+        Sample.cpu_us_per_mib, Sample.server_cores]
+    rows: list[PeerRow] = []
+    for kind in opts.backings:
+        for wl in opts.workloads:
+            for peer in opts.peers:
+                mine = [s for s in samples
+                        if (s.backing, s.workload, s.peer) == (kind, wl.key, peer.label)]
+                if not mine:
+                    continue
+                medians = [spread([get(s) for s in mine]) for get in getters]
+                iops, mbps, per_req, per_mib, cores = (
+                    None if m is None else m.median for m in medians)
+                rows.append(PeerRow(BACKING_LABELS.get(kind, kind), wl.label, peer.label,
+                                    iops, mbps, per_req, per_mib, cores))
+    return rows
+
+
+def nbdkit_missing(backings: Sequence[str]) -> str | None:
+    """Why nbdkit (with the plugins the backings need) cannot run here, or None."""
+    if shutil.which("nbdkit") is None:
+        return "nbdkit is not installed (Debian package nbdkit)"
+    plugins = ["file"] if set(backings) - {"null"} else []
+    if "null" in backings:
+        plugins.append("null")
+    for plugin in plugins:
+        try:
+            proc = subprocess.run(["nbdkit", "--dump-plugin", plugin], capture_output=True,
+                                  timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return f"nbdkit --dump-plugin {plugin} failed: {err}"
+        if proc.returncode != 0:
+            return f"nbdkit has no {plugin} plugin (nbdkit --dump-plugin {plugin} failed)"
+    return None
+
+
+def default_peers(backings: Sequence[str],
+                  missing: Callable[[Sequence[str]], str | None] = nbdkit_missing
+                  ) -> tuple[list[str], dict[str, str]]:
+    """blockd, qsd and, where it can run, nbdkit; and why a default peer is left out."""
+    why = missing(backings)
+    if why is None:
+        return ["blockd", "qsd", "nbdkit"], {}
+    return ["blockd", "qsd"], {"nbdkit": why}
 
 
 def _version(argv: Sequence[str]) -> str:
@@ -749,9 +957,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="comma-separated workload keys, or 'all'")
     ap.add_argument("--repeats", type=int, default=None,
                     help="rounds per backing (default 5; 3 with --quick)")
-    ap.add_argument("--peers", default="blockd,qsd",
+    ap.add_argument("--peers", default=None,
                     help="comma-separated peers: qsd, blockd, blockd-noacct, nbdkit, qemu-nbd "
-                         "or names from --peer (default blockd,qsd; qsd,qsd is a smoke test)")
+                         "or names from --peer (default blockd,qsd,nbdkit, without nbdkit "
+                         "where it or its file plugin is missing; qsd,qsd is a smoke test)")
     ap.add_argument("--peer", action="append", default=[], metavar="NAME=COMMAND",
                     type=parse_peer_definition,
                     help="define a peer: leading VAR=value words are its environment, the "
@@ -781,7 +990,11 @@ def make_options(ns: argparse.Namespace) -> Options:
     for k in keys:
         if k not in WORKLOADS:
             raise BenchError(f"unknown workload {k!r} (choose from {', '.join(WORKLOADS)})")
-    names = [p for p in ns.peers.split(",") if p]
+    skipped: dict[str, str] = {}
+    if ns.peers is None:
+        names, skipped = default_peers(backings)
+    else:
+        names = [p for p in ns.peers.split(",") if p]
     if ns.accounting_off and "blockd-noacct" not in names:
         if "blockd" not in names:
             raise BenchError("--accounting-off needs blockd among --peers")
@@ -801,7 +1014,7 @@ def make_options(ns: argparse.Namespace) -> Options:
     if repeats < 1:
         raise BenchError("--repeats must be >= 1")
     return Options(backings, [WORKLOADS[k] for k in keys], peers, reference, repeats,
-                   size_mib * MiB, ns.seconds or (1.0 if ns.quick else 2.5))
+                   size_mib * MiB, ns.seconds or (1.0 if ns.quick else 2.5), skipped)
 
 
 def check_tools(opts: Options) -> None:
@@ -831,6 +1044,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as err:
         print(f"nbd_bench: {err}", file=sys.stderr)
         return 2
+    for name, why in opts.skipped.items():
+        _log(f"skipping {name}: {why}")
     # Also when started in the background by a shell, which ignores SIGINT there.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -851,13 +1066,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
+    labels = [p.label for p in opts.peers]
     rows, ratio_labels, target_ratio = build_rows(opts, runner.samples)
+    cpu_rows, _, _ = build_cpu_rows(opts, runner.samples)
+    peer_rows = build_peer_rows(opts, runner.samples)
     print(f"\n{opts.repeats} rounds per backing, ~{opts.target_s:g} s per run, "
           f"{opts.size // MiB} MiB backings; ratios are per-round medians (min-max); "
           f"targets judged on the median ratio, not for null-co.\n")
-    print(format_table(rows, [p.label for p in opts.peers], ratio_labels, target_ratio))
+    print(format_table(rows, labels, ratio_labels, target_ratio))
     if "blockd/blockd-noacct" in ratio_labels:
-        print("blockd/blockd-noacct: accounting on vs off; 1 - ratio is the cost.")
+        print("blockd/blockd-noacct: accounting on vs off; 1 - ratio is the cost.\n")
+    print("Server CPU (user + system, every thread and process of the peer, from "
+          "/proc/PID/stat) per request, per MiB for nbdcopy; a ratio below 1 means "
+          "less CPU than the peer divided by.\n")
+    print(format_table(cpu_rows, labels, ratio_labels, target_ratio, at_most=True))
+    print("Every peer: medians over the rounds (server cores: server CPU seconds per "
+          "second of client run).\n")
+    print(format_peer_table(peer_rows))
+    if opts.repeats < 5:
+        print(f"Only {opts.repeats} rounds: the speed issue's targets are judged on "
+              "medians of at least 5.")
+    for name, why in opts.skipped.items():
+        print(f"{name} skipped: {why}.")
     if runner.failures:
         print(f"{len(runner.failures)} client runs failed and are left out "
               "(details on stderr and in --json).")
@@ -875,6 +1105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "repeats": opts.repeats,
                 "size": opts.size,
                 "target_s": opts.target_s,
+                "skipped_peers": opts.skipped,
             },
             "environment": {
                 "python": sys.version,
@@ -884,9 +1115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "qemu-storage-daemon": _version(["qemu-storage-daemon", "--version"]),
                 "fio": _version(["fio", "--version"]),
                 "nbdcopy": _version(["nbdcopy", "--version"]),
+                "nbdkit": _version(["nbdkit", "--version"]),
                 "uvloop": _module_version("uvloop"),
             },
-            "samples": [asdict(s) for s in runner.samples],
+            "samples": [{**asdict(s), **s.figures()} for s in runner.samples],
             "client_failures": runner.failures,
             "table": [{"backing": r.backing, "workload": r.workload, "metric": r.metric,
                        "values": {k: None if v is None else asdict(v)
@@ -894,6 +1126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "ratios": {k: None if v is None else asdict(v)
                                   for k, v in r.ratios.items()},
                        "target": r.target} for r in rows],
+            "cpu_table": [{"backing": r.backing, "workload": r.workload, "unit": r.metric,
+                           "values": {k: None if v is None else asdict(v)
+                                      for k, v in r.values.items()},
+                           "ratios": {k: None if v is None else asdict(v)
+                                      for k, v in r.ratios.items()},
+                           "target_at_most": r.target} for r in cpu_rows],
+            "peer_table": [asdict(r) for r in peer_rows],
             "target_ratio": target_ratio,
         }
         Path(ns.json).write_text(json.dumps(doc, indent=1) + "\n")
