@@ -5,6 +5,14 @@ flight the client's socket is read in a loop for its next request; with a single
 request in flight io_uring is reaped in a loop for its completion.  Each has its
 own adaptive window, and one client is served this way for at most
 ``POLL_SLICE_NS`` before the loop runs anything else.
+
+Polling only pays while the client has a CPU of its own.  When the machine is
+busy, the spinning loop thread takes the CPU the client needs to send its next
+request, and a QD1 client then runs at half the rate it gets with no polling at
+all.  The spin notices this from inside: between two of its iterations the clock
+jumps (the scheduler ran someone else on this CPU).  A jump over
+``PREEMPTED_NS`` ends the spin and pauses all polling of this client for
+``CONTENDED_HOLD_NS``; the loop sleeps in epoll meanwhile, as with polling off.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ __all__ = ["POLL_BUFFER", "POLL_SLICE_NS", "PollHost", "Polled", "Poller"]
 
 POLL_BUFFER = 256 * 1024  # what one poll reads from the socket at most
 POLL_SLICE_NS = 1_000_000  # polling serves one client at most this long before the loop runs
+PREEMPTED_NS = 50_000  # a gap this long between two spins means the CPU went to someone else
+CONTENDED_HOLD_NS = 20_000_000  # then no polling of that client for this long
 
 _monotonic_ns = time.monotonic_ns
 
@@ -32,6 +42,7 @@ class PollHost(Protocol):
 
     poll_hits: int  # requests (or completions) polling caught
     poll_ns_total: int  # time spent polling
+    poll_preempted: int  # spins ended because the loop thread lost its CPU
 
     def poll_buffer(self) -> bytearray:
         """Where a poll reads into; shared, since what it reads is copied at once."""
@@ -74,6 +85,7 @@ class Poller:
         self._client = client
         self._transport: asyncio.Transport | None = None
         self._sock_fd = -1
+        self._hold_until = 0  # no polling before this (monotonic ns): the CPU is contended
 
     def attach(self, transport: asyncio.Transport, sock_fd: int) -> None:
         self._transport = transport
@@ -93,7 +105,7 @@ class Poller:
         stop = now + POLL_SLICE_NS
         while (
             not transport.is_closing() and not client.stopping
-            and not client.reading_paused and now < stop
+            and not client.reading_paused and now < stop and now >= self._hold_until
         ):
             caught = self._completion(now) if client.in_flight else self._socket(now)
             if not caught:
@@ -117,11 +129,15 @@ class Poller:
         if not poll.window_ns:
             return False
         deadline = now + poll.window_ns
-        began = now
+        began = last = now
         uring.submit_now()
         while client.in_flight and now < deadline:
             uring.poll()
             now = _monotonic_ns()
+            if now - last > PREEMPTED_NS:
+                self._preempted(now)
+                break
+            last = now
         self._host.poll_ns_total += now - began
         if client.in_flight:
             return False  # the completion will wake the loop
@@ -142,13 +158,16 @@ class Poller:
         host = self._host
         buf = host.poll_buffer()
         deadline = now + poll.window_ns
-        began = now
+        began = last = now
         while True:
             try:
                 count = os.readv(self._sock_fd, [buf])
             except BlockingIOError:
                 now = _monotonic_ns()
-                if now < deadline:
+                if now - last > PREEMPTED_NS:
+                    self._preempted(now)
+                elif now < deadline:
+                    last = now
                     continue
                 host.poll_ns_total += now - began
                 return False  # the client is slower than the window: sleep in epoll
@@ -163,3 +182,8 @@ class Poller:
         poll.busy(now)
         self._client.process(bytes(buf[:count]))
         return True
+
+    def _preempted(self, now: int) -> None:
+        """The spin lost its CPU: the client needs it more; pause polling it."""
+        self._hold_until = now + CONTENDED_HOLD_NS
+        self._host.poll_preempted += 1

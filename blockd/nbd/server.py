@@ -79,6 +79,7 @@ class NbdServer:
         self.poll_hits = 0  # for the metrics: requests that polling caught
         self._poll_buf: bytearray | None = None
         self.poll_ns_total = 0  # for the metrics: time the loop spent polling
+        self.poll_preempted = 0  # for the metrics: spins cut short by a busy CPU
         self.max_connections = 100
         # The daemon's own cap, from its descriptor limit (each client holds a socket,
         # and pipes while it splices): applies whatever max-connections says.
