@@ -371,10 +371,10 @@ class PosixDriver:
         """
         if self._unaligned_ok and len(buffers) == 1:
             # Buffered I/O takes any buffer and offset: one system call, usually complete.
-            view = memoryview(buffers[0]).cast("B")
             count = os.preadv(self._fd, buffers, offset)
-            if count == len(view) or count == 0:
+            if count == 0 or count == buffers[0].nbytes:
                 return count
+            view = memoryview(buffers[0]).cast("B")  # short: the careful path reads the rest
             return count + self._io.read(offset + count, [view[count:]])
         return self._io.read(offset, buffers)
 
@@ -430,10 +430,11 @@ class PosixDriver:
                     raise
                 self._dsync_supported = False
         if self._unaligned_ok and len(buffers) == 1:
-            view = memoryview(buffers[0]).cast("B")
+            first = buffers[0]
             count = os.pwritev(self._fd, buffers, offset)
-            if count < len(view):  # short write: the careful path writes the rest
-                count += self._io.write(offset + count, [view[count:]])
+            if count < (first.nbytes if type(first) is memoryview else len(first)):
+                # Short: the careful path writes the rest.
+                count += self._io.write(offset + count, [memoryview(first).cast("B")[count:]])
         else:
             count = self._io.write(offset, buffers)
         if fua:
