@@ -145,6 +145,7 @@ class NbdClient(asyncio.Protocol):
         self.export: Export | None = None
         self.device: Device | None = None  # the export's, once negotiated
         self.in_flight = 0
+        self.batch = 0  # requests the last _run took (the poller waits only after lone ones)
         self.in_flight_bytes = 0  # payload bytes of the reads and writes in flight
         self.held = False  # requests wait unparsed until something completes
         self._running = False  # inside _run (completions then only update counts)
@@ -342,6 +343,7 @@ class NbdClient(asyncio.Protocol):
         replies = self._replies
         replies.scheduled = True
         self._running = True
+        taken = 0
         try:
             while not self.stopping:
                 if self.in_flight >= self._max_in_flight or (
@@ -356,6 +358,7 @@ class NbdClient(asyncio.Protocol):
                     self.held = False
                     break
                 queued = self._handle(event)
+                taken += 1
                 if queued:
                     replies.queued += queued
                 if replies.queued >= replies.max_unsent:
@@ -372,6 +375,7 @@ class NbdClient(asyncio.Protocol):
             return
         finally:
             self._running = False
+            self.batch = taken
             # flush(), inlined: at queue depth 1 this runs once per request.
             if self._send() and self._polling and not self.in_flight:
                 now = _monotonic_ns()

@@ -6,6 +6,11 @@ request in flight io_uring is reaped in a loop for its completion.  Each has its
 own adaptive window, and one client is served this way for at most
 ``POLL_SLICE_NS`` before the loop runs anything else.
 
+Only a client whose requests come one at a time is polled for its next one.  A
+client that keeps many in flight sends them in batches; sleeping in epoll costs
+one wake-up per batch, shared by all its requests, so spinning between batches
+buys little and costs a CPU the client could use.
+
 Polling only pays while the client has a CPU of its own.  When the machine is
 busy, the spinning loop thread takes the CPU the client needs to send its next
 request, and a QD1 client then runs at half the rate it gets with no polling at
@@ -57,6 +62,7 @@ class Polled(Protocol):
     """The connection being polled for."""
 
     in_flight: int
+    batch: int  # requests the last batch of input held
     stopping: bool  # no more requests will be read
     reading_paused: bool
 
@@ -107,7 +113,12 @@ class Poller:
             not transport.is_closing() and not client.stopping
             and not client.reading_paused and now < stop and now >= self._hold_until
         ):
-            caught = self._completion(now) if client.in_flight else self._socket(now)
+            if client.in_flight:
+                caught = self._completion(now)
+            elif client.batch > 1:
+                return  # requests come in batches: the loop wakes once per batch anyway
+            else:
+                caught = self._socket(now)
             if not caught:
                 return
             now = _monotonic_ns()

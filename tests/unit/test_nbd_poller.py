@@ -42,6 +42,7 @@ class Host:
 class Client:
     def __init__(self) -> None:
         self.in_flight = 0
+        self.batch = 1
         self.stopping = False
         self.reading_paused = False
         self.received: list[bytes] = []
@@ -218,3 +219,15 @@ def test_a_poll_that_loses_its_cpu_stops_and_polling_pauses(
     assert a.recv(100) == b"request"
     time.sleep(CONTENDED_HOLD_NS / 1e9)
     assert poller._hold_until <= time.monotonic_ns()  # the hold ends
+
+
+def test_a_client_that_sends_batches_is_not_polled_for_the_next_one(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    poller, host, client, _ = make(a, window_ns=1000 * MS)
+    client.batch = 16  # its last input held 16 requests
+    b.sendall(b"request")
+    poller.run()
+    assert client.received == [] and host.poll_hits == 0 and host.poll_ns_total == 0
+    assert a.recv(100) == b"request"  # left for the transport
