@@ -13,7 +13,8 @@ requests, then its counters are zeroed, ``qemu-img bench`` sends N requests, and
 the counters are dumped (``callgrind_control``).  The total over all threads,
 divided by N, is the figure.  What it leaves out: the kernel's work in system
 calls (a server that makes more system calls per request pays that on top), and
-nothing about waiting or scheduling.  See bench/README.md.
+anything about waiting or scheduling; blockd runs with busy-polling off.  See
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -72,22 +73,44 @@ def bench(uri: str, args: Sequence[str], count: int) -> None:
 
 def measure(peer: nb.Peer, workdir: Path, args: Sequence[str], count: int) -> int:
     """Instructions per request of one run of ``count`` requests."""
-    pid = int(peer.pidfile.read_text().split()[0])
+    pid = peer_pid(peer)
     bench(peer.uri, args, min(WARMUP, count))
-    subprocess.run(["callgrind_control", "-z", str(pid)], check=True,
-                   stdout=subprocess.DEVNULL)
+    control(pid, "-z")
     bench(peer.uri, args, count)
     before = set(workdir.glob(f"cg.{pid}.*"))
-    subprocess.run(["callgrind_control", "-d", str(pid)], check=True,
-                   stdout=subprocess.DEVNULL)
+    control(pid, "-d")
     return callgrind_total(newest_dump(workdir, pid, before).read_text()) // count
 
 
+def peer_pid(peer: nb.Peer) -> int:
+    """The pid in the peer's pid file (a server may create the file before writing it)."""
+    for _ in range(200):
+        words = peer.pidfile.read_text().split()
+        if words:
+            return int(words[0])
+        time.sleep(0.05)
+    raise nb.BenchError(f"{peer.spec.label} wrote no pid into {peer.pidfile}")
+
+
+def control(pid: int, action: str) -> None:
+    """``callgrind_control -z`` (zero the counters) or ``-d`` (dump them) for ``pid``."""
+    done = subprocess.run(["callgrind_control", action, str(pid)], capture_output=True,
+                          text=True, check=False)
+    if done.returncode:
+        raise nb.BenchError(f"callgrind_control {action} {pid}: {done.stderr.strip()}")
+
+
 def under_callgrind(spec: nb.PeerSpec, workdir: Path) -> nb.PeerSpec:
-    """The same peer, run by valgrind (children too: the C references exec their server)."""
+    """The same peer, run by valgrind (children too: the C references exec their server).
+
+    blockd's busy-polling is off unless the peer's definition sets it: a spin
+    executes instructions for as long as the client takes, which is waiting, not
+    work, and would make the count depend on the machine again.
+    """
     valgrind = ("valgrind", "--tool=callgrind", "--trace-children=yes",
                 f"--callgrind-out-file={workdir}/cg.%p")
-    return nb.PeerSpec(spec.label, spec.name, valgrind + spec.argv, spec.env)
+    env = {"BLOCKD_POLL_MAX_NS": "0", **spec.env}
+    return nb.PeerSpec(spec.label, spec.name, valgrind + spec.argv, env)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
