@@ -227,7 +227,7 @@ class Workload:
 
 WORKLOADS: dict[str, Workload] = {w.key: w for w in [
     Workload("rr4k-qd1", "4K rand read QD1 (qemu-img)", "qemu-img", "IOPS", qd=1,
-             random=True, target=1.0, start_count=3000),
+             random=True, target=1.2, start_count=3000),
     Workload("rr4k-qd32", "4K rand read QD32 (qemu-img)", "qemu-img", "IOPS", qd=32,
              random=True, target=1.5, start_count=20000, cpu_target=0.55),
     Workload("rw4k-qd32", "4K rand write QD32 (qemu-img)", "qemu-img", "IOPS", qd=32,
@@ -235,14 +235,14 @@ WORKLOADS: dict[str, Workload] = {w.key: w for w in [
     Workload("sr64k-qd8", "64K seq read QD8 (qemu-img)", "qemu-img", "MB/s", bs=64 << 10,
              qd=8, start_count=5000),
     Workload("sr1m-qd4", "1M seq read QD4 (qemu-img)", "qemu-img", "MB/s", bs=MiB, qd=4,
-             target=1.0, start_count=500),
+             target=1.5, start_count=500),
     Workload("fio-rr4k-qd1", "4K rand read QD1 (fio nbd)", "fio", "IOPS", qd=1,
-             random=True, target=1.0),
+             random=True, target=1.2),
     Workload("fio-rr4k-qd32", "4K rand read QD32 (fio nbd)", "fio", "IOPS", qd=32,
              random=True, target=1.5),
     Workload("fio-rw4k-qd32", "4K rand write QD32 (fio nbd)", "fio", "IOPS", qd=32,
              write=True, random=True, target=1.5),
-    Workload("nbdcopy", "nbdcopy -> null:", "nbdcopy", "MB/s", bs=0, target=1.0),
+    Workload("nbdcopy", "nbdcopy -> null:", "nbdcopy", "MB/s", bs=0, target=1.5),
 ]}
 DEFAULT_WORKLOADS = ["rr4k-qd1", "rr4k-qd32", "rw4k-qd32", "sr1m-qd4",
                      "fio-rr4k-qd32", "fio-rw4k-qd32", "nbdcopy"]

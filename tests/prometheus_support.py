@@ -74,7 +74,7 @@ DAEMON_METRICS = frozenset({
     "blockd_nbd_connections_accepted_total",
     "blockd_nbd_poll_hits_total",
     "blockd_nbd_poll_seconds_total",
-    "blockd_nbd_poll_preempted_total",
+    "blockd_nbd_poll_paused_total",
     "blockd_nbd_exports",
     "blockd_nbd_export_info",
     "blockd_hotplug_events_total",

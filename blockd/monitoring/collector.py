@@ -74,9 +74,9 @@ def _daemon_families(s: DaemonSample) -> Iterator[Metric]:
         "Time the event loop spent polling idle NBD clients' sockets.", s.nbd_poll_seconds,
         unit="seconds")
     yield CounterMetricFamily(
-        "blockd_nbd_poll_preempted_total",
-        "Times polling stopped because the event loop lost its CPU (polling then pauses).",
-        s.nbd_poll_preempted)
+        "blockd_nbd_poll_paused_total",
+        "Times NBD polling paused for 200 ms because tasks waited for a CPU.",
+        s.nbd_poll_paused)
     yield GaugeMetricFamily("blockd_nbd_exports", "NBD exports.", s.nbd_exports)
     exports = InfoMetricFamily(
         "blockd_nbd_export", "An NBD export and the device its requests go through.",

@@ -48,7 +48,7 @@ class NbdCounters(Protocol):
     @property
     def poll_ns_total(self) -> int: ...
     @property
-    def poll_preempted(self) -> int: ...
+    def poll_paused(self) -> int: ...
 
 
 class HotplugCounters(Protocol):
@@ -121,7 +121,7 @@ class DaemonSample:
     nbd_connections_total: int
     nbd_poll_hits: int
     nbd_poll_seconds: float
-    nbd_poll_preempted: int
+    nbd_poll_paused: int
     nbd_exports: int
     exports: tuple[tuple[str, str, str, str, bool], ...]
     """(export id, NBD name, device id, node-name, writable) for every export."""
@@ -232,7 +232,7 @@ class MetricsSource:
             nbd_connections_total=nbd.connections_accepted if nbd is not None else 0,
             nbd_poll_hits=nbd.poll_hits if nbd is not None else 0,
             nbd_poll_seconds=nbd.poll_ns_total / 1e9 if nbd is not None else 0.0,
-            nbd_poll_preempted=nbd.poll_preempted if nbd is not None else 0,
+            nbd_poll_paused=nbd.poll_paused if nbd is not None else 0,
             nbd_exports=len(self.registry.exports),
             exports=tuple(
                 (e.id, e.name, e.device.id, e.node_name, e.writable)

@@ -11,13 +11,9 @@ client that keeps many in flight sends them in batches; sleeping in epoll costs
 one wake-up per batch, shared by all its requests, so spinning between batches
 buys little and costs a CPU the client could use.
 
-Polling only pays while the client has a CPU of its own.  When the machine is
-busy, the spinning loop thread takes the CPU the client needs to send its next
-request, and a QD1 client then runs at half the rate it gets with no polling at
-all.  The spin notices this from inside: between two of its iterations the clock
-jumps (the scheduler ran someone else on this CPU).  A jump over
-``PREEMPTED_NS`` ends the spin and pauses all polling of this client for
-``CONTENDED_HOLD_NS``; the loop sleeps in epoll meanwhile, as with polling off.
+No client is polled while tasks wait for a CPU
+(:class:`blockd.aio.polling.CpuPressure`): the spin would take the CPU the client
+needs, and the loop sleeps in epoll as with polling off.
 """
 
 from __future__ import annotations
@@ -36,8 +32,6 @@ __all__ = ["POLL_BUFFER", "POLL_SLICE_NS", "PollHost", "Polled", "Poller"]
 
 POLL_BUFFER = 256 * 1024  # what one poll reads from the socket at most
 POLL_SLICE_NS = 1_000_000  # polling serves one client at most this long before the loop runs
-PREEMPTED_NS = 50_000  # a gap this long between two spins means the CPU went to someone else
-CONTENDED_HOLD_NS = 20_000_000  # then no polling of that client for this long
 
 _monotonic_ns = time.monotonic_ns
 
@@ -47,7 +41,6 @@ class PollHost(Protocol):
 
     poll_hits: int  # requests (or completions) polling caught
     poll_ns_total: int  # time spent polling
-    poll_preempted: int  # spins ended because the loop thread lost its CPU
 
     def poll_buffer(self) -> bytearray:
         """Where a poll reads into; shared, since what it reads is copied at once."""
@@ -55,6 +48,10 @@ class PollHost(Protocol):
 
     def uring(self) -> UringIo | None:
         """The daemon's io_uring, if it has one."""
+        ...
+
+    def cpus_contended(self, now_ns: int) -> bool:
+        """Whether tasks wait for a CPU (then nobody is polled)."""
         ...
 
 
@@ -91,7 +88,6 @@ class Poller:
         self._client = client
         self._transport: asyncio.Transport | None = None
         self._sock_fd = -1
-        self._hold_until = 0  # no polling before this (monotonic ns): the CPU is contended
 
     def attach(self, transport: asyncio.Transport, sock_fd: int) -> None:
         self._transport = transport
@@ -108,10 +104,12 @@ class Poller:
             return
         client = self._client
         now = _monotonic_ns()
+        if self._host.cpus_contended(now):
+            return
         stop = now + POLL_SLICE_NS
         while (
             not transport.is_closing() and not client.stopping
-            and not client.reading_paused and now < stop and now >= self._hold_until
+            and not client.reading_paused and now < stop
         ):
             if client.in_flight:
                 caught = self._completion(now)
@@ -140,15 +138,11 @@ class Poller:
         if not poll.window_ns:
             return False
         deadline = now + poll.window_ns
-        began = last = now
+        began = now
         uring.submit_now()
         while client.in_flight and now < deadline:
             uring.poll()
             now = _monotonic_ns()
-            if now - last > PREEMPTED_NS:
-                self._preempted(now)
-                break
-            last = now
         self._host.poll_ns_total += now - began
         if client.in_flight:
             return False  # the completion will wake the loop
@@ -169,16 +163,13 @@ class Poller:
         host = self._host
         buf = host.poll_buffer()
         deadline = now + poll.window_ns
-        began = last = now
+        began = now
         while True:
             try:
                 count = os.readv(self._sock_fd, [buf])
             except BlockingIOError:
                 now = _monotonic_ns()
-                if now - last > PREEMPTED_NS:
-                    self._preempted(now)
-                elif now < deadline:
-                    last = now
+                if now < deadline:
                     continue
                 host.poll_ns_total += now - began
                 return False  # the client is slower than the window: sleep in epoll
@@ -194,7 +185,3 @@ class Poller:
         self._client.process(bytes(buf[:count]))
         return True
 
-    def _preempted(self, now: int) -> None:
-        """The spin lost its CPU: the client needs it more; pause polling it."""
-        self._hold_until = now + CONTENDED_HOLD_NS
-        self._host.poll_preempted += 1

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from blockd.aio.addresses import resolves_to_loopback
 from blockd.aio.buffers import BufferPool
 from blockd.aio.pipes import PipePool
-from blockd.aio.polling import DEFAULT_MAX_NS
+from blockd.aio.polling import DEFAULT_MAX_NS, CpuPressure
 from blockd.aio.unix import claim_socket_path
 from blockd.block.exports import Export, NbdAddress
 from blockd.block.registry import Registry
@@ -79,7 +79,7 @@ class NbdServer:
         self.poll_hits = 0  # for the metrics: requests that polling caught
         self._poll_buf: bytearray | None = None
         self.poll_ns_total = 0  # for the metrics: time the loop spent polling
-        self.poll_preempted = 0  # for the metrics: spins cut short by a busy CPU
+        self.cpu_pressure = CpuPressure()  # no polling while tasks wait for a CPU
         self.max_connections = 100
         # The daemon's own cap, from its descriptor limit (each client holds a socket,
         # and pipes while it splices): applies whatever max-connections says.
@@ -112,6 +112,15 @@ class NbdServer:
     def uring(self) -> UringIo | None:
         """The daemon's io_uring, where polling waits for a single completion."""
         return self.registry.workers.uring
+
+    def cpus_contended(self, now_ns: int) -> bool:
+        """Whether tasks wait for a CPU, so that no client is polled."""
+        return self.cpu_pressure.check(now_ns)
+
+    @property
+    def poll_paused(self) -> int:
+        """For the metrics: times polling paused (200 ms each) because tasks waited for a CPU."""
+        return self.cpu_pressure.pauses
 
     @property
     def running(self) -> bool:

@@ -81,7 +81,7 @@ DAEMON_FAMILIES: dict[str, tuple[str, set[str]]] = {
     "blockd_nbd_connections_accepted_total": ("counter", set()),
     "blockd_nbd_poll_hits_total": ("counter", set()),
     "blockd_nbd_poll_seconds_total": ("counter", set()),
-    "blockd_nbd_poll_preempted_total": ("counter", set()),
+    "blockd_nbd_poll_paused_total": ("counter", set()),
     "blockd_nbd_exports": ("gauge", set()),
     "blockd_hotplug_events_total": ("counter", {"action"}),
     "blockd_devices": ("gauge", set()),

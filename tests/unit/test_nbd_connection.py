@@ -123,7 +123,7 @@ class FakeServer:
         self.pipes = PipePool(limit=0)
         self.poll_max_ns = 0
         self.tls = None  # plaintext (TLS is tested with real peers: tests/host/test_tls.py)
-        self.poll_hits = self.poll_ns_total = self.poll_preempted = 0
+        self.poll_hits = self.poll_ns_total = 0
         self.clients: set[NbdClient] = set()
         self.max_connections = max_connections
         self.hits: dict[str, int] = {}
@@ -131,6 +131,9 @@ class FakeServer:
 
     def lookup(self, name: str) -> ExportInfo | None:
         return self.info if name == "disk" else None
+
+    def cpus_contended(self, now_ns: int) -> bool:
+        return False
 
     def names(self) -> Sequence[tuple[str, str]]:
         return [("disk", "")]

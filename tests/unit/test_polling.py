@@ -1,8 +1,14 @@
-"""The arithmetic of adaptive polling (blockd/aio/polling.py)."""
+"""The arithmetic of adaptive polling and the CPU pressure check (blockd/aio/polling.py)."""
 
 from __future__ import annotations
 
-from blockd.aio.polling import START_NS, AdaptivePoll
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from blockd.aio.polling import CHECK_NS, PAUSE_NS, START_NS, AdaptivePoll, CpuPressure
 
 US = 1000
 
@@ -50,3 +56,57 @@ def test_only_waits_that_started_idle_count() -> None:
     poll = AdaptivePoll(max_ns=100 * US)
     poll.busy(10**9)  # a request while others were in flight: no wait measured
     assert poll.window_ns == 0
+
+
+
+def pressure(tmp_path: Path, stalled_us: int) -> Path:
+    path = tmp_path / "cpu"
+    path.write_text(f"some avg10=1.00 avg60=2.00 avg300=3.00 total={stalled_us}\n"
+                    "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    return path
+
+
+MS = 1_000_000
+
+
+def test_tasks_waiting_for_a_cpu_pause_polling(tmp_path: Path) -> None:
+    path = pressure(tmp_path, 1_000)
+    cpu = CpuPressure(str(path))
+    assert cpu.stalled_us() == 1_000
+    assert cpu.check(1000 * MS) is False  # a first reading has nothing to compare with
+    pressure(tmp_path, 1_000 + 500)  # 0.5 ms of 10 ms: 5 %
+    assert cpu.check(1010 * MS) is False
+    pressure(tmp_path, 1_500 + 2_000)  # 2 ms of 10 ms: 20 %
+    assert cpu.check(1020 * MS) is True and cpu.pauses == 1
+    pressure(tmp_path, 0)  # not read again during the pause
+    assert cpu.check(1020 * MS + PAUSE_NS - 1) is True
+    pressure(tmp_path, 3_500 + 1_000)  # 1 ms over the 200 ms pause: 0.5 %
+    assert cpu.check(1020 * MS + PAUSE_NS) is False and cpu.pauses == 1
+    assert cpu.check(1020 * MS + PAUSE_NS + CHECK_NS - 1) is False  # kept until the next
+
+
+def test_without_pressure_information_nothing_pauses(tmp_path: Path) -> None:
+    missing = CpuPressure(str(tmp_path / "missing"))
+    assert missing.check(MS) is False and missing.check(MS + CHECK_NS) is False
+    (tmp_path / "garbage").write_text("no numbers here")
+    garbage = CpuPressure(str(tmp_path / "garbage"))
+    assert garbage.check(MS) is False and garbage.check(MS + CHECK_NS) is False
+
+
+def test_the_kernel_reports_busy_processes_as_cpu_pressure() -> None:
+    """The real /proc/pressure/cpu: more spinners than CPUs make tasks wait."""
+    cpu = CpuPressure()
+    before = cpu.stalled_us()
+    assert before is not None, "this kernel has no pressure stall information"
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range((os.cpu_count() or 1) + 1)]
+    try:
+        began = time.monotonic_ns()
+        cpu.check(began)
+        time.sleep(0.3)
+        paused = cpu.check(max(time.monotonic_ns(), began + CHECK_NS))
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    assert paused and cpu.pauses == 1
