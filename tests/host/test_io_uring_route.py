@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -118,3 +119,59 @@ async def test_polling_the_ring_completes_without_the_loop(image: Path) -> None:
     finally:
         os.close(fd)
         uring.close()
+
+
+async def test_a_full_ring_sends_the_write_to_the_workers(
+        image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    uring = UringIo.create()
+    if uring is None:
+        pytest.skip("io_uring cannot be set up here")
+    registry = Registry(executor=ThreadPoolExecutor(2), bus=EventBus())
+    registry.workers.uring = uring
+    await registry.add_node(NodeOptions(driver="file", node_name="f0", filename=str(image)))
+    device = registry.add_device("hd", "hd0", "f0")
+    monkeypatch.setattr(uring._ring, "prep_writev", lambda *a, **k: False)  # always full
+    await devio.pwrite(device, 4096, b"w" * 4096)
+    assert image.read_bytes()[4096:8192] == b"w" * 4096
+    stats = device.stats.to_qmp()
+    assert stats["wr_operations"] == 1 and stats["wr_bytes"] == 4096
+    assert device.node is not None and device.node.wr_highest_offset == 8192
+    assert device.in_flight == 0 and device.node.in_flight == 0
+    await registry.close_all()
+    monkeypatch.undo()
+    uring.close()
+
+
+async def test_a_ring_write_that_fails_under_werror_stop_is_held_and_retried(
+        image: Path) -> None:
+    uring = UringIo.create()
+    if uring is None:
+        pytest.skip("io_uring cannot be set up here")
+    registry = Registry(executor=ThreadPoolExecutor(2), bus=EventBus())
+    registry.workers.uring = uring
+    node = await registry.add_node(NodeOptions(driver="file", node_name="f0",
+                                               filename=str(image)))
+    device = registry.add_device("hd", "hd0", "f0", werror="stop")
+    fd = node.driver.fd  # type: ignore[attr-defined]
+    saved = os.dup(fd)
+    ro_fd = os.open(image, os.O_RDONLY)
+    os.dup2(ro_fd, fd)  # writes now fail with EBADF in the kernel
+    os.close(ro_fd)
+    write = asyncio.ensure_future(devio.pwrite(device, 12288, b"s" * 4096))
+    for _ in range(200):
+        if device.paused:
+            break
+        await asyncio.sleep(0.01)
+    assert device.paused and not write.done()  # held, not failed
+    assert device.stats.to_qmp()["failed_wr_operations"] == 0
+    os.dup2(saved, fd)  # the storage is back
+    os.close(saved)
+    device.resume()
+    await asyncio.wait_for(write, 10)
+    assert image.read_bytes()[12288:16384] == b"s" * 4096
+    stats = device.stats.to_qmp()
+    assert stats["wr_operations"] == 1 and stats["failed_wr_operations"] == 0
+    assert node.wr_highest_offset == 16384
+    assert device.in_flight == 0 and node.in_flight == 0
+    await registry.close_all()
+    uring.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from nbdclients import libnbd
 from test_metrics import one, scrape
 
 from blockd.aio._ring import Ring, UringUnavailable
+from blockd.aio.polling import PAUSE_NS
 
 MiB = 1 << 20
 
@@ -63,7 +65,9 @@ async def test_qd1_requests_are_caught_by_polling(blockd_factory: BlockdFactory,
     monkeypatch.setenv("BLOCKD_POLL_MAX_NS", window)
     d, img, sock = start(blockd_factory, tmp_path)
     try:
+        began = time.monotonic()
         written: Any = await asyncio.to_thread(ping_pong, sock, 1500)
+        elapsed = time.monotonic() - began
         disk = img.read_bytes()
     finally:
         img.unlink()
@@ -76,10 +80,13 @@ async def test_qd1_requests_are_caught_by_polling(blockd_factory: BlockdFactory,
         assert hits == 0 and seconds == 0
     else:
         # Each round has two requests to catch, and with io_uring also the write's
-        # completion: polling catches most of them.
+        # completion: polling catches most of them, except while it paused because
+        # tasks waited for a CPU (each pause is PAUSE_NS; a busy test machine has some).
         per_round = 3 if uring_works() else 2
-        assert hits > 0.6 * per_round * 1500, hits
-        assert seconds > 0
+        paused = one(samples, "blockd_nbd_poll_paused_total")
+        polled_share = max(0.0, 1 - paused * PAUSE_NS / 1e9 / elapsed)
+        assert hits > 0.6 * per_round * 1500 * polled_share, (hits, paused, elapsed)
+        assert seconds > 0 or polled_share == 0
     qmp = await d.client()
     stats = next(e["stats"] for e in await qmp.execute("query-blockstats")
                  if e["device"] == "e0")
