@@ -378,11 +378,13 @@ class Device:
         whose driver can put it on the ring, skips the request object and the route
         choice of :meth:`_submit`; its completion is accounted as :meth:`_complete`
         accounts one, and anything but success goes through :meth:`_complete`.
+        Memory-backed drivers are not for the ring: their writes run on the loop thread.
         """
         node = self.node
         uring = self._workers.uring
-        if (node is None or uring is None or node.uring_write is None or self.paused
-                or self.tray_open or not node.has_medium or node.read_only or self._waiting):
+        if (node is None or uring is None or node.uring_write is None
+                or node.driver.memory_backed or self.paused or self.tray_open
+                or not node.has_medium or node.read_only or self._waiting):
             return False
         length = len(data)
         cap = self.max_in_flight

@@ -175,3 +175,36 @@ async def test_a_ring_write_that_fails_under_werror_stop_is_held_and_retried(
     assert device.in_flight == 0 and node.in_flight == 0
     await registry.close_all()
     uring.close()
+
+
+async def test_writes_to_a_memory_backed_file_stay_on_the_loop_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    uring = UringIo.create()
+    if uring is None:
+        pytest.skip("io_uring cannot be set up here")
+    path = Path("/dev/shm") / f"blockd-uring-{os.getpid()}.img"
+    path.write_bytes(bytes(MiB))
+    registry = Registry(executor=ThreadPoolExecutor(2), bus=EventBus())
+    registry.workers.uring = uring
+    queued: list[int] = []
+    real_writev = uring._ring.prep_writev
+
+    def writev(fd: int, buffers: Any, offset: int, user_data: int, rw_flags: int = 0) -> bool:
+        queued.append(offset)
+        return real_writev(fd, buffers, offset, user_data, rw_flags)
+
+    monkeypatch.setattr(uring._ring, "prep_writev", writev)
+    try:
+        node = await registry.add_node(NodeOptions(driver="file", node_name="f0",
+                                                   filename=str(path)))
+        assert node.driver.memory_backed
+        device = registry.add_device("hd", "hd0", "f0")
+        await devio.pwrite(device, 4096, b"m" * 4096)
+        assert queued == []  # written inline, as the driver is memory-backed
+        assert path.read_bytes()[4096:8192] == b"m" * 4096
+        assert device.stats.to_qmp()["wr_operations"] == 1
+        await registry.close_all()
+    finally:
+        path.unlink()
+        monkeypatch.undo()
+        uring.close()
