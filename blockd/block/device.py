@@ -302,6 +302,15 @@ class Device:
         if self._waiting and not self._releasing:
             self._release()
 
+    def _left_node(self, node: Node) -> None:
+        """A data request is done with its node and the driver: wake whoever waits for that."""
+        node.in_flight -= 1
+        if not node.in_flight and node.idle_waiters:
+            node.wake_idle()
+        self.in_flight -= 1  # _left_driver(), inlined: this runs once per request
+        if self._waiting and not self._releasing:
+            self._release()
+
     def _release(self) -> None:
         self._releasing = True  # a request that completes at once must not recurse here
         try:
@@ -412,12 +421,7 @@ class Device:
             self._written(
                 self._write_request(node, offset, cookie.nbytes, buffers, fua, done), cookie, res)
             return
-        node.in_flight -= 1
-        if not node.in_flight and node.idle_waiters:
-            node.wake_idle()
-        self.in_flight -= 1
-        if self._waiting and not self._releasing:
-            self._release()
+        self._left_node(node)
         self.stats.done(cookie)
         node.note_write(offset, res)
         done(res, None)
@@ -435,12 +439,7 @@ class Device:
     ) -> None:
         """Account the outcome, apply the error policy, and tell the requester."""
         node = request.node
-        node.in_flight -= 1
-        if not node.in_flight and node.idle_waiters:
-            node.wake_idle()
-        self.in_flight -= 1  # _left_driver(), inlined: this runs once per request
-        if self._waiting and not self._releasing:
-            self._release()
+        self._left_node(node)
         if exc is None:
             self.stats.done(cookie)
             if request.written_at >= 0:

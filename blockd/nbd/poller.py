@@ -184,4 +184,3 @@ class Poller:
         poll.busy(now)
         self._client.process(bytes(buf[:count]))
         return True
-
