@@ -13,6 +13,8 @@ import devio
 import pytest
 
 from blockd.aio.uring import UringIo
+from blockd.block.device import Device
+from blockd.block.node import Node
 from blockd.block.registry import Registry
 from blockd.devices.base import NodeOptions
 from blockd.events import EventBus
@@ -30,12 +32,20 @@ def image() -> Any:
     path.unlink()
 
 
-async def test_io_uring_route(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def on_ring(path: Path, **device_options: Any) -> tuple[UringIo, Registry, Node, Device]:
+    """A registry with a real ring, node f0 on ``path`` and device hd0 (skips without a ring)."""
     uring = UringIo.create()
     if uring is None:
         pytest.skip("io_uring cannot be set up here")
     registry = Registry(executor=ThreadPoolExecutor(2), bus=EventBus())
     registry.workers.uring = uring
+    node = await registry.add_node(NodeOptions(driver="file", node_name="f0",
+                                               filename=str(path)))
+    return uring, registry, node, registry.add_device("hd", "hd0", "f0", **device_options)
+
+
+async def test_io_uring_route(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    uring, registry, node, device = await on_ring(image)
     ring = uring._ring
     seen: list[tuple[str, int]] = []
     real_writev, real_fsync = ring.prep_writev, ring.prep_fsync
@@ -50,10 +60,7 @@ async def test_io_uring_route(image: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(ring, "prep_writev", writev)
     monkeypatch.setattr(ring, "prep_fsync", fsync)
-    node = await registry.add_node(NodeOptions(driver="file", node_name="f0",
-                                               filename=str(image)))
     assert not node.driver.memory_backed
-    device = registry.add_device("hd", "hd0", "f0")
     payload = os.urandom(64 * 1024)
     await devio.pwrite(device, 4096, payload)
     await devio.pwrite(device, MiB, b"F" * 4096, fua=True)
@@ -77,13 +84,7 @@ async def test_io_uring_route(image: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 async def test_a_broken_ring_fails_waiting_requests_and_falls_back(
         image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    uring = UringIo.create()
-    if uring is None:
-        pytest.skip("io_uring cannot be set up here")
-    registry = Registry(executor=ThreadPoolExecutor(2), bus=EventBus())
-    registry.workers.uring = uring
-    await registry.add_node(NodeOptions(driver="file", node_name="f0", filename=str(image)))
-    device = registry.add_device("hd", "hd0", "f0", werror="report")
+    uring, registry, _, device = await on_ring(image, werror="report")
 
     def refuse() -> int:
         raise OSError(9, "Bad file descriptor")
@@ -123,13 +124,7 @@ async def test_polling_the_ring_completes_without_the_loop(image: Path) -> None:
 
 async def test_a_full_ring_sends_the_write_to_the_workers(
         image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    uring = UringIo.create()
-    if uring is None:
-        pytest.skip("io_uring cannot be set up here")
-    registry = Registry(executor=ThreadPoolExecutor(2), bus=EventBus())
-    registry.workers.uring = uring
-    await registry.add_node(NodeOptions(driver="file", node_name="f0", filename=str(image)))
-    device = registry.add_device("hd", "hd0", "f0")
+    uring, registry, _, device = await on_ring(image)
     monkeypatch.setattr(uring._ring, "prep_writev", lambda *a, **k: False)  # always full
     await devio.pwrite(device, 4096, b"w" * 4096)
     assert image.read_bytes()[4096:8192] == b"w" * 4096
@@ -144,14 +139,7 @@ async def test_a_full_ring_sends_the_write_to_the_workers(
 
 async def test_a_ring_write_that_fails_under_werror_stop_is_held_and_retried(
         image: Path) -> None:
-    uring = UringIo.create()
-    if uring is None:
-        pytest.skip("io_uring cannot be set up here")
-    registry = Registry(executor=ThreadPoolExecutor(2), bus=EventBus())
-    registry.workers.uring = uring
-    node = await registry.add_node(NodeOptions(driver="file", node_name="f0",
-                                               filename=str(image)))
-    device = registry.add_device("hd", "hd0", "f0", werror="stop")
+    uring, registry, node, device = await on_ring(image, werror="stop")
     fd = node.driver.fd  # type: ignore[attr-defined]
     saved = os.dup(fd)
     ro_fd = os.open(image, os.O_RDONLY)
@@ -179,32 +167,26 @@ async def test_a_ring_write_that_fails_under_werror_stop_is_held_and_retried(
 
 async def test_writes_to_a_memory_backed_file_stay_on_the_loop_thread(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    uring = UringIo.create()
-    if uring is None:
-        pytest.skip("io_uring cannot be set up here")
     path = Path("/dev/shm") / f"blockd-uring-{os.getpid()}.img"
     path.write_bytes(bytes(MiB))
-    registry = Registry(executor=ThreadPoolExecutor(2), bus=EventBus())
-    registry.workers.uring = uring
-    queued: list[int] = []
-    real_writev = uring._ring.prep_writev
-
-    def writev(fd: int, buffers: Any, offset: int, user_data: int, rw_flags: int = 0) -> bool:
-        queued.append(offset)
-        return real_writev(fd, buffers, offset, user_data, rw_flags)
-
-    monkeypatch.setattr(uring._ring, "prep_writev", writev)
     try:
-        node = await registry.add_node(NodeOptions(driver="file", node_name="f0",
-                                                   filename=str(path)))
+        uring, registry, node, device = await on_ring(path)
         assert node.driver.memory_backed
-        device = registry.add_device("hd", "hd0", "f0")
+        queued: list[int] = []
+        real_writev = uring._ring.prep_writev
+
+        def writev(fd: int, buffers: Any, offset: int, user_data: int,
+                   rw_flags: int = 0) -> bool:
+            queued.append(offset)
+            return real_writev(fd, buffers, offset, user_data, rw_flags)
+
+        monkeypatch.setattr(uring._ring, "prep_writev", writev)
         await devio.pwrite(device, 4096, b"m" * 4096)
         assert queued == []  # written inline, as the driver is memory-backed
         assert path.read_bytes()[4096:8192] == b"m" * 4096
         assert device.stats.to_qmp()["wr_operations"] == 1
         await registry.close_all()
-    finally:
-        path.unlink()
         monkeypatch.undo()
         uring.close()
+    finally:
+        path.unlink()

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
+import benchscripts
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load() -> ModuleType:
-    sys.path.insert(0, str(BENCH))  # it imports nbd_bench beside it
-    spec = importlib.util.spec_from_file_location("nbd_instructions", BENCH / "nbd_instructions.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["nbd_instructions"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ni = _load()
+ni = benchscripts.load("nbd_instructions")
 
 DUMP = """\
 # callgrind format

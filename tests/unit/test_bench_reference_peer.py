@@ -2,26 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
+import benchscripts
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "reference_peer.py"
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("reference_peer", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reference_peer"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-rp = _load()
+rp = benchscripts.load("reference_peer")
 
 
 def _args(blockdev: str, writable: str = "on") -> list[str]:

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
+import benchscripts
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "nbd_bench.py"
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("nbd_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["nbd_bench"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-nb = _load()
+nb = benchscripts.load("nbd_bench")
 
 
 def test_spread_median_min_max_ignoring_missing() -> None:

@@ -3,28 +3,13 @@ an exposition, and its tables."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
+
+import benchscripts
 
 from blockd.daemon.config import load_config_file
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load() -> ModuleType:
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))  # metrics_bench imports nbd_bench as a sibling
-    spec = importlib.util.spec_from_file_location("metrics_bench", BENCH / "metrics_bench.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["metrics_bench"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-mb = _load()
+mb = benchscripts.load("metrics_bench")
 
 
 def test_devices_toml_is_a_blockd_config(tmp_path: Path) -> None:
