@@ -31,7 +31,7 @@ import collections
 import errno
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -66,6 +66,16 @@ ERROR_ACTIONS = ("auto", "report", "ignore", "enospc", "stop")
 log = logging.getLogger(__name__)
 
 Done = Callable[[Any, BaseException | None], None]
+# Device.write_on_ring's completion: (token, length, None) or (token, length, error).
+WriteDone = Callable[[Any, int, BaseException | None], None]
+
+
+def _tell_written(done: Done, length: int, exc: BaseException | None) -> None:
+    """A :meth:`Device.write_on_ring` completion told as a :data:`Done` (the count written)."""
+    if exc is None:
+        done(length, None)
+    else:
+        done(None, exc)
 DEFAULT_MAX_IN_FLIGHT = 64
 """Requests one device lets into its driver at once (the ``device-in-flight`` limit)."""
 
@@ -380,58 +390,66 @@ class Device:
                     request, cookie, None if exc else res + more, exc),
             )
 
-    def _write_on_ring(self, offset: int, data: Buffer, fua: bool, done: Done) -> bool:
-        """The usual write, straight onto io_uring; False (nothing done): use the full path.
+    def write_on_ring(self, offset: int, data: Buffer, fua: bool, done: WriteDone,
+                      token: Any) -> bool:
+        """Start a write on io_uring by the shortest route; False (nothing done): use another.
 
-        A write to a device that is running, in range, under its in-flight cap, and
-        whose driver can put it on the ring, skips the request object and the route
-        choice of :meth:`_submit`; its completion is accounted as :meth:`_complete`
-        accounts one, and anything but success goes through :meth:`_complete`.
-        Memory-backed drivers are not for the ring: their writes run on the loop thread.
+        The NBD server's route for writes, and :meth:`submit_write`'s first choice.  A
+        write to a running device with a medium, in range, under its in-flight cap,
+        whose node has a plain io_uring descriptor (``Node.ring_fd``) goes straight
+        to the ring: no request object, no route choice.  Its success is accounted
+        as :meth:`_complete` accounts one and told as ``done(token, length, None)``;
+        a failure, a short write or a full ring takes the full path (error policy,
+        the rest written by a worker), which ends in ``done(token, length, exc)``.
+        ``done`` is never called before this returns.
         """
         node = self.node
+        if node is None or self.paused or self.tray_open or self._waiting:
+            return False
+        fd = node.ring_fd
         uring = self._workers.uring
-        if (node is None or uring is None or node.uring_write is None
-                or node.driver.memory_backed or self.paused or self.tray_open
-                or not node.has_medium or node.read_only or self._waiting):
+        if fd < 0 or uring is None or not node.has_medium:
             return False
         length = len(data)
         cap = self.max_in_flight
         if offset < 0 or offset + length > node.size or (cap and self.in_flight >= cap):
             return False
-        plan = node.uring_write([data], fua)
-        if plan is None:
-            return False
-        fd, buffers, flags = plan
+        flags = 0
+        if fua:
+            plan = node.uring_write([data], True) if node.uring_write is not None else None
+            if plan is None:
+                return False  # no RWF_DSYNC here: the full path writes, then flushes
+            fd, _, flags = plan
         node.in_flight += 1
-        cookie = self.stats.start(IoKind.WRITE, length)
         self.in_flight += 1
-        if uring.writev(fd, buffers, offset, flags,
-                        lambda res: self._ring_written(node, cookie, offset, buffers, fua,
-                                                       done, res)):
+        stats = self.stats
+        start_ns = stats.begin(IoKind.WRITE)
+
+        def written(res: int) -> None:
+            if res != length:
+                self._written(self._write_request(node, offset, length, data, fua, done, token),
+                              AcctCookie(IoKind.WRITE, length, start_ns), res)
+                return
+            self._left_node(node)
+            stats.end(IoKind.WRITE, length, start_ns)
+            if offset + length > node.wr_highest_offset:  # node.note_write(), inlined
+                node.wr_highest_offset = offset + length
+            done(token, length, None)
+
+        if uring.write(fd, data, offset, flags, written):
             return True
         self.in_flight -= 1  # the ring is full: the worker threads (_start counts it again)
-        self._start(self._write_request(node, offset, length, buffers, fua, done), cookie)
+        self._start(self._write_request(node, offset, length, data, fua, done, token),
+                    AcctCookie(IoKind.WRITE, length, start_ns))
         return True
 
-    def _ring_written(self, node: Node, cookie: AcctCookie, offset: int,
-                      buffers: Sequence[Buffer], fua: bool, done: Done, res: int) -> None:
-        """Completion of :meth:`_write_on_ring`: success here, the rest as any request."""
-        if res != cookie.nbytes:
-            self._written(
-                self._write_request(node, offset, cookie.nbytes, buffers, fua, done), cookie, res)
-            return
-        self._left_node(node)
-        self.stats.done(cookie)
-        node.note_write(offset, res)
-        done(res, None)
-
-    def _write_request(self, node: Node, offset: int, length: int, buffers: Sequence[Buffer],
-                       fua: bool, done: Done) -> _Request:
+    def _write_request(self, node: Node, offset: int, length: int, data: Buffer, fua: bool,
+                       done: WriteDone, token: Any) -> _Request:
         """The request object of a write that takes the full path after all."""
         return _Request(
-            IoKind.WRITE, length, node.driver.pwritev, (offset, buffers, fua), done, node,
-            node.driver.memory_backed, written_at=offset,
+            IoKind.WRITE, length, node.driver.pwritev, (offset, [data], fua),
+            lambda result, exc: done(token, length, exc), node, node.driver.memory_backed,
+            written_at=offset,
         )
 
     def _complete(
@@ -630,7 +648,7 @@ class Device:
 
     def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> None:
         """Write ``data`` at ``offset`` (``fua``: durable before ``done``)."""
-        if self._write_on_ring(offset, data, fua, done):
+        if self.write_on_ring(offset, data, fua, _tell_written, done):
             return
         node = self._medium(IoKind.WRITE)
         length = len(data)

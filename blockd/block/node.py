@@ -85,6 +85,11 @@ class Node:
     uring_write: Callable[[Sequence[Buffer], bool], tuple[int, Sequence[Buffer], int] | None] \
         | None = field(init=False)
     uring_flush: Callable[[], int | None] | None = field(init=False)
+    # Where a plain write may go through io_uring without asking the driver: its
+    # descriptor, or -1 (no ring target, memory-backed, read-only, O_DIRECT rules).
+    # A node is closed only once no device holds it (Registry.del_node), so the
+    # number cannot be stale while a device writes through it.
+    ring_fd: int = field(init=False)
     # The driver's allocation map (NBD block status), if it has one.
     block_status: Callable[[int, int], list[tuple[int, int]]] | None = field(init=False)
     # The driver's image locks (QEMU's lock bytes), if it takes them.
@@ -108,6 +113,12 @@ class Node:
             driver.set_permissions if isinstance(driver, PermissionLocks) else None)
         self.uring_write = driver.uring_write if isinstance(driver, UringTarget) else None
         self.uring_flush = driver.uring_flush if isinstance(driver, UringTarget) else None
+        self.ring_fd = (
+            driver.uring_plain_fd()
+            if isinstance(driver, UringTarget) and not driver.memory_backed
+            and not self.read_only
+            else -1
+        )
         self.block_status = (
             driver.block_status if isinstance(driver, AllocationReporter) else None)
         self.read_now = driver.preadv if driver.memory_backed else self.nowait_read

@@ -557,6 +557,20 @@ class BlockAcctStats:
         self._counters[kind].in_flight += 1
         return AcctCookie(kind, nbytes, self.clock())
 
+    def begin(self, kind: IoKind) -> int:
+        """:meth:`start` without a cookie, for a route that keeps the start time itself.
+
+        Returns the start time; the request counts as in flight until :meth:`end`
+        (or until a cookie made of the same start time is completed).
+        """
+        self._counters[kind].in_flight += 1
+        return self.clock()
+
+    def end(self, kind: IoKind, nbytes: int, start_ns: int) -> None:
+        """Account a request started with :meth:`begin` that completed successfully."""
+        self._counters[kind].in_flight -= 1
+        self.account(kind, nbytes, start_ns)
+
     def done(self, cookie: AcctCookie) -> None:
         """Account a request that completed successfully."""
         if cookie.completed:

@@ -245,6 +245,10 @@ class UringTarget(Protocol):
         """The fd to fdatasync through io_uring, or None when there is nothing to flush."""
         ...
 
+    def uring_plain_fd(self) -> int:
+        """The descriptor of :meth:`uring_write`'s plan for a plain write, or -1 if none."""
+        ...
+
 
 # Extent flags for block status, as NBD's base:allocation context defines them.
 EXTENT_HOLE = 1  # not allocated: reads as zeroes and takes no space

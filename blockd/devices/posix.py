@@ -458,6 +458,14 @@ class PosixDriver:
             flags = os.RWF_DSYNC
         return self._fd, buffers, flags
 
+    def uring_plain_fd(self) -> int:
+        """The descriptor a plain write (one buffer, no FUA) goes to io_uring with, or -1.
+
+        What :meth:`uring_write` answers for such a write, fixed at open: the node
+        keeps it, so the per-write hot path asks nothing.
+        """
+        return self._fd if self._unaligned_ok and not self.read_only else -1
+
     def uring_flush(self) -> int | None:
         """The fd to fdatasync through io_uring, or None when flushing is off."""
         return None if self.options.cache_no_flush else self._fd

@@ -38,7 +38,7 @@ from typing import NoReturn, Protocol, cast
 from blockd.aio.buffers import MIN_POOLED, BufferPool
 from blockd.aio.outq import unsent_bytes
 from blockd.aio.pipes import Pipe, PipePool
-from blockd.block.device import Device
+from blockd.block.device import Device, WriteDone
 from blockd.block.exports import Export
 from blockd.errors import BlockdError, InvalidArgument
 from blockd.nbd.constants import CommandFlag
@@ -190,6 +190,8 @@ class NbdClient(asyncio.Protocol):
         self._completion_seen = poller.completions.busy
         self._try_read: Callable[[int, bytearray], int | None] = _not_negotiated
         self._try_write: Callable[[int, memoryview, bool], bool] = _not_negotiated
+        self._write_on_ring: Callable[[int, memoryview, bool, WriteDone, int], bool] = \
+            _not_negotiated
         self._try_read_hole: Callable[[int, int], bool] = _not_negotiated
 
     # -- asyncio.Protocol ------------------------------------------------------------
@@ -406,13 +408,18 @@ class NbdClient(asyncio.Protocol):
             case Write():
                 # writethrough: every write is durable before it is acknowledged.
                 fua = bool(event.flags & _FUA) or self._writethrough
-                if self._try_write(event.offset, event.data, fua):
+                data = event.data
+                if self._write_on_ring(event.offset, data, fua, self._written, event.cookie):
+                    self.in_flight += 1  # done() comes later, never from inside the call
+                    self.in_flight_bytes += len(data)
+                    return 0
+                if self._try_write(event.offset, data, fua):
                     self._out.append(self._reply_ok(event.cookie))
                     return 0
                 self.in_flight += 1
-                self.in_flight_bytes += len(event.data)
+                self.in_flight_bytes += len(data)
                 self._submit(event.cookie, self._device().submit_write, event.offset,
-                             event.data, fua, nbytes=len(event.data))
+                             data, fua, nbytes=len(data))
             case Flush():
                 self.in_flight += 1
                 self._submit(event.cookie, self._device().submit_flush)
@@ -455,6 +462,7 @@ class NbdClient(asyncio.Protocol):
         self._holes = event.structured_replies and node is not None and node.reads_zeroes
         self._try_read = device.try_read
         self._try_write = device.try_write
+        self._write_on_ring = device.write_on_ring
         self._try_read_hole = device.try_read_hole
         export.clients.add(self)
         now = asyncio.get_running_loop().time()  # check_stalls counts from here
@@ -513,6 +521,19 @@ class NbdClient(asyncio.Protocol):
         self.in_flight_bytes -= nbytes
         if reply is not None:
             self._write(reply)
+        if self.held or self.reading_paused:
+            self._update_reading()
+        if self.stopping:
+            self._close_when_idle()
+
+    def _written(self, cookie: int, nbytes: int, exc: BaseException | None) -> None:
+        """A write through Device.write_on_ring is done: :meth:`_finish` with its reply."""
+        if exc is not None:
+            self._finish_error(cookie, exc, nbytes)
+            return
+        self.in_flight -= 1
+        self.in_flight_bytes -= nbytes
+        self._write(self._reply_ok(cookie))
         if self.held or self.reading_paused:
             self._update_reading()
         if self.stopping:

@@ -48,24 +48,29 @@ async def test_io_uring_route(image: Path, monkeypatch: pytest.MonkeyPatch) -> N
     uring, registry, node, device = await on_ring(image)
     ring = uring._ring
     seen: list[tuple[str, int]] = []
-    real_writev, real_fsync = ring.prep_writev, ring.prep_fsync
+    real_writev, real_write, real_fsync = ring.prep_writev, ring.prep_write, ring.prep_fsync
 
     def writev(fd: int, buffers: Any, offset: int, user_data: int, rw_flags: int = 0) -> bool:
-        seen.append(("writev", rw_flags))
+        seen.append(("write", rw_flags))
         return real_writev(fd, buffers, offset, user_data, rw_flags)
+
+    def write(fd: int, buf: Any, offset: int, user_data: int, rw_flags: int = 0) -> bool:
+        seen.append(("write", rw_flags))
+        return real_write(fd, buf, offset, user_data, rw_flags)
 
     def fsync(fd: int, user_data: int, datasync: bool = True) -> bool:
         seen.append(("fsync", int(datasync)))
         return real_fsync(fd, user_data, datasync)
 
     monkeypatch.setattr(ring, "prep_writev", writev)
+    monkeypatch.setattr(ring, "prep_write", write)
     monkeypatch.setattr(ring, "prep_fsync", fsync)
     assert not node.driver.memory_backed
     payload = os.urandom(64 * 1024)
     await devio.pwrite(device, 4096, payload)
     await devio.pwrite(device, MiB, b"F" * 4096, fua=True)
     await devio.flush(device)
-    assert seen == [("writev", 0), ("writev", os.RWF_DSYNC), ("fsync", 1)]
+    assert seen == [("write", 0), ("write", os.RWF_DSYNC), ("fsync", 1)]
     data = image.read_bytes()
     assert data[4096:4096 + len(payload)] == payload and data[MiB:MiB + 4096] == b"F" * 4096
     stats = device.stats.to_qmp()
@@ -126,6 +131,7 @@ async def test_a_full_ring_sends_the_write_to_the_workers(
         image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     uring, registry, _, device = await on_ring(image)
     monkeypatch.setattr(uring._ring, "prep_writev", lambda *a, **k: False)  # always full
+    monkeypatch.setattr(uring._ring, "prep_write", lambda *a, **k: False)
     await devio.pwrite(device, 4096, b"w" * 4096)
     assert image.read_bytes()[4096:8192] == b"w" * 4096
     stats = device.stats.to_qmp()
@@ -181,6 +187,8 @@ async def test_writes_to_a_memory_backed_file_stay_on_the_loop_thread(
             return real_writev(fd, buffers, offset, user_data, rw_flags)
 
         monkeypatch.setattr(uring._ring, "prep_writev", writev)
+        monkeypatch.setattr(uring._ring, "prep_write",
+                            lambda fd, buf, *rest: writev(fd, [buf], *rest))
         await devio.pwrite(device, 4096, b"m" * 4096)
         assert queued == []  # written inline, as the driver is memory-backed
         assert path.read_bytes()[4096:8192] == b"m" * 4096

@@ -85,6 +85,7 @@ class FakeDevice:
         self.node = FakeNode()
         self.pending: list[Done] = []
         self.fail_with: BaseException | None = None
+        self.ring = False  # whether writes take write_on_ring (the io_uring route)
 
     def try_read(self, offset: int, buf: bytearray) -> int | None:
         return None
@@ -94,6 +95,16 @@ class FakeDevice:
 
     def try_read_hole(self, offset: int, length: int) -> bool:
         return False
+
+    def write_on_ring(self, offset: int, data: memoryview, fua: bool,
+                      done: Callable[[int, int, BaseException | None], None],
+                      token: int) -> bool:
+        """Device.write_on_ring: taken only when ``ring`` is set; completed as the others."""
+        if not self.ring:
+            return False
+        length = len(data)
+        self.pending.append(lambda result, exc: done(token, length, exc))
+        return True
 
     def _submit(self, done: Done) -> None:
         if self.fail_with is not None:
@@ -272,6 +283,26 @@ async def test_device_errors_become_nbd_error_replies(c: Connected) -> None:
     assert simple_replies(c.transport.data) == [(1, NBD_ENOSPC), (2, NBD_EIO), (3, NBD_ENOSPC)]
     assert c.client.in_flight == 0
     assert not c.transport.closed
+
+
+async def test_writes_on_the_ring_route_are_counted_and_answered(c: Connected) -> None:
+    c.device.ring = True
+    c.client.data_received(request(WRITE, 1, 0, 4, b"abcd") + request(WRITE, 2, 8, 2, b"ef")
+                           + request(WRITE, 3, 16, 3, b"ghi"))
+    assert (c.client.in_flight, c.client.in_flight_bytes) == (3, 9)
+    assert c.transport.data == b""  # nothing is answered before the device completes
+    first, second, third = c.device.pending
+    second(None, None)
+    assert (c.client.in_flight, c.client.in_flight_bytes) == (2, 7)
+    first(None, OSError(errno.ENOSPC, "full"))
+    third(None, None)
+    await asyncio.sleep(0)  # the flush that the completions scheduled
+    assert simple_replies(c.transport.data) == [(2, 0), (1, NBD_ENOSPC), (3, 0)]
+    assert (c.client.in_flight, c.client.in_flight_bytes) == (0, 0)
+    c.client.data_received(request(WRITE, 4, 0, 1, b"j") + request(DISC, 5))
+    assert not c.transport.closed  # the write on the ring is still running
+    c.device.pending[-1](None, None)
+    assert c.transport.closed and not c.transport.aborted
 
 
 async def test_reading_pauses_at_the_in_flight_limit(c: Connected) -> None:

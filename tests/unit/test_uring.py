@@ -256,6 +256,60 @@ def test_buffers_stay_pinned_until_reaped(ring: Ring, rw_fd: int) -> None:
     view.release()
 
 
+def test_prep_write_copies_small_buffers_and_pins_large_ones(ring: Ring, rw_fd: int) -> None:
+    stage = _uring.STAGE_SIZE
+    received = os.urandom(stage + 8192)  # as an NBD request's received bytes
+    small = memoryview(received)[100:4196]
+    large = memoryview(received)[0:stage + 1]
+    before = sys.getrefcount(small), sys.getrefcount(large)
+    assert ring.prep_write(rw_fd, small, 0, user_data=1)
+    assert ring.prep_write(rw_fd, large, 1 << 20, user_data=2)
+    assert ring.prep_write(rw_fd, bytearray(b"b" * 512), 4096 * 3, user_data=3)
+    assert ring.prep_write(rw_fd, b"", 4096 * 4, user_data=4)
+    # The small ones were copied (not pinned), the large one is pinned until reaped.
+    assert sys.getrefcount(small) == before[0] and sys.getrefcount(large) == before[1] + 1
+    slot = (ring._sqe_tail - 3) & ring._sq_mask  # the SQE of user_data 2
+    sqe = _uring._Sqe.from_buffer_copy(ring._sqes[slot * 64 : (slot + 1) * 64])
+    assert (sqe.opcode, sqe.fd, sqe.off, sqe.len, sqe.user_data) == (2, rw_fd, 1 << 20, 1, 2)
+    (iov,) = (_uring._Iovec * 1).from_address(sqe.addr)
+    assert (iov.iov_base, iov.iov_len) == (bytes_address(received), stage + 1)  # in place
+    assert run(ring, 4) == {1: 4096, 2: stage + 1, 3: 512, 4: 0}
+    assert sys.getrefcount(large) == before[1]
+    assert os.pread(rw_fd, 4096, 0) == received[100:4196]
+    assert os.pread(rw_fd, stage + 1, 1 << 20) == received[: stage + 1]
+    assert os.pread(rw_fd, 512, 4096 * 3) == b"b" * 512
+    # The staging slots are reused: many more small writes than the ring has slots.
+    payloads = {i: os.urandom(4096) for i in range(3 * ring.cq_entries)}
+    for i, data in payloads.items():
+        while not ring.prep_write(rw_fd, data, i * 4096, user_data=100 + i):
+            ring.submit()
+            wait_for(ring, 1)
+    ring.submit()
+    while ring.pending:
+        wait_for(ring, 1)
+    assert all(os.pread(rw_fd, 4096, i * 4096) == data for i, data in payloads.items())
+
+
+def test_prep_write_takes_a_cast_view_whole(ring: Ring, rw_fd: int) -> None:
+    words = memoryview(bytearray(range(256)) * 4).cast("I")  # not bytes: cannot be staged
+    assert ring.prep_write(rw_fd, words, 0, user_data=1)
+    assert run(ring, 1) == {1: 1024}
+    assert os.pread(rw_fd, 1024, 0) == bytes(range(256)) * 4
+    with pytest.raises(TypeError):
+        ring.prep_write(rw_fd, "not a buffer", 0, user_data=2)  # type: ignore[arg-type]
+    assert (ring.queued, ring.pending) == (0, 0)  # nothing was left behind
+    assert len(ring._free_slots) == ring.cq_entries
+
+
+def test_prep_write_says_full(ring: Ring, rw_fd: int) -> None:
+    for i in range(ring.sq_entries):
+        assert ring.prep_write(rw_fd, b"x", i, user_data=i + 1)
+    assert not ring.prep_write(rw_fd, b"x", 0, user_data=1000)  # the SQ is full
+    assert run(ring, ring.sq_entries) == {i + 1: 1 for i in range(ring.sq_entries)}
+    with pytest.raises(ValueError):
+        ring.prep_write(rw_fd, b"x", -1, user_data=1)
+
+
 def test_failed_pins_are_undone(ring: Ring, rw_fd: int) -> None:
     ok = bytearray(16)
     space = ring.space
