@@ -66,6 +66,10 @@ ERROR_ACTIONS = ("auto", "report", "ignore", "enospc", "stop")
 log = logging.getLogger(__name__)
 
 Done = Callable[[Any, BaseException | None], None]
+# For the per-request paths: an attribute of the Enum class costs a trip through
+# EnumType's __getattr__ hook on Python 3.11, a module global does not.
+_READ = IoKind.READ
+_WRITE = IoKind.WRITE
 # Device.write_on_ring's completion: (token, length, None) or (token, length, error).
 WriteDone = Callable[[Any, int, BaseException | None], None]
 
@@ -404,11 +408,13 @@ class Device:
         ``done`` is never called before this returns.
         """
         node = self.node
-        if node is None or self.paused or self.tray_open or self._waiting:
+        if node is None or node.ring_fd < 0:
+            return False  # first: memory-backed drivers write inline (try_write) instead
+        if self.paused or self.tray_open or self._waiting or not node.has_medium:
             return False
         fd = node.ring_fd
         uring = self._workers.uring
-        if fd < 0 or uring is None or not node.has_medium:
+        if uring is None:
             return False
         length = len(data)
         cap = self.max_in_flight
@@ -423,15 +429,15 @@ class Device:
         node.in_flight += 1
         self.in_flight += 1
         stats = self.stats
-        start_ns = stats.begin(IoKind.WRITE)
+        start_ns = stats.begin(_WRITE)
 
         def written(res: int) -> None:
             if res != length:
                 self._written(self._write_request(node, offset, length, data, fua, done, token),
-                              AcctCookie(IoKind.WRITE, length, start_ns), res)
+                              AcctCookie(_WRITE, length, start_ns), res)
                 return
             self._left_node(node)
-            stats.end(IoKind.WRITE, length, start_ns)
+            stats.end(_WRITE, length, start_ns)
             if offset + length > node.wr_highest_offset:  # node.note_write(), inlined
                 node.wr_highest_offset = offset + length
             done(token, length, None)
@@ -440,7 +446,7 @@ class Device:
             return True
         self.in_flight -= 1  # the ring is full: the worker threads (_start counts it again)
         self._start(self._write_request(node, offset, length, data, fua, done, token),
-                    AcctCookie(IoKind.WRITE, length, start_ns))
+                    AcctCookie(_WRITE, length, start_ns))
         return True
 
     def _write_request(self, node: Node, offset: int, length: int, data: Buffer, fua: bool,
@@ -537,7 +543,7 @@ class Device:
             return None
         if count < length:
             buf[count:] = bytes(length - count)
-        self.stats.account(IoKind.READ, length, start)
+        self.stats.account(_READ, length, start)
         return count
 
     def try_read_hole(self, offset: int, length: int) -> bool:
@@ -552,7 +558,7 @@ class Device:
             return False
         if offset < 0 or length <= 0 or offset + length > node.size:
             return False
-        self.stats.account(IoKind.READ, length, self.stats.clock())
+        self.stats.account(_READ, length, self.stats.clock())
         return True
 
     def try_write(self, offset: int, data: Buffer, fua: bool) -> bool:
@@ -570,7 +576,7 @@ class Device:
         except OSError:
             return False
         node.note_write(offset, length)
-        self.stats.account(IoKind.WRITE, length, start)
+        self.stats.account(_WRITE, length, start)
         return True
 
     # -- request entry points (callback style, for the NBD server's hot path) -------
