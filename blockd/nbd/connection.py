@@ -181,6 +181,7 @@ class NbdClient(asyncio.Protocol):
         self._send = replies.flush
         self._receive = conn.receive_data
         self._next_event = conn.next_event
+        self._next_io = conn.next_io
         self._reply_ok = conn.reply_ok
         self._reply_read_header = conn.reply_read_header
         self._polling = poller.enabled
@@ -341,6 +342,7 @@ class NbdClient(asyncio.Protocol):
         matters at queue depth 1).  Read data queued meanwhile is sent every
         ``MAX_UNSENT`` bytes, so that a client not reading it shows as backlogged.
         """
+        next_io = self._next_io
         next_event = self._next_event
         replies = self._replies
         replies.scheduled = True
@@ -355,11 +357,19 @@ class NbdClient(asyncio.Protocol):
                         self._server.limit_hit("nbd-backpressure")
                     self.held = True
                     break
-                event = next_event()
-                if event is NEED_DATA:
-                    self.held = False
-                    break
-                queued = self._handle(event)
+                request = next_io()
+                if request is not None:  # a READ or WRITE: no event object (next_io())
+                    cookie, offset, length, flags, payload = request
+                    if payload is None:
+                        queued = self._read(cookie, offset, length)
+                    else:
+                        queued = self._write_request(cookie, offset, payload, flags)
+                else:
+                    event = next_event()
+                    if event is NEED_DATA:
+                        self.held = False
+                        break
+                    queued = self._handle(event)
                 taken += 1
                 if queued:
                     replies.queued += queued
@@ -390,36 +400,9 @@ class NbdClient(asyncio.Protocol):
         """Start one request; the bytes of a read answered on the spot (else 0)."""
         match event:
             case Read():
-                offset, length = event.offset, event.length
-                if self._holes and self._try_read_hole(offset, length):
-                    self._out.append(
-                        self._conn.reply_read_hole(event.cookie, offset, length))
-                    return 0
-                if length < MIN_POOLED:
-                    # Served on the spot if the device can (memory-backed, page-cache
-                    # hit): no callback; the flush at the end of _run() sends it.
-                    buf = bytearray(length)
-                    if self._try_read(offset, buf) is not None:
-                        self._out += (self._reply_read_header(event.cookie, offset, length), buf)
-                        return length
-                self.in_flight += 1
-                self.in_flight_bytes += length
-                self._submit_read(event)
+                return self._read(event.cookie, event.offset, event.length)
             case Write():
-                # writethrough: every write is durable before it is acknowledged.
-                fua = bool(event.flags & _FUA) or self._writethrough
-                data = event.data
-                if self._write_on_ring(event.offset, data, fua, self._written, event.cookie):
-                    self.in_flight += 1  # done() comes later, never from inside the call
-                    self.in_flight_bytes += len(data)
-                    return 0
-                if self._try_write(event.offset, data, fua):
-                    self._out.append(self._reply_ok(event.cookie))
-                    return 0
-                self.in_flight += 1
-                self.in_flight_bytes += len(data)
-                self._submit(event.cookie, self._device().submit_write, event.offset,
-                             data, fua, nbytes=len(data))
+                return self._write_request(event.cookie, event.offset, event.data, event.flags)
             case Flush():
                 self.in_flight += 1
                 self._submit(event.cookie, self._device().submit_flush)
@@ -449,6 +432,40 @@ class NbdClient(asyncio.Protocol):
                 self._close_when_idle()
             case _:
                 self.disconnect(logging.ERROR, "unexpected event %r", event)
+        return 0
+
+    def _read(self, cookie: int, offset: int, length: int) -> int:
+        """Start a READ; the bytes of a reply queued on the spot (else 0)."""
+        if self._holes and self._try_read_hole(offset, length):
+            self._out.append(self._conn.reply_read_hole(cookie, offset, length))
+            return 0
+        if length < MIN_POOLED:
+            # Served on the spot if the device can (memory-backed, page-cache hit): no
+            # callback; the flush at the end of _run() sends it.
+            buf = bytearray(length)
+            if self._try_read(offset, buf) is not None:
+                self._out += (self._reply_read_header(cookie, offset, length), buf)
+                return length
+        self.in_flight += 1
+        self.in_flight_bytes += length
+        self._submit_read(cookie, offset, length)
+        return 0
+
+    def _write_request(self, cookie: int, offset: int, data: memoryview, flags: int) -> int:
+        """Start a WRITE (0: nothing is queued on the spot but a reply header)."""
+        # writethrough: every write is durable before it is acknowledged.
+        fua = bool(flags & _FUA) or self._writethrough
+        if self._write_on_ring(offset, data, fua, self._written, cookie):
+            self.in_flight += 1  # done() comes later, never from inside the call
+            self.in_flight_bytes += len(data)
+            return 0
+        if self._try_write(offset, data, fua):
+            self._out.append(self._reply_ok(cookie))
+            return 0
+        self.in_flight += 1
+        self.in_flight_bytes += len(data)
+        self._submit(cookie, self._device().submit_write, offset, data, fua,
+                     nbytes=len(data))
         return 0
 
     def _ready(self, event: Ready) -> None:
@@ -571,10 +588,9 @@ class NbdClient(asyncio.Protocol):
         except (BlockdError, OSError) as exc:
             self._finish_error(cookie, exc, nbytes)
 
-    def _submit_read(self, event: Read) -> None:
+    def _submit_read(self, cookie: int, offset: int, length: int) -> None:
         replies = self._replies
         reply_read_header = self._reply_read_header
-        cookie, offset, length = event.cookie, event.offset, event.length
 
         def done(buf: bytearray | Pipe | None, exc: BaseException | None) -> None:
             if isinstance(buf, Pipe):

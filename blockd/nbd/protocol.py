@@ -78,7 +78,7 @@ import enum
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeAlias
 
 from blockd.nbd.constants import (
     BASE_ALLOCATION,
@@ -130,6 +130,7 @@ __all__ = [
     "ExportCatalog",
     "ExportInfo",
     "Flush",
+    "IoRequest",
     "NbdServerConnection",
     "NeedData",
     "Phase",
@@ -302,6 +303,11 @@ class Closed:
 
     reason: CloseReason
     detail: str = ""
+
+
+#: A valid READ or WRITE as :meth:`NbdServerConnection.next_io` returns it:
+#: ``(cookie, offset, length, flags, payload)``, the payload None for a READ.
+IoRequest: TypeAlias = tuple[int, int, int, int, memoryview | None]
 
 
 # Read and Write are made once per request, so they get an __init__ that fills the slots
@@ -481,6 +487,9 @@ _unpack_request: Final = REQUEST.unpack_from
 _READ: Final = int(Command.READ)
 _WRITE: Final = int(Command.WRITE)
 _DISC: Final = int(Command.DISC)
+# next_event() runs once per request: on Python 3.11 an Enum class attribute goes
+# through EnumType.__getattr__ (about 600 instructions), a module global does not.
+_TRANSMISSION: Final = Phase.TRANSMISSION
 _FLUSH: Final = int(Command.FLUSH)
 _WRITE_ZEROES: Final = int(Command.WRITE_ZEROES)
 _COMMANDS: Final = len(Command) - 1  # RESIZE (8) is experimental: unknown here
@@ -605,7 +614,7 @@ class NbdServerConnection:
         if self._events:
             return self._events.popleft()
         phase = self._phase
-        if phase is Phase.TRANSMISSION:
+        if phase is _TRANSMISSION:
             return self._next_request()
         if phase is Phase.OPTIONS:
             return self._next_option()
@@ -935,21 +944,26 @@ class NbdServerConnection:
         self._enter(Phase.TRANSMISSION)
         return Ready(export, flags, self._structured, context, block_size_agreed)
 
-    def _next_request(self) -> Event | NeedData:
+    def next_io(self) -> IoRequest | None:
+        """The next request if it is a valid READ, or a valid WRITE with all its payload
+        buffered; None (nothing consumed) for anything else: :meth:`next_event` then.
+
+        A READ is ``(cookie, offset, length, flags, None)``, a WRITE ``(cookie, offset,
+        length, flags, payload)`` with the payload as a read-only view, as in
+        :class:`Write`.  The same requests :meth:`next_event` returns as :class:`Read`
+        and :class:`Write` (it takes them from here), as a tuple: a server's per-request
+        loop saves making an event object (events are frozen, which costs).
+        """
+        if self._events or self._phase is not _TRANSMISSION or self._discard:
+            return None
         buf = self._in
-        if self._discard and not self._skip_discard():
-            return self._starved()
         data = buf.data
         pos = buf.pos
         if len(data) - pos < _REQUEST_SIZE:
-            if not buf.ensure(_REQUEST_SIZE):
-                return self._starved()
-            data = buf.data
-            pos = buf.pos
+            return None
         magic, flags, command, cookie, offset, length = _unpack_request(data, pos)
         if magic != _REQUEST_MAGIC:
-            raise self._fail(f"bad request magic {magic:#x}")
-        # Fast paths: valid READ and WRITE.
+            return None
         if command == _READ:
             if (
                 not flags & self._read_invalid
@@ -958,29 +972,47 @@ class NbdServerConnection:
                 and not (offset | length) & self._align
             ):
                 buf.pos = pos + _REQUEST_SIZE
-                return Read(cookie, offset, length, flags)
+                return cookie, offset, length, flags, None
         elif command == _WRITE:
+            start = pos + _REQUEST_SIZE
+            end = start + length
             if (
                 not flags & self._write_invalid
                 and 0 < length <= self._max_fast_write
                 and offset + length <= self._size
                 and not (offset | length) & self._align
+                and end <= len(data)  # the payload is in this chunk: a view, no copy
             ):
-                start = pos + _REQUEST_SIZE
-                end = start + length
-                if end <= len(data):  # the payload is in this chunk: a view, no copy
-                    buf.pos = end
-                    if self._view_of is not data:
-                        self._view_of = data
-                        self._view = memoryview(data)
-                    return Write(cookie, offset, self._view[start:end], flags)
-                return self._write(cookie, offset, length, flags)
-        elif command == _DISC:
+                buf.pos = end
+                if self._view_of is not data:
+                    self._view_of = data
+                    self._view = memoryview(data)
+                return cookie, offset, length, flags, self._view[start:end]
+        return None
+
+    def _next_request(self) -> Event | NeedData:
+        request = self.next_io()
+        if request is not None:
+            cookie, offset, length, flags, payload = request
+            if payload is None:
+                return Read(cookie, offset, length, flags)
+            return Write(cookie, offset, payload, flags)
+        buf = self._in
+        if self._discard and not self._skip_discard():
+            return self._starved()
+        if not buf.ensure(_REQUEST_SIZE):
+            return self._starved()
+        magic, flags, command, cookie, offset, length = _unpack_request(buf.data, buf.pos)
+        if magic != _REQUEST_MAGIC:
+            raise self._fail(f"bad request magic {magic:#x}")
+        if command == _DISC:
             # "There is no reply to an NBD_CMD_DISC"; "A client MUST NOT send anything to
             # the server after sending an NBD_CMD_DISC command."
-            buf.pos = pos + _REQUEST_SIZE
+            buf.consume(_REQUEST_SIZE)
             self._close(CloseReason.DISCONNECT)
             return Disconnect()
+        # Everything next_io() did not take: other commands, a header or payload split
+        # across received chunks (joined here), and requests to refuse.
         return self._other_request(command, flags, cookie, offset, length)
 
     def _write(

@@ -824,6 +824,34 @@ def test_valid_requests() -> None:
     assert isinstance(status, BlockStatus) and status.req_one
 
 
+def test_next_io_takes_valid_reads_and_whole_writes_as_tuples() -> None:
+    conn = session()
+    conn.receive_data(req(READ, 1, 4096, 512) + req(WRITE, 2, 512, 5, FUA, b"hello")
+                      + req(FLUSH, 3) + req(WRITE, 4, 0, 4, 0, b"ab"))
+    assert conn.next_io() == (1, 4096, 512, 0, None)
+    write = conn.next_io()
+    assert write is not None and write[:4] == (2, 512, 5, FUA)
+    assert write[4] is not None and write[4].readonly and write[4] == b"hello"
+    assert conn.next_io() is None  # a FLUSH is an event
+    assert conn.next_event() == Flush(3)
+    assert conn.next_io() is None  # the payload is not all here yet
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"cd")
+    assert conn.next_io() is None  # it straddles two chunks: next_event joins them
+    assert conn.next_event() == Write(4, 0, memoryview(b"abcd"), 0)
+    assert conn.next_io() is None and conn.next_event() is NEED_DATA  # nothing buffered
+    # A request to refuse is left for next_event, which answers it.
+    conn.receive_data(req(READ, 5, 1 << 40, 512) + req(READ, 6, 0, 512))
+    assert conn.next_io() is None
+    rejected = conn.next_event()
+    assert isinstance(rejected, Rejected) and rejected.cookie == 5
+    assert conn.next_io() == (6, 0, 512, 0, None)
+    # Nothing is taken outside transmission.
+    conn.receive_data(req(DISC) + req(READ, 7, 0, 512))
+    assert conn.next_io() is None and conn.next_event() == Disconnect()
+    assert conn.next_io() is None
+
+
 def test_write_payload_is_a_view_of_the_input() -> None:
     conn = session()
     data = req(WRITE, 9, 0, 4096, 0, bytes(range(256)) * 16) + req(READ, 10, 0, 512)
