@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from blockd.aio._ring import BufferLike, Ring, UringUnavailable
 
@@ -51,23 +51,10 @@ class UringIo:
             return None
         return cls(ring, asyncio.get_running_loop())
 
-    def writev(self, fd: int, buffers: Sequence[BufferLike], offset: int, rw_flags: int,
-               done: Completion) -> bool:
-        """Queue a write; False when the ring is full or broken (use another route)."""
-        if self._broken:
-            return False
-        tag = self._next  # _tag() written out: this is the per-write hot path
-        self._next = tag + 1 if tag < _MAX_TAG else 1
-        if not self._ring.prep_writev(fd, buffers, offset, tag, rw_flags):
-            return False
-        self._callbacks[tag] = done
-        if not self._submit_scheduled:
-            self._schedule_submit()
-        return True
-
     def write(self, fd: int, buf: BufferLike, offset: int, rw_flags: int,
               done: Completion) -> bool:
-        """:meth:`writev` of one buffer (the per-write hot path); False: use another route."""
+        """Queue a write of one buffer; False when the ring is full or broken (use another
+        route).  Written out rather than through :meth:`_tag`: this is the per-write hot path."""
         if self._broken:
             return False
         tag = self._next

@@ -80,6 +80,8 @@ def _tell_written(done: Done, length: int, exc: BaseException | None) -> None:
         done(length, None)
     else:
         done(None, exc)
+
+
 DEFAULT_MAX_IN_FLIGHT = 64
 """Requests one device lets into its driver at once (the ``device-in-flight`` limit)."""
 
@@ -375,8 +377,10 @@ class Device:
 
             return uring.fdatasync(op[1], synced)
         _, fd, buffers, flags = op
-        return uring.writev(fd, buffers, request.args[0], flags,
-                            lambda res: self._written(request, cookie, res))
+        if len(buffers) != 1:
+            return False  # the ring takes one buffer (the drivers' plans have no more)
+        return uring.write(fd, buffers[0], request.args[0], flags,
+                           lambda res: self._written(request, cookie, res))
 
     def _written(self, request: _Request, cookie: AcctCookie, res: int) -> None:
         """A write's io_uring completion: done, failed, or short (the rest goes to a worker)."""

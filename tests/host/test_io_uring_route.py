@@ -113,7 +113,7 @@ async def test_polling_the_ring_completes_without_the_loop(image: Path) -> None:
     fd = os.open(image, os.O_RDWR)
     try:
         results: list[int] = []
-        assert uring.writev(fd, [b"P" * 4096], 8192, 0, results.append)
+        assert uring.write(fd, b"P" * 4096, 8192, 0, results.append)
         assert not uring.poll() and results == []  # queued, not yet submitted
         uring.submit_now()
         deadline = time.monotonic() + 10
