@@ -29,6 +29,13 @@ QEMU:
 Time comes from an injectable clock returning integer nanoseconds (a monotonic
 clock by default), so tests can drive it exactly.
 
+Successes are counted late, in batches.  A success appends its start, its end
+and its size to a short log of its kind; the log is folded into the counters
+when it fills (:data:`_FOLD_AT`) and before anything reads or reconfigures them.
+The fold runs its per-request work in C (slices, ``map``, ``sum``, a sort and a
+few bisects), which costs a fifth of updating every counter in Python per
+request, and gives exactly the same numbers: every reader sees the log folded.
+
 The object is not thread-safe: the device layer updates it from the event loop
 only.  Readers outside that loop (the Prometheus collector) take a
 :class:`StatsSnapshot`, an immutable copy, and never look at live objects.
@@ -41,6 +48,7 @@ import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import sub
 from typing import NamedTuple
 
 __all__ = [
@@ -87,8 +95,14 @@ class IoKind(enum.Enum):
     __hash__ = object.__hash__
 
 
+_FIRST_BOUNDARY_NS = DEFAULT_LATENCY_BOUNDARIES_NS[0]
+
 #: Kinds that may carry a latency histogram and appear in timed statistics.
 _TIMED_KINDS = (IoKind.READ, IoKind.WRITE, IoKind.FLUSH)
+
+#: Log entries (three per success) after which a kind's log is folded into its
+#: counters: the fold's fixed cost spread over 256 requests, the log at most a few KiB.
+_FOLD_AT = 3 * 256
 
 
 @dataclass(slots=True)
@@ -416,8 +430,9 @@ class _Counters:
 
     There is no live count of successful requests: every completed request,
     successful or failed, lands in exactly one bin of ``default_bins``, so
-    ``operations`` is their sum minus ``failed`` (one increment less on the
-    hot path, which pays for the default histogram's).
+    ``operations`` is their sum minus ``failed``.  Successes not yet counted wait
+    in ``log`` as ``start, end, nbytes`` triples (see the module docstring); every
+    counter is exact only after :meth:`BlockAcctStats._fold`.
     """
 
     __slots__ = (
@@ -427,11 +442,11 @@ class _Counters:
         "failed",
         "in_flight",
         "invalid",
+        "log",
         "merged",
         "nbytes",
         "timed",
         "total_time_ns",
-        "watched",
     )
 
     def __init__(self) -> None:
@@ -445,12 +460,7 @@ class _Counters:
         self.bins: list[int] | None = None
         self.default_bins = [0] * (len(DEFAULT_LATENCY_BOUNDARIES_NS) + 1)
         self.timed: tuple[_TimedAverage, ...] = ()
-        # A QMP histogram or timed statistics are set: done() has more to do.
-        # One test on the hot path instead of two (see bench/accounting_bench.py).
-        self.watched = False
-
-    def update_watched(self) -> None:
-        self.watched = self.bins is not None or bool(self.timed)
+        self.log: list[int] = []
 
     def histogram(self) -> LatencyHistogram | None:
         if self.bins is None:
@@ -501,6 +511,29 @@ def _check_boundaries(boundaries: Sequence[object]) -> tuple[int, ...]:
         out.append(b)
         prev = b
     return tuple(out)
+
+
+def _count_into(
+    bins: list[int],
+    boundaries: tuple[int, ...],
+    ordered: list[int],
+    bisect: Callable[[list[int], int], int],
+) -> None:
+    """Add the ascending latencies ``ordered`` to ``bins`` over ``boundaries``.
+
+    With ``bisect_right`` a bin is closed on the right (the default histogram),
+    with ``bisect_left`` open on the right (QMP's): the latencies below a
+    boundary are those before ``bisect(ordered, boundary)``.
+    """
+    below = 0
+    for i, boundary in enumerate(boundaries):
+        upto = bisect(ordered, boundary)
+        if upto != below:
+            bins[i] += upto - below
+            below = upto
+        if below == len(ordered):
+            return
+    bins[len(boundaries)] += len(ordered) - below
 
 
 class BlockAcctStats:
@@ -568,8 +601,12 @@ class BlockAcctStats:
 
     def end(self, kind: IoKind, nbytes: int, start_ns: int) -> None:
         """Account a request started with :meth:`begin` that completed successfully."""
-        self._counters[kind].in_flight -= 1
-        self.account(kind, nbytes, start_ns)
+        c = self._counters[kind]
+        c.in_flight -= 1
+        log = c.log
+        log += (start_ns, self.clock(), nbytes)
+        if len(log) >= _FOLD_AT:
+            self._fold(c)
 
     def done(self, cookie: AcctCookie) -> None:
         """Account a request that completed successfully."""
@@ -583,29 +620,54 @@ class BlockAcctStats:
         """Account a request that ran to success synchronously, started at ``start_ns``.
 
         The same as :meth:`start` then :meth:`done`, without a cookie: the
-        loop thread's fast path never has one in flight.
+        loop thread's fast path never has one in flight.  It only logs the
+        request; the counters take it at the next fold.
         """
-        now = self.clock()
-        latency = now - start_ns
         c = self._counters[kind]
-        c.nbytes += nbytes
-        c.total_time_ns += latency
-        self._last_access_ns = now
-        c.default_bins[bisect_left(DEFAULT_LATENCY_BOUNDARIES_NS, latency)] += 1
-        if c.watched:
-            if c.bins is not None:
-                c.bins[bisect_right(c.boundaries, latency)] += 1
-            for average in c.timed:
+        log = c.log
+        log += (start_ns, self.clock(), nbytes)
+        if len(log) >= _FOLD_AT:
+            self._fold(c)
+
+    def _fold(self, c: _Counters) -> None:
+        """Count the successes logged for one kind, in the order they completed."""
+        log = c.log
+        if not log:
+            return
+        ends = log[1::3]
+        latencies = list(map(sub, ends, log[0::3]))
+        c.nbytes += sum(log[2::3])
+        c.total_time_ns += sum(latencies)
+        log.clear()
+        last = ends[-1]
+        if self._last_access_ns is None or last > self._last_access_ns:
+            self._last_access_ns = last
+        for average in c.timed:
+            for now, latency in zip(ends, latencies, strict=True):
                 average.account(now, latency)
+        if c.bins is None and max(latencies) <= _FIRST_BOUNDARY_NS:
+            c.default_bins[0] += len(latencies)  # the usual case: all in the first bin
+            return
+        latencies.sort()
+        _count_into(c.default_bins, DEFAULT_LATENCY_BOUNDARIES_NS, latencies, bisect_right)
+        if c.bins is not None:
+            _count_into(c.bins, c.boundaries, latencies, bisect_left)
+
+    def _fold_all(self) -> None:
+        for c in self._counters.values():
+            if c.log:
+                self._fold(c)
 
     def failed(self, cookie: AcctCookie) -> None:
         """Account a request that completed with an error."""
         if cookie.completed:
             return
         cookie.completed = True
+        c = self._counters[cookie.kind]
+        if c.log:
+            self._fold(c)  # the timed statistics take samples in completion order
         now = self.clock()
         latency = now - cookie.start_ns
-        c = self._counters[cookie.kind]
         c.in_flight -= 1
         c.failed += 1
         c.default_bins[bisect_left(DEFAULT_LATENCY_BOUNDARIES_NS, latency)] += 1
@@ -653,7 +715,9 @@ class BlockAcctStats:
 
     def histogram(self, kind: IoKind) -> LatencyHistogram | None:
         """A copy of the latency histogram of ``kind``, or None if none is set."""
-        return self._counters[kind].histogram()
+        c = self._counters[kind]
+        self._fold(c)
+        return c.histogram()
 
     def snapshot(self, *, timed: bool = True) -> StatsSnapshot:
         """An immutable copy of every counter, taken at the current clock reading.
@@ -661,6 +725,7 @@ class BlockAcctStats:
         ``timed=False`` leaves the interval statistics out (the metrics do not
         show them, and a scrape of many devices should not compute them).
         """
+        self._fold_all()
         now = self.clock()
         c = self._counters
         last = self._last_access_ns
@@ -692,12 +757,12 @@ class BlockAcctStats:
         integer.
         """
         lengths = _check_intervals(seconds)
+        self._fold_all()  # what completed before belongs to the old intervals
         now = self.clock() if lengths else 0
         self._intervals = tuple(_Interval(s, now) for s in lengths)
         for kind in _TIMED_KINDS:
             c = self._counters[kind]
             c.timed = tuple(i.averages[kind] for i in self._intervals)
-            c.update_watched()
 
     def set_histogram(self, kind: IoKind, boundaries: Sequence[int] | None) -> None:
         """Set (with all bins zero) or, given None, remove the histogram of ``kind``.
@@ -710,15 +775,14 @@ class BlockAcctStats:
         if kind not in _TIMED_KINDS:
             raise ValueError(f"{kind.name} requests have no latency histogram")
         c = self._counters[kind]
+        self._fold(c)  # what completed before belongs to the old histogram
         if boundaries is None:
             c.bins = None
             c.boundaries = ()
-            c.update_watched()
             return
         checked = _check_boundaries(boundaries)
         c.boundaries = checked
         c.bins = [0] * (len(checked) + 1)
-        c.update_watched()
 
 
 class NoAccounting(BlockAcctStats):
@@ -729,6 +793,9 @@ class NoAccounting(BlockAcctStats):
 
     def done(self, cookie: AcctCookie) -> None:
         pass
+
+    def end(self, kind: IoKind, nbytes: int, start_ns: int) -> None:
+        self._counters[kind].in_flight -= 1  # begin() counted it
 
     def account(self, kind: IoKind, nbytes: int, start_ns: int) -> None:
         pass

@@ -784,3 +784,104 @@ def test_no_accounting_counts_nothing(clock: FakeClock) -> None:
         assert kind.default_histogram is not None
         assert (kind.operations, kind.failed, kind.invalid, kind.nbytes) == (0, 0, 0, 0)
         assert sum(kind.default_histogram.bins) == 0
+
+
+# -- successes counted late, in batches ------------------------------------------
+
+
+def test_logged_successes_count_as_if_counted_one_by_one(clock: FakeClock) -> None:
+    """Every reader sees the logged successes folded: bytes, operations, total time, idle
+    time, both histograms and the timed statistics agree with a request-by-request model,
+    whether a read comes after one request or after many (several folds)."""
+    import random
+    from bisect import bisect_left, bisect_right
+
+    rng = random.Random(1729)
+    stats = BlockAcctStats(clock=clock, intervals=[60])
+    qmp_bounds = [20_000, 60_000, 1_000_000, 300_000_000]
+    model = {"bytes": 0, "ops": 0, "time": 0, "failed": 0,
+             "bins": [0] * (len(DEFAULT_LATENCY_BOUNDARIES_NS) + 1), "qmp": None}
+    last_access = None
+    lat_min, lat_max, lat_sum, lat_n = None, 0, 0, 0
+    for i in range(3_000):
+        if i == 1_000:
+            stats.set_histogram(IoKind.READ, qmp_bounds)
+            model["qmp"] = [0] * (len(qmp_bounds) + 1)
+        # Latencies from 1 ns to 20 s, across every boundary; some exactly on one.
+        latency = (rng.choice(DEFAULT_LATENCY_BOUNDARIES_NS + tuple(qmp_bounds))
+                   if rng.random() < 0.1 else int(10 ** rng.uniform(0, 10.3)))
+        nbytes = rng.choice((512, 4096, 65536, 1 << 20))
+        ok = rng.random() < 0.95
+        if rng.random() < 0.5:
+            start = stats.begin(IoKind.READ)
+            clock.advance(latency)
+            if ok:
+                stats.end(IoKind.READ, nbytes, start)
+            else:
+                stats.failed(AcctCookie(IoKind.READ, nbytes, start))
+        else:
+            io(stats, clock, IoKind.READ, nbytes, latency, ok=ok)
+        model["bins"][bisect_left(DEFAULT_LATENCY_BOUNDARIES_NS, latency)] += 1
+        if model["qmp"] is not None:
+            model["qmp"][bisect_right(qmp_bounds, latency)] += 1
+        if ok:
+            model["bytes"] += nbytes
+            model["ops"] += 1
+        else:
+            model["failed"] += 1
+        model["time"] += latency
+        last_access = clock.now
+        lat_min = latency if lat_min is None else min(lat_min, latency)
+        lat_max = max(lat_max, latency)
+        lat_sum += latency
+        lat_n += 1
+        if rng.random() < 0.05 or i == 2_999:  # an invalid request restarts the idle time
+            clock.advance(3)
+            stats.invalid(IoKind.READ)
+            last_access = clock.now
+        if rng.random() < 0.01 or i == 2_999:
+            clock.advance(7)
+            snap = stats.snapshot()
+            rd = snap.read
+            assert (rd.nbytes, rd.operations, rd.failed, rd.total_time_ns) == (
+                model["bytes"], model["ops"], model["failed"], model["time"])
+            assert rd.default_histogram is not None
+            assert list(rd.default_histogram.bins) == model["bins"]
+            if model["qmp"] is not None:
+                assert rd.histogram is not None and list(rd.histogram.bins) == model["qmp"]
+            assert snap.idle_ns == clock.now - last_access
+    # The 60 s interval's window (80 s long) has seen every request iff the run lasted
+    # less than 40 s of fake time; otherwise compare only what the window can see.
+    timed = stats.snapshot().timed[0]
+    assert timed.max_rd_latency_ns <= lat_max and timed.min_rd_latency_ns >= (lat_min or 0)
+    if clock.now - T0 < 40 * S:
+        assert (timed.min_rd_latency_ns, timed.max_rd_latency_ns,
+                timed.avg_rd_latency_ns) == (lat_min, lat_max, lat_sum // lat_n)
+
+
+def test_the_success_log_stays_short_without_readers(stats: BlockAcctStats,
+                                                     clock: FakeClock) -> None:
+    """Nobody reads the counters for 100,000 requests: the log is folded as it fills,
+    so what the accounting holds does not grow with the requests."""
+    from blockd.block import stats as stats_module
+
+    for _ in range(100_000):
+        start = stats.begin(IoKind.WRITE)
+        clock.advance(3)
+        stats.end(IoKind.WRITE, 4096, start)
+        stats.account(IoKind.READ, 512, clock.now - 5)
+    held = [len(c.log) for c in stats._counters.values()]
+    assert max(held) < stats_module._FOLD_AT
+    assert stats.snapshot().write.operations == 100_000
+    assert stats.snapshot().read.nbytes == 512 * 100_000
+
+
+def test_a_new_histogram_counts_only_what_completes_after_it(stats: BlockAcctStats,
+                                                             clock: FakeClock) -> None:
+    """Successes still in the log when a histogram is set belong to the time before it."""
+    for _ in range(5):
+        io(stats, clock, IoKind.WRITE, 4096, 10)
+    stats.set_histogram(IoKind.WRITE, [100])
+    io(stats, clock, IoKind.WRITE, 4096, 200)
+    hist = stats.histogram(IoKind.WRITE)
+    assert hist is not None and hist.bins == (0, 1)
