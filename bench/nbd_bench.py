@@ -462,6 +462,7 @@ class Peer:
             "--pidfile", str(self.pidfile),
         ]
         self.uri = f"nbd+unix:///e0?socket={self.sock}"
+        self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30) -> None:
@@ -474,8 +475,12 @@ class Peer:
         with open(self.log, "wb") as log:
             # Own session: a Ctrl-C in the terminal reaches only this script, which
             # then stops the peer itself.
+            # In the work directory: ``python -m`` puts the current directory first on
+            # sys.path, so from a checkout every peer would run that checkout's blockd
+            # whatever its PYTHONPATH says (a --peer of another tree would measure this one).
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log, env=env,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         cwd=self.workdir, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
         deadline = time.monotonic() + timeout
         while not (self.pidfile.exists() and self.sock.exists()):
             if self.proc.poll() is not None:
