@@ -51,6 +51,7 @@ from blockd.devices.base import (
     Passthrough,
     ScsiResult,
 )
+from blockd.devices.posix import UNSUPPORTED_ERRNOS
 from blockd.errors import InUse, InvalidArgument, NoMedium, ReadOnly, Unsupported
 from blockd.events import BlockIoError, DeviceTrayMoved, EventBus, Resume, Stop
 
@@ -70,6 +71,7 @@ Done = Callable[[Any, BaseException | None], None]
 # EnumType's __getattr__ hook on Python 3.11, a module global does not.
 _READ = IoKind.READ
 _WRITE = IoKind.WRITE
+_preadv = os.preadv
 # Device.write_on_ring's completion: (token, length, None) or (token, length, error).
 WriteDone = Callable[[Any, int, BaseException | None], None]
 
@@ -531,14 +533,35 @@ class Device:
     def try_read(self, offset: int, buf: bytearray) -> int | None:
         """Read ``len(buf)`` bytes at ``offset`` into ``buf`` now; the count, or None.
 
-        None: the request needs the full path (:meth:`submit_read`).
+        None: the request needs the full path (:meth:`submit_read`).  A node with a
+        ``read_fd`` is read with one ``os.preadv`` here (no driver frame).  A refused
+        or partly cached read declines; a short one from memory is read again by the
+        driver, which reads on to the end of the file.
         """
         node = self.node
         if node is None or self.paused or self.tray_open or not node.has_medium:
             return None
-        read = node.read_now
         length = len(buf)
-        if read is None or offset < 0 or offset + length > node.size:
+        if offset < 0 or offset + length > node.size:
+            return None
+        fd = node.read_fd
+        if fd >= 0:
+            start = self.stats.clock()
+            try:
+                count = _preadv(fd, (buf,), offset, node.read_flags)
+            except BlockingIOError:
+                return None  # not in the page cache
+            except OSError as exc:
+                if node.read_flags and exc.errno in UNSUPPORTED_ERRNOS:
+                    node.read_fd = -1  # the kernel refuses the flags: the driver's way now
+                return None
+            if count == length:
+                self.stats.account(_READ, length, start)
+                return count
+            if node.read_flags:
+                return None  # partly cached
+        read = node.read_now
+        if read is None:
             return None
         start = self.stats.clock()
         try:

@@ -78,6 +78,11 @@ class Node:
     nowait_read: Callable[[int, Sequence[memoryview]], int] | None = field(init=False)
     # What the device may call on the loop thread (memory-backed drivers; page-cache reads).
     read_now: Callable[[int, Sequence[memoryview]], int] | None = field(init=False)
+    # Where the device reads on the loop thread with one os.preadv of its own
+    # (NowaitReader.loop_read_plan): the descriptor, or -1 (then read_now), and the
+    # flags.  The device sets -1 for good if the kernel refuses the flags.
+    read_fd: int = field(init=False)
+    read_flags: int = field(init=False)
     write_now: Callable[..., int] | None = field(init=False)
     # The driver's zero-copy read into a pipe, if it has one (see blockd.aio.pipes).
     splice_read: Callable[[int, int, int], int] | None = field(init=False)
@@ -122,6 +127,8 @@ class Node:
         self.block_status = (
             driver.block_status if isinstance(driver, AllocationReporter) else None)
         self.read_now = driver.preadv if driver.memory_backed else self.nowait_read
+        self.read_fd, self.read_flags = (
+            driver.loop_read_plan() if isinstance(driver, NowaitReader) else (-1, 0))
         self.write_now = driver.pwritev if driver.memory_backed else None
         self.note_medium()
 

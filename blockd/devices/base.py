@@ -206,6 +206,15 @@ class NowaitReader(Protocol):
         """Like preadv, but raise BlockingIOError instead of waiting for a device."""
         ...
 
+    def loop_read_plan(self) -> tuple[int, int]:
+        """``(fd, flags)``: one ``os.preadv(fd, [buf], offset, flags)`` of any buffer and
+        offset is a read the loop thread may make itself, a short count or
+        BlockingIOError meaning "take the driver's way"; ``(-1, 0)`` if there is none.
+
+        Fixed at open, so the node keeps it and the per-read path asks nothing.
+        """
+        ...
+
 
 @runtime_checkable
 class ZeroReader(Protocol):

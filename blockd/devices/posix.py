@@ -401,6 +401,17 @@ class PosixDriver:
             raise BlockingIOError(errno.EAGAIN, "partly cached")
         return count
 
+    def loop_read_plan(self) -> tuple[int, int]:
+        """See NowaitReader: buffered descriptors only; a memory-backed file reads with
+        no flags, anything else with RWF_NOWAIT (from the page cache or not at all)."""
+        if not self._unaligned_ok:
+            return -1, 0
+        if self.memory_backed:
+            return self._fd, 0
+        if self._nowait_supported:
+            return self._fd, os.RWF_NOWAIT
+        return -1, 0
+
     @property
     def can_splice(self) -> bool:
         """Whether :meth:`splice_read` works: buffered I/O only (O_DIRECT bypasses the cache)."""

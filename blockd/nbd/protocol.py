@@ -105,8 +105,8 @@ from blockd.nbd.wire import (
     encode_string,
     error_chunk,
     export_name_reply,
+    final_data_header,
     greeting,
-    offset_data_header,
     offset_hole_chunk,
     option_reply,
     parse_info_request,
@@ -116,6 +116,7 @@ from blockd.nbd.wire import (
     rep_info_string,
     rep_meta_context,
     rep_server,
+    simple_ok,
     simple_reply,
 )
 
@@ -1113,11 +1114,11 @@ class NbdServerConnection:
 
     # Replies -----------------------------------------------------------------------------
 
-    def reply_ok(self, cookie: int) -> bytes:
-        """Success for any request but READ and BLOCK_STATUS: a simple reply."""
-        # "If structured replies have been negotiated, a simple reply MAY be used as a reply
-        # to any request other than NBD_CMD_READ, but only if the reply has no data payload."
-        return simple_reply(cookie)
+    #: ``reply_ok(cookie)``: success for any request but READ and BLOCK_STATUS, a simple
+    #: reply (one C call: it answers every write).
+    # "If structured replies have been negotiated, a simple reply MAY be used as a reply
+    # to any request other than NBD_CMD_READ, but only if the reply has no data payload."
+    reply_ok: Final = staticmethod(simple_ok)
 
     def reply_error(self, cookie: int, error: int, message: str = "") -> bytes:
         """An error reply: NBD_REPLY_TYPE_ERROR when structured replies are on, else simple.
@@ -1140,7 +1141,7 @@ class NbdServerConnection:
         """What precedes ``length`` bytes of READ data: a simple reply, or one final
         NBD_REPLY_TYPE_OFFSET_DATA chunk header when structured replies are on."""
         if self._structured:
-            return offset_data_header(cookie, offset, length)
+            return final_data_header(cookie, length + 8, offset)
         return simple_reply(cookie)
 
     def reply_read_hole(self, cookie: int, offset: int, length: int) -> bytes:

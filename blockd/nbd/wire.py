@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Final
 
 from blockd.nbd.constants import (
@@ -53,6 +54,7 @@ __all__ = [
     "encode_string",
     "error_chunk",
     "export_name_reply",
+    "final_data_header",
     "greeting",
     "offset_data_header",
     "offset_hole_chunk",
@@ -64,6 +66,7 @@ __all__ = [
     "rep_info_string",
     "rep_meta_context",
     "rep_server",
+    "simple_ok",
     "simple_reply",
 ]
 
@@ -248,6 +251,16 @@ def offset_data_header(cookie: int, offset: int, length: int, *, done: bool = Tr
     return _pack_offset_data(
         _STRUCTURED_MAGIC, _DONE if done else 0, _OFFSET_DATA, cookie, 8 + length, offset
     )
+
+
+#: ``simple_reply(cookie)`` as one C call (a partial of the struct's pack), without a Python
+#: frame: the reply to every successful write.
+simple_ok: Final[Callable[[int], bytes]] = partial(_pack_simple, _SIMPLE_MAGIC, 0)
+
+#: ``offset_data_header(cookie, offset, length)`` as one C call, its arguments in wire order:
+#: ``final_data_header(cookie, length + 8, offset)`` (the chunk's length counts the offset).
+final_data_header: Final[Callable[[int, int, int], bytes]] = partial(
+    _pack_offset_data, _STRUCTURED_MAGIC, _DONE, _OFFSET_DATA)
 
 
 def offset_hole_chunk(cookie: int, offset: int, length: int, *, done: bool = True) -> bytes:

@@ -100,6 +100,54 @@ async def test_read_past_a_shrunk_file_is_padded_with_zeroes(
     assert _counts(dev) == (1, 4096, 0, 0, 0, 0, 0, 0, 0)
 
 
+async def test_memory_backed_reads_go_straight_to_the_descriptor(
+    registry: Registry, shm_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A memory-backed file is read with one os.preadv of the device's own, without
+    flags; the driver is not asked."""
+    dev = await _device(registry, shm_image)
+    node = dev.node
+    assert node is not None
+    assert (node.read_fd, node.read_flags) == (node.driver.fd, 0)  # type: ignore[attr-defined]
+
+    def no_driver(*args: object) -> int:
+        raise AssertionError("the driver was asked")
+
+    monkeypatch.setattr(node, "read_now", no_driver)
+    buf = bytearray(4096)
+    assert dev.try_read(12288, buf) == 4096 and buf == shm_image.read_bytes()[12288:16384]
+    assert _counts(dev)[:2] == (1, 4096)
+
+
+async def test_disk_file_reads_ask_the_page_cache_and_give_up_on_refused_flags(
+    registry: Registry, disk_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A buffered file on a disk is read with RWF_NOWAIT; a kernel that refuses the flag
+    turns the device's own read off for good (the driver's way then), other errors only
+    decline the one request."""
+    from blockd.block import device as device_module
+
+    dev = await _device(registry, disk_image)
+    node = dev.node
+    assert node is not None and node.read_fd >= 0 and node.read_flags == os.RWF_NOWAIT
+    assert await devio.pread(dev, 0, 4096) == disk_image.read_bytes()[:4096]  # cached now
+    real = os.preadv
+    failure = [errno.EIO]
+
+    def refusing(fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> int:
+        if flags:
+            raise OSError(failure[0], os.strerror(failure[0]))
+        return real(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(device_module, "_preadv", refusing)
+    buf = bytearray(4096)
+    assert dev.try_read(0, buf) is None and node.read_fd >= 0  # EIO: this request only
+    failure[0] = errno.EOPNOTSUPP
+    assert dev.try_read(0, buf) is None and node.read_fd == -1
+    assert dev.try_read(0, buf) == 4096  # the driver's preadv_nowait
+    assert buf == disk_image.read_bytes()[:4096]
+
+
 async def test_declines_leave_the_counters_alone(registry: Registry, shm_image: Path) -> None:
     dev = await _device(registry, shm_image, kind="cd")
     before = _counts(dev)

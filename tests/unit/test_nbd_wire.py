@@ -40,6 +40,7 @@ from blockd.nbd.wire import (
     encode_string,
     error_chunk,
     export_name_reply,
+    final_data_header,
     greeting,
     offset_data_header,
     offset_hole_chunk,
@@ -51,6 +52,7 @@ from blockd.nbd.wire import (
     rep_info_string,
     rep_meta_context,
     rep_server,
+    simple_ok,
     simple_reply,
 )
 
@@ -296,6 +298,15 @@ def test_simple_reply() -> None:
         b"\x67\x44\x66\x98" + b"\x00" * 4 + bytes(range(1, 9))
     )
     assert simple_reply(9, 22) == struct.pack(">IIQ", 0x67446698, 22, 9)
+
+
+def test_one_call_packers_match_the_functions() -> None:
+    """simple_ok and final_data_header are the same bytes as simple_reply and
+    offset_data_header, as partials of the structs' pack."""
+    for cookie, offset, length in ((0, 0, 1), (5, 4096, 512), (2**64 - 1, 2**63, 2**32 - 9)):
+        assert simple_ok(cookie) == simple_reply(cookie)
+        assert final_data_header(cookie, length + 8, offset) == offset_data_header(
+            cookie, offset, length)
 
 
 def test_offset_data_header() -> None:
