@@ -95,6 +95,9 @@ class Node:
     # A node is closed only once no device holds it (Registry.del_node), so the
     # number cannot be stale while a device writes through it.
     ring_fd: int = field(init=False)
+    # The same descriptor where plain writes may go on the loop thread instead (a
+    # memory-backed node's: one os.pwritev never waits), or -1.
+    write_fd: int = field(init=False)
     # The driver's allocation map (NBD block status), if it has one.
     block_status: Callable[[int, int], list[tuple[int, int]]] | None = field(init=False)
     # The driver's image locks (QEMU's lock bytes), if it takes them.
@@ -118,12 +121,11 @@ class Node:
             driver.set_permissions if isinstance(driver, PermissionLocks) else None)
         self.uring_write = driver.uring_write if isinstance(driver, UringTarget) else None
         self.uring_flush = driver.uring_flush if isinstance(driver, UringTarget) else None
-        self.ring_fd = (
+        plain_fd = (
             driver.uring_plain_fd()
-            if isinstance(driver, UringTarget) and not driver.memory_backed
-            and not self.read_only
-            else -1
-        )
+            if isinstance(driver, UringTarget) and not self.read_only else -1)
+        self.ring_fd = -1 if driver.memory_backed else plain_fd
+        self.write_fd = plain_fd if driver.memory_backed else -1
         self.block_status = (
             driver.block_status if isinstance(driver, AllocationReporter) else None)
         self.read_now = driver.preadv if driver.memory_backed else self.nowait_read

@@ -148,6 +148,33 @@ async def test_disk_file_reads_ask_the_page_cache_and_give_up_on_refused_flags(
     assert buf == disk_image.read_bytes()[:4096]
 
 
+async def test_memory_backed_plain_writes_go_straight_to_the_descriptor(
+    registry: Registry, shm_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain write to a memory-backed file is one os.pwritev of the device's own; a
+    FUA write still asks the driver (it makes the write durable)."""
+    dev = await _device(registry, shm_image)
+    node = dev.node
+    assert node is not None and node.write_fd == node.driver.fd  # type: ignore[attr-defined]
+    assert node.ring_fd == -1
+    asked: list[bool] = []
+    real = node.write_now
+    assert real is not None
+
+    def driver_write(offset: int, buffers: tuple[bytes, ...], fua: bool) -> int:
+        asked.append(fua)
+        return real(offset, buffers, fua)
+
+    monkeypatch.setattr(node, "write_now", driver_write)
+    assert dev.try_write(8192, b"P" * 4096, False)
+    assert dev.try_write(16384, b"D" * 512, True)
+    data = shm_image.read_bytes()
+    assert data[8192:12288] == b"P" * 4096 and data[16384:16896] == b"D" * 512
+    assert asked == [True]
+    assert _counts(dev)[2:4] == (2, 4608)
+    assert dev.block_stats()["stats"]["wr_highest_offset"] == 16896  # type: ignore[index]
+
+
 async def test_declines_leave_the_counters_alone(registry: Registry, shm_image: Path) -> None:
     dev = await _device(registry, shm_image, kind="cd")
     before = _counts(dev)
