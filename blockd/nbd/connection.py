@@ -160,6 +160,7 @@ class NbdClient(asyncio.Protocol):
         self._seen_out = (0, 0, 0.0)  # (drains, unsent bytes, since): the reader's progress
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._writethrough = False
+        self._ring_first = True  # see _ready
         # Structured replies to a node that reads zeroes: reads may go as holes.  Known
         # at negotiation; a medium changed later only loses (or declines) the shortcut.
         self._holes = False
@@ -455,7 +456,7 @@ class NbdClient(asyncio.Protocol):
         """Start a WRITE (0: nothing is queued on the spot but a reply header)."""
         # writethrough: every write is durable before it is acknowledged.
         fua = bool(flags & _FUA) or self._writethrough
-        if self._write_on_ring(offset, data, fua, self._written, cookie):
+        if self._ring_first and self._write_on_ring(offset, data, fua, self._written, cookie):
             self.in_flight += 1  # done() comes later, never from inside the call
             self.in_flight_bytes += len(data)
             return 0
@@ -479,6 +480,10 @@ class NbdClient(asyncio.Protocol):
         self._holes = event.structured_replies and node is not None and node.reads_zeroes
         self._try_read = device.try_read
         self._try_write = device.try_write
+        # Whether writes try the ring before the loop thread (the node's kind, known now;
+        # after a medium change of another kind either order still ends on the right
+        # route: submit_write tries the ring first).
+        self._ring_first = node is None or node.ring_fd >= 0
         self._write_on_ring = device.write_on_ring
         self._try_read_hole = device.try_read_hole
         export.clients.add(self)

@@ -76,6 +76,7 @@ class FakeTransport:
 
 class FakeNode:
     reads_zeroes = False
+    ring_fd = 3  # a descriptor: writes try the ring first (FakeDevice.ring says if it takes them)
 
 
 class FakeDevice:
