@@ -443,7 +443,12 @@ class Device:
                 self._written(self._write_request(node, offset, length, data, fua, done, token),
                               AcctCookie(_WRITE, length, start_ns), res)
                 return
-            self._left_node(node)
+            node.in_flight -= 1  # self._left_node(node), inlined: once per write
+            if not node.in_flight and node.idle_waiters:
+                node.wake_idle()
+            self.in_flight -= 1
+            if self._waiting and not self._releasing:
+                self._release()
             stats.end(_WRITE, length, start_ns)
             if offset + length > node.wr_highest_offset:  # node.note_write(), inlined
                 node.wr_highest_offset = offset + length

@@ -268,11 +268,19 @@ def test_prep_write_copies_small_buffers_and_pins_large_ones(ring: Ring, rw_fd: 
     assert ring.prep_write(rw_fd, b"", 4096 * 4, user_data=4)
     # The small ones were copied (not pinned), the large one is pinned until reaped.
     assert sys.getrefcount(small) == before[0] and sys.getrefcount(large) == before[1] + 1
-    slot = (ring._sqe_tail - 3) & ring._sq_mask  # the SQE of user_data 2
-    sqe = _uring._Sqe.from_buffer_copy(ring._sqes[slot * 64 : (slot + 1) * 64])
-    assert (sqe.opcode, sqe.fd, sqe.off, sqe.len, sqe.user_data) == (2, rw_fd, 1 << 20, 1, 2)
-    (iov,) = (_uring._Iovec * 1).from_address(sqe.addr)
-    assert (iov.iov_base, iov.iov_len) == (bytes_address(received), stage + 1)  # in place
+    def sqe_of(back: int) -> _uring._Sqe:  # the SQE prepared ``back`` calls ago
+        slot = (ring._sqe_tail - back) & ring._sq_mask
+        return _uring._Sqe.from_buffer_copy(ring._sqes[slot * 64 : (slot + 1) * 64])
+
+    # One buffer, no iovec (IORING_OP_WRITE): the large one in place, the small one
+    # from the ring's copy.
+    sqe = sqe_of(3)
+    assert (sqe.opcode, sqe.fd, sqe.off, sqe.len, sqe.user_data) == (23, rw_fd, 1 << 20,
+                                                                      stage + 1, 2)
+    assert sqe.addr == bytes_address(received)
+    sqe = sqe_of(4)
+    assert (sqe.opcode, sqe.off, sqe.len, sqe.user_data) == (23, 0, 4096, 1)
+    assert not bytes_address(received) <= sqe.addr < bytes_address(received) + len(received)
     assert run(ring, 4) == {1: 4096, 2: stage + 1, 3: 512, 4: 0}
     assert sys.getrefcount(large) == before[1]
     assert os.pread(rw_fd, 4096, 0) == received[100:4196]
@@ -490,3 +498,33 @@ def test_completions_reach_the_eventfd_without_interrupting_the_loop(ring: Ring,
         assert readable, f"completion {i + 1} never signalled the eventfd"
         ring.drain_eventfd()
         assert ring.reap() == [(i + 1, 0)]
+
+
+def test_one_reap_across_the_end_of_the_completion_ring(ring: Ring, rw_fd: int) -> None:
+    """Completions that wrap around the CQ's end come back whole and in order, and
+    every kind of entry (staged, pinned, fsync) gives its slot back."""
+    cq = ring.cq_entries
+    for i in range(cq - 3):  # move the CQ head to 3 entries before the end
+        if not ring.prep_write(rw_fd, b"f", i, user_data=1000 + i):
+            run(ring, ring.queued)
+            assert ring.prep_write(rw_fd, b"f", i, user_data=1000 + i)
+    run(ring, ring.queued)
+    assert ring._cq_head.value & ring._cq_mask == cq - 3
+    big = os.urandom(_uring.STAGE_SIZE + 1)
+    kinds = [b"a" * 512, big, None, b"b" * 4096, big, None, b"c", b"d" * 100]
+    for i, data in enumerate(kinds):
+        if data is None:
+            assert ring.prep_fsync(rw_fd, user_data=i)
+        else:
+            assert ring.prep_write(rw_fd, data, 1 << 20 + i, user_data=i)
+    assert ring.submit() == len(kinds)
+    deadline = time.monotonic() + 10
+    while ring._cq_tail.value - ring._cq_head.value < len(kinds):  # all in before one reap
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    ring.drain_eventfd()
+    reaped = ring.reap()
+    assert sorted(reaped) == sorted(
+        (i, 0 if data is None else len(data)) for i, data in enumerate(kinds))
+    assert (ring.pending, len(ring._free_slots)) == (0, cq)
+    assert os.pread(rw_fd, len(big), 1 << 20 + 1) == big
