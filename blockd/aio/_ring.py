@@ -727,46 +727,39 @@ class Ring:
         except TypeError:
             nbytes = -1  # not sized: pinning says what it is
         slot = self._free_slots.pop()
-        tail = self._sqe_tail
+        entry: _Entry = slot  # a bare slot: nothing to release but the slot
         if 0 <= nbytes <= STAGE_SIZE:
             stage_off = slot * STAGE_SIZE
             try:
                 self._stage_mv[stage_off : stage_off + nbytes] = buf
             except (TypeError, ValueError):  # not plain bytes (a cast or strided view)
-                pass
+                nbytes = -1
             else:
-                _SQE_HEAD_STRUCT.pack_into(
-                    self._sqes, (tail & self._sq_mask) * _SQE_SIZE, _IORING_OP_WRITE, 0, 0,
-                    fd, offset, self._stage_base + stage_off, nbytes, rw_flags, user_data,
-                )
-                ops[user_data] = slot  # a bare slot: nothing to release but the slot
-                self._sqe_tail = (tail + 1) & _U32
-                self._unsubmitted += 1
-                return True
-        views_off = slot * _IOV_INLINE * _PYBUF_SIZE
-        views_addr = self._views_base + views_off
-        try:
-            _get_buffer(buf, views_addr, _PyBUF_SIMPLE)  # pins buf until reaped
-        except BaseException:
-            self._free_slots.append(slot)
-            raise
-        base, nbytes = _PYBUF_BUF_LEN.unpack_from(self._views_mv, views_off)
+                addr = self._stage_base + stage_off
+        if not 0 <= nbytes <= STAGE_SIZE:
+            views_off = slot * _IOV_INLINE * _PYBUF_SIZE
+            views_addr = self._views_base + views_off
+            try:
+                _get_buffer(buf, views_addr, _PyBUF_SIMPLE)  # pins buf until reaped
+            except BaseException:
+                self._free_slots.append(slot)
+                raise
+            addr, nbytes = _PYBUF_BUF_LEN.unpack_from(self._views_mv, views_off)
+            entry = (slot, 1, views_addr, None)
+        tail = self._sqe_tail
         _SQE_HEAD_STRUCT.pack_into(
             self._sqes, (tail & self._sq_mask) * _SQE_SIZE, _IORING_OP_WRITE, 0, 0, fd,
-            offset, base, nbytes, rw_flags, user_data,
+            offset, addr, nbytes, rw_flags, user_data,
         )
-        ops[user_data] = (slot, 1, views_addr, None)
+        ops[user_data] = entry
         self._sqe_tail = (tail + 1) & _U32
         self._unsubmitted += 1
         return True
 
     def _refuse(self, user_data: int, offset: int) -> NoReturn:
         """Raise what :meth:`prep_write` says of a closed ring or a bad argument."""
-        if self._closed:
-            raise ValueError("io_uring Ring is closed")
-        if user_data in self._ops:
-            raise ValueError(f"user_data {user_data} is already in flight")
-        raise ValueError(f"bad user_data {user_data} or offset {offset}")
+        self._full(user_data)  # raises for a closed ring, a user_data in flight or too big
+        raise ValueError(f"offset must be >= 0, not {offset}")
 
     def prep_fsync(self, fd: int, user_data: int, datasync: bool = True) -> bool:
         """Queue ``fdatasync(fd)`` (``fsync`` with ``datasync=False``); False when full."""

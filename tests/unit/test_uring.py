@@ -398,6 +398,12 @@ def test_user_data_and_offset_checks(ring: Ring, rw_fd: int) -> None:
         ring.prep_fsync(rw_fd, user_data=-1)
     with pytest.raises(ValueError, match="offset"):
         ring.prep_writev(rw_fd, [b"x"], -1, user_data=1)
+    with pytest.raises(ValueError, match="offset"):
+        ring.prep_write(rw_fd, b"x", -1, user_data=1)
+    with pytest.raises(ValueError, match="in flight"):
+        ring.prep_write(rw_fd, b"x", 0, user_data=(1 << 64) - 1)
+    with pytest.raises(ValueError, match="64 bits"):
+        ring.prep_write(rw_fd, b"x", 0, user_data=1 << 64)
     assert run(ring, 1) == {(1 << 64) - 1: 0}
 
 
@@ -516,7 +522,7 @@ def test_one_reap_across_the_end_of_the_completion_ring(ring: Ring, rw_fd: int) 
         if data is None:
             assert ring.prep_fsync(rw_fd, user_data=i)
         else:
-            assert ring.prep_write(rw_fd, data, 1 << 20 + i, user_data=i)
+            assert ring.prep_write(rw_fd, data, (1 << 20) + i * (1 << 16), user_data=i)
     assert ring.submit() == len(kinds)
     deadline = time.monotonic() + 10
     while ring._cq_tail.value - ring._cq_head.value < len(kinds):  # all in before one reap
@@ -527,4 +533,4 @@ def test_one_reap_across_the_end_of_the_completion_ring(ring: Ring, rw_fd: int) 
     assert sorted(reaped) == sorted(
         (i, 0 if data is None else len(data)) for i, data in enumerate(kinds))
     assert (ring.pending, len(ring._free_slots)) == (0, cq)
-    assert os.pread(rw_fd, len(big), 1 << 20 + 1) == big
+    assert os.pread(rw_fd, len(big), (1 << 20) + (1 << 16)) == big
