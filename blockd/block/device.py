@@ -40,7 +40,7 @@ from blockd.aio.pipes import MIN_SPLICE, Pipe, PipePool
 from blockd.aio.uring import UringIo
 from blockd.aio.workers import IoWorkers
 from blockd.block.node import Node
-from blockd.block.stats import AcctCookie, BlockAcctStats, IoKind
+from blockd.block.stats import FOLD_AT, AcctCookie, BlockAcctStats, IoKind
 from blockd.block.tray import Runner, Tray
 from blockd.devices import scsi
 from blockd.devices.base import (
@@ -146,6 +146,11 @@ class Device:
         self.paused = False
         self._held: list[_Request] = []
         self.stats = stats if stats is not None else BlockAcctStats()
+        # The synchronous fast paths log their successes straight into the statistics
+        # (BlockAcctStats.success_log: no call per request); None: nothing is counted.
+        self._clock = self.stats.clock
+        self._read_log = self.stats.success_log(_READ)
+        self._write_log = self.stats.success_log(_WRITE)
         # blockd-scsi-command: commands sent, by opcode name, and CHECK CONDITIONs
         # by sense key name (for the metrics).
         self.scsi_commands: dict[str, int] = {}
@@ -551,8 +556,9 @@ class Device:
         if offset < 0 or offset + length > node.size:
             return None
         fd = node.read_fd
+        clock = self._clock  # a local: LOAD_METHOD on an instance attribute is never specialized
+        start = clock()
         if fd >= 0:
-            start = self.stats.clock()
             try:
                 count = _preadv(fd, (buf,), offset, node.read_flags)
             except BlockingIOError:
@@ -561,22 +567,23 @@ class Device:
                 if node.read_flags and exc.errno in UNSUPPORTED_ERRNOS:
                     node.read_fd = -1  # the kernel refuses the flags: the driver's way now
                 return None
-            if count == length:
-                self.stats.account(_READ, length, start)
-                return count
-            if node.read_flags:
+            if count != length and node.read_flags:
                 return None  # partly cached
-        read = node.read_now
-        if read is None:
-            return None
-        start = self.stats.clock()
-        try:
-            count = read(offset, (memoryview(buf),))
-        except OSError:
-            return None
-        if count < length:
-            buf[count:] = bytes(length - count)
-        self.stats.account(_READ, length, start)
+        if fd < 0 or count != length:
+            read = node.read_now
+            if read is None:
+                return None
+            try:
+                count = read(offset, (memoryview(buf),))
+            except OSError:
+                return None
+            if count < length:
+                buf[count:] = bytes(length - count)
+        log = self._read_log  # self.stats.account(_READ, length, start), inlined
+        if log is not None:
+            log += (start, clock(), length)
+            if len(log) >= FOLD_AT:
+                self.stats.fold(_READ)
         return count
 
     def try_read_hole(self, offset: int, length: int) -> bool:
@@ -591,7 +598,7 @@ class Device:
             return False
         if offset < 0 or length <= 0 or offset + length > node.size:
             return False
-        self.stats.account(_READ, length, self.stats.clock())
+        self.stats.account(_READ, length, self._clock())
         return True
 
     def try_write(self, offset: int, data: Buffer, fua: bool) -> bool:
@@ -607,27 +614,29 @@ class Device:
         if offset < 0 or offset + length > node.size:
             return False
         fd = node.write_fd
+        clock = self._clock
+        start = clock()
+        count = -1
         if fd >= 0 and not fua:
-            start = self.stats.clock()
             try:
                 count = _pwritev(fd, (data,), offset)
             except OSError:
                 return False
-            if count == length:
-                if offset + length > node.wr_highest_offset:  # node.note_write(), inlined
-                    node.wr_highest_offset = offset + length
-                self.stats.account(_WRITE, length, start)
-                return True
-        write = node.write_now
-        if write is None or node.read_only:
-            return False
-        start = self.stats.clock()
-        try:
-            write(offset, (data,), fua)
-        except OSError:
-            return False
-        node.note_write(offset, length)
-        self.stats.account(_WRITE, length, start)
+        if count != length:
+            write = node.write_now
+            if write is None or node.read_only:
+                return False
+            try:
+                write(offset, (data,), fua)
+            except OSError:
+                return False
+        if offset + length > node.wr_highest_offset:  # node.note_write(), inlined
+            node.wr_highest_offset = offset + length
+        log = self._write_log  # self.stats.account(_WRITE, length, start), inlined
+        if log is not None:
+            log += (start, clock(), length)
+            if len(log) >= FOLD_AT:
+                self.stats.fold(_WRITE)
         return True
 
     # -- request entry points (callback style, for the NBD server's hot path) -------

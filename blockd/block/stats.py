@@ -53,6 +53,7 @@ from typing import NamedTuple
 
 __all__ = [
     "DEFAULT_LATENCY_BOUNDARIES_NS",
+    "FOLD_AT",
     "AcctCookie",
     "BlockAcctStats",
     "IoKind",
@@ -102,7 +103,8 @@ _TIMED_KINDS = (IoKind.READ, IoKind.WRITE, IoKind.FLUSH)
 
 #: Log entries (three per success) after which a kind's log is folded into its
 #: counters: the fold's fixed cost spread over 256 requests, the log at most a few KiB.
-_FOLD_AT = 3 * 256
+#: Public as FOLD_AT for callers that append to a :meth:`BlockAcctStats.success_log`.
+FOLD_AT = _FOLD_AT = 3 * 256
 
 
 @dataclass(slots=True)
@@ -629,6 +631,21 @@ class BlockAcctStats:
         if len(log) >= _FOLD_AT:
             self._fold(c)
 
+    def success_log(self, kind: IoKind) -> list[int] | None:
+        """The live log of ``kind``'s successes, for a caller on the hot path; None: count none.
+
+        :meth:`account` without the call: the caller appends ``start_ns, end_ns,
+        nbytes`` (its own reads of :attr:`clock`) for each request that ran to
+        success, then calls :meth:`fold` once the log holds :data:`FOLD_AT`
+        entries or more.  The list stays the same object for the life of these
+        statistics (folding empties it in place).  :class:`NoAccounting` returns None.
+        """
+        return self._counters[kind].log
+
+    def fold(self, kind: IoKind) -> None:
+        """Count what :meth:`success_log` holds for ``kind`` now (it is then empty)."""
+        self._fold(self._counters[kind])
+
     def _fold(self, c: _Counters) -> None:
         """Count the successes logged for one kind, in the order they completed."""
         log = c.log
@@ -799,6 +816,9 @@ class NoAccounting(BlockAcctStats):
 
     def account(self, kind: IoKind, nbytes: int, start_ns: int) -> None:
         pass
+
+    def success_log(self, kind: IoKind) -> list[int] | None:
+        return None
 
     def failed(self, cookie: AcctCookie) -> None:
         pass

@@ -442,10 +442,14 @@ class NbdClient(asyncio.Protocol):
             return 0
         if length < MIN_POOLED:
             # Served on the spot if the device can (memory-backed, page-cache hit): no
-            # callback; the flush at the end of _run() sends it.
+            # callback; the flush at the end of _run() sends it.  (The callables bound
+            # at negotiation are called through locals: CPython 3.11 never specializes
+            # a method call on an instance attribute, and pays a full lookup each time.)
             buf = bytearray(length)
-            if self._try_read(offset, buf) is not None:
-                self._out += (self._reply_read_header(cookie, offset, length), buf)
+            try_read = self._try_read
+            if try_read(offset, buf) is not None:
+                reply_read_header = self._reply_read_header
+                self._out += (reply_read_header(cookie, offset, length), buf)
                 return length
         self.in_flight += 1
         self.in_flight_bytes += length
@@ -455,13 +459,17 @@ class NbdClient(asyncio.Protocol):
     def _write_request(self, cookie: int, offset: int, data: memoryview, flags: int) -> int:
         """Start a WRITE (0: nothing is queued on the spot but a reply header)."""
         # writethrough: every write is durable before it is acknowledged.
-        fua = bool(flags & _FUA) or self._writethrough
-        if self._ring_first and self._write_on_ring(offset, data, fua, self._written, cookie):
-            self.in_flight += 1  # done() comes later, never from inside the call
-            self.in_flight_bytes += len(data)
-            return 0
-        if self._try_write(offset, data, fua):
-            self._out.append(self._reply_ok(cookie))
+        fua = flags & _FUA != 0 or self._writethrough
+        if self._ring_first:
+            write_on_ring = self._write_on_ring  # called through locals, as in _read
+            if write_on_ring(offset, data, fua, self._written, cookie):
+                self.in_flight += 1  # done() comes later, never from inside the call
+                self.in_flight_bytes += len(data)
+                return 0
+        try_write = self._try_write
+        if try_write(offset, data, fua):
+            reply_ok = self._reply_ok
+            self._out.append(reply_ok(cookie))
             return 0
         self.in_flight += 1
         self.in_flight_bytes += len(data)

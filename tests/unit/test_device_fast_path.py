@@ -10,6 +10,7 @@ full path accounts the request.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ import pytest
 
 from blockd.block.device import Device
 from blockd.block.registry import Registry
-from blockd.block.stats import NoAccounting
+from blockd.block.stats import FOLD_AT, BlockAcctStats, IoKind, NoAccounting
 from blockd.devices.base import NodeOptions
 from blockd.events import BlockIoError, Event, EventBus
 
@@ -87,6 +88,29 @@ async def test_memory_backed_write_lands_and_is_accounted(
     assert data[65536:65536 + 4096] == b"W" * 4096 and data[4096:4608] == b"F" * 512
     assert _counts(dev) == (0, 0, 2, 4608, 0, 0, 0, 0, 0)
     assert dev.block_stats()["stats"]["wr_highest_offset"] == 65536 + 4096  # type: ignore[index]
+
+
+async def test_successes_are_counted_exactly_across_folds(
+    registry: Registry, shm_image: Path
+) -> None:
+    """The fast paths log into the statistics themselves: every request, its bytes and
+    its latency (two clock reads, 1 µs apart here) arrive, and the log stays bounded."""
+    ticks = itertools.count(0, 1000)
+    stats = BlockAcctStats(clock=lambda: next(ticks))
+    await registry.add_node(NodeOptions(driver="file", node_name="f0",
+                                        filename=str(shm_image)))
+    dev = registry.add_device("hd", "d0", "f0", stats=stats)
+    requests = FOLD_AT  # three folds' worth of each kind: every success takes 3 entries
+    for i in range(requests):
+        assert dev.try_write(i * 512, b"w" * 512, False)
+        assert dev.try_read(i * 512, bytearray(1024)) == 1024
+        assert len(stats.success_log(IoKind.WRITE) or ()) < FOLD_AT
+    s = stats.to_qmp()
+    assert (s["wr_operations"], s["wr_bytes"], s["wr_total_time_ns"]) == (
+        requests, requests * 512, requests * 1000)
+    assert (s["rd_operations"], s["rd_bytes"], s["rd_total_time_ns"]) == (
+        requests, requests * 1024, requests * 1000)
+    assert s["idle_time_ns"] == 1000  # since the last request's end; to_qmp read the clock
 
 
 async def test_read_past_a_shrunk_file_is_padded_with_zeroes(
@@ -296,4 +320,5 @@ async def test_accounting_off_counts_nothing(registry: Registry, shm_image: Path
     dev = await _device(registry, shm_image)
     assert dev.try_read(0, bytearray(4096)) == 4096 and dev.try_write(0, b"y" * 4096, False)
     assert _counts(dev) == (0, 0, 0, 0, 0, 0, 0, 0, 0)
+    assert dev.stats.success_log(IoKind.READ) is None
     assert shm_image.read_bytes()[:4096] == b"y" * 4096
