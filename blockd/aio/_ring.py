@@ -149,6 +149,7 @@ _NR_IO_URING_REGISTER: Final = 427
 _IORING_OP_WRITEV: Final = 2
 _IORING_OP_FSYNC: Final = 3
 _IORING_OP_WRITE: Final = 23  # pwrite of one buffer (Linux 5.6, as IORING_SETUP_CLAMP)
+_IORING_OP_SPLICE: Final = 30  # splice(2) (Linux 5.7)
 
 _IORING_FSYNC_DATASYNC: Final = 1 << 0
 
@@ -165,6 +166,13 @@ _IORING_SQ_CQ_OVERFLOW: Final = 1 << 1
 
 _IORING_ENTER_GETEVENTS: Final = 1 << 0
 _IORING_REGISTER_EVENTFD: Final = 4
+_IORING_REGISTER_IOWQ_MAX_WORKERS: Final = 19  # Linux 5.15
+
+#: The most kernel worker threads (io-wq, "unbound" kind) a ring may start.  Splices into
+#: pipes and writes to block devices run there; without a cap the kernel starts one per
+#: request that waits, up to the process limit, and a client with many large reads in
+#: flight would make the daemon hold that many threads.
+MAX_UNBOUND_WORKERS: Final = 8
 
 # mmap offsets.
 _IORING_OFF_SQ_RING: Final = 0
@@ -271,10 +279,12 @@ class _Iovec(ctypes.Structure):
 # personality, splice_fd_in, addr3, pad2: the 64 bytes of one SQE.
 _SQE_FORMAT: Final = "=BBHiQQIIQHHiQQ"
 _SQE_STRUCT: Final = struct.Struct(_SQE_FORMAT)
-# The first 40 bytes, up to user_data: all this module ever sets.  The other 24
-# (buf_index, personality, splice_fd_in, addr3) are zeroed once at setup and
-# never written again, so every SQE carries zeroes there.
+# The first 40 bytes, up to user_data: all this module sets but for splices.  The other
+# 24 (buf_index, personality, splice_fd_in, addr3) are zeroed at setup; a splice sets
+# splice_fd_in, and submit() zeroes that SQE's tail again once the kernel has read it,
+# so every other SQE carries zeroes there.
 _SQE_HEAD_STRUCT: Final = struct.Struct(_SQE_FORMAT[:10])
+_SQE_TAIL_STRUCT: Final = struct.Struct("=" + _SQE_FORMAT[10:])
 _CQE_STRUCT: Final = struct.Struct("=QiI")
 _iter_cqes: Final = _CQE_STRUCT.iter_unpack
 _SQE_SIZE: Final = 64
@@ -393,6 +403,10 @@ class Ring:
         self._maps: list[tuple[int, int]] = []
         self._ops: dict[int, _Entry] = {}
         self._unsubmitted = 0
+        # SQ positions of splices whose SQE tail (splice_fd_in) is not zero: cleared once
+        # the kernel has read them, because the other preps write only the head and a
+        # write reads that field too (write_stream).
+        self._tails_set: list[int] = []
 
         params = _Params()
         fd = -1
@@ -493,6 +507,16 @@ class Ring:
         if ret < 0:
             err = ctypes.get_errno()
             raise UringUnavailable(err, f"IORING_REGISTER_EVENTFD: {os.strerror(err)}")
+        # [bounded, unbounded]: 0 leaves the bounded kind (regular files) as the kernel
+        # sizes it; the kernel writes back the previous values.
+        counts = (ctypes.c_uint32 * 2)(0, MAX_UNBOUND_WORKERS)
+        ret = _sys_register(
+            _NR_IO_URING_REGISTER, self._fd, _IORING_REGISTER_IOWQ_MAX_WORKERS,
+            ctypes.addressof(counts), 2,
+        )
+        if ret < 0:
+            err = ctypes.get_errno()
+            raise UringUnavailable(err, f"IORING_REGISTER_IOWQ_MAX_WORKERS: {os.strerror(err)}")
 
     def _teardown(self) -> None:
         for name in ("_sqes", "_cqes", "_views_mv", "_iov_mv", "_stage_mv"):
@@ -761,6 +785,44 @@ class Ring:
         self._full(user_data)  # raises for a closed ring, a user_data in flight or too big
         raise ValueError(f"offset must be >= 0, not {offset}")
 
+    def prep_splice(
+        self, fd_in: int, off_in: int, pipe_w: int, length: int, user_data: int
+    ) -> bool:
+        """Queue ``splice(fd_in at off_in -> pipe_w, length)``; False when the ring is full.
+
+        ``off_in`` is -1 where ``fd_in`` is a pipe.  ``pipe_w`` is a pipe's write end; the
+        result is the count moved (short at the end of the file or when the pipe fills),
+        -errno on failure.  The kernel always runs a splice on one of its io-wq workers,
+        where it may wait for the disk.
+        """
+        if self._full(user_data):
+            return False
+        if off_in < -1:
+            raise ValueError(f"offset must be >= 0 (or -1 for a pipe), not {off_in}")
+        tail = self._sqe_tail
+        _SQE_STRUCT.pack_into(
+            self._sqes, (tail & self._sq_mask) * _SQE_SIZE, _IORING_OP_SPLICE, 0, 0,
+            pipe_w, _U64,  # off_out -1: the pipe has no offset
+            off_in & _U64, length, 0, user_data, 0, 0, fd_in, 0, 0,
+        )
+        self._tails_set.append(tail)
+        self._ops[user_data] = _NO_BUFFERS
+        self._sqe_tail = (tail + 1) & _U32
+        self._unsubmitted += 1
+        return True
+
+    def _clear_read_tails(self, head: int) -> None:
+        """Zero the SQE tails (bytes 40-63) of splices the kernel has read (before ``head``)."""
+        keep = []
+        for position in self._tails_set:
+            if (head - position - 1) & _U32 < self.sq_entries:  # consumed: position < head
+                _SQE_TAIL_STRUCT.pack_into(
+                    self._sqes, (position & self._sq_mask) * _SQE_SIZE + _SQE_HEAD_STRUCT.size,
+                    0, 0, 0, 0, 0)
+            else:
+                keep.append(position)
+        self._tails_set = keep
+
     def prep_fsync(self, fd: int, user_data: int, datasync: bool = True) -> bool:
         """Queue ``fdatasync(fd)`` (``fsync`` with ``datasync=False``); False when full."""
         if self._full(user_data):
@@ -800,6 +862,8 @@ class Ring:
             raise OSError(-ret, f"io_uring_enter: {os.strerror(-ret)}")
         new_head = self._sq_head.value
         self._unsubmitted = (self._sqe_tail - new_head) & _U32
+        if self._tails_set:
+            self._clear_read_tails(new_head)
         return (new_head - head) & _U32
 
     def reap(self) -> list[tuple[int, int]]:

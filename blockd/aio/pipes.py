@@ -73,6 +73,12 @@ class Pipe:
         """
         if self.held:
             self.discard()
+        return self.fill_more(splice_read, offset, length)
+
+    def fill_more(self, splice_read: SpliceRead, offset: int, length: int) -> int:
+        """:meth:`fill` on top of what the pipe holds (a short splice by io_uring): the
+        rest of a read, ``length`` bytes from ``offset``; the count the backing had."""
+        held = self.held
         count = 0
         try:
             while count < length:
@@ -81,7 +87,7 @@ class Pipe:
                     break
                 count += moved
         finally:
-            self.held = count
+            self.held = held + count
         if count < length:
             self.add_zeroes(length - count)
         return count

@@ -78,6 +78,21 @@ class UringIo:
         self._schedule_submit()
         return True
 
+    def splice(self, fd_in: int, off_in: int, pipe_w: int, length: int,
+               done: Completion) -> bool:
+        """Queue a splice from ``fd_in`` into a pipe; False when the ring is full or broken.
+
+        The kernel's io-wq worker does it (it may wait for the disk): no Python thread.
+        """
+        if self._broken:
+            return False
+        tag = self._tag(done)
+        if not self._ring.prep_splice(fd_in, off_in, pipe_w, length, tag):
+            del self._callbacks[tag]
+            return False
+        self._schedule_submit()
+        return True
+
     def _tag(self, done: Completion) -> int:
         tag = self._next
         self._next = tag + 1 if tag < _MAX_TAG else 1

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import devio
 import pytest
 
+from blockd.aio.pipes import Pipe, PipePool
+from blockd.aio.uring import UringIo
 from blockd.block.registry import Registry
 from blockd.devices.base import NodeOptions
 from blockd.errors import InvalidArgument, NoMedium, ReadOnly
@@ -139,3 +144,66 @@ async def test_ignored_read_error_returns_zeroes_not_stale_memory(
     buf, exc = got[0]  # type: ignore[misc]
     assert exc is None and buf is stale
     assert bytes(stale) == bytes(1 << 17)
+
+
+async def _splice_read(registry: Registry, path: Path, offset: int, length: int,
+                       shrink_to: int | None = None) -> tuple[bytes, list[object]]:
+    """A large read with pipes on a disk file, io_uring on; the bytes and the worker calls."""
+    uring = UringIo.create()
+    if uring is None:
+        pytest.fail("io_uring is not available on this kernel")
+    registry.workers.uring = uring
+    worker_calls: list[object] = []
+    submit = registry.workers.submit
+
+    def counting_submit(fn: Callable[..., Any], args: tuple[Any, ...], done: Any) -> None:
+        worker_calls.append(fn)
+        submit(fn, args, done)
+
+    registry.workers.submit = counting_submit  # type: ignore[method-assign]
+    pipes = PipePool(limit=1)
+    try:
+        await registry.add_node(NodeOptions(driver="file", node_name="f0",
+                                            filename=str(path)))
+        dev = registry.add_device("hd", "hd0", "f0")
+        assert dev.node is not None and dev.node.ring_fd >= 0
+        if shrink_to is not None:
+            os.truncate(path, shrink_to)
+        got: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        dev.submit_read(offset, length, lambda res, exc: got.set_result(exc or res),
+                        pipes=pipes)
+        pipe = await asyncio.wait_for(got, 10)
+        assert isinstance(pipe, Pipe), pipe
+        assert pipe.held == length
+        data = bytes(pipe.take())
+        pipes.put(pipe)
+        s = dev.block_stats()["stats"]
+        assert isinstance(s, dict) and (s["rd_operations"], s["rd_bytes"]) == (1, length)
+        return data, worker_calls
+    finally:
+        pipes.close()
+        uring.close()
+        registry.workers.uring = None
+
+
+async def test_large_reads_of_a_disk_file_splice_on_io_uring(registry: Registry,
+                                                             tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    content = os.urandom(4 << 20)
+    img.write_bytes(content)
+    data, worker_calls = await _splice_read(registry, img, 12345, 512 << 10)
+    assert data == content[12345:12345 + (512 << 10)]
+    assert worker_calls == []  # no Python thread: the kernel's io-wq did the splice
+
+
+async def test_a_short_splice_on_io_uring_is_finished_by_a_worker(registry: Registry,
+                                                                  tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    content = os.urandom(2 << 20)
+    img.write_bytes(content)
+    # The node believes in 2 MiB; the file shrinks under it, so the ring's splice comes
+    # back short and a worker pads the rest with zeroes, as the threads' path does.
+    data, worker_calls = await _splice_read(registry, img, (1 << 20) - 4096, 65536,
+                                            shrink_to=1 << 20)
+    assert data == content[(1 << 20) - 4096:1 << 20] + bytes(65536 - 4096)
+    assert len(worker_calls) == 1

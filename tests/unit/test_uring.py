@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import platform
 import select
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 
@@ -167,6 +169,7 @@ def test_struct_formats_agree_with_ctypes_layouts() -> None:
 
 def test_opcodes_and_constants() -> None:
     assert (_uring._IORING_OP_WRITEV, _uring._IORING_OP_FSYNC) == (2, 3)
+    assert (_uring._IORING_OP_WRITE, _uring._IORING_OP_SPLICE) == (23, 30)
     assert _uring._IORING_FSYNC_DATASYNC == 1
     assert _uring._IORING_REGISTER_EVENTFD == 4
     assert (_uring._IORING_OFF_CQ_RING, _uring._IORING_OFF_SQES) == (0x8000000, 0x10000000)
@@ -534,3 +537,85 @@ def test_one_reap_across_the_end_of_the_completion_ring(ring: Ring, rw_fd: int) 
         (i, 0 if data is None else len(data)) for i, data in enumerate(kinds))
     assert (ring.pending, len(ring._free_slots)) == (0, cq)
     assert os.pread(rw_fd, len(big), (1 << 20) + (1 << 16)) == big
+
+
+def test_splice_moves_file_bytes_into_a_pipe_and_leaves_clean_sqes(ring: Ring, rw_fd: int) -> None:
+    content = os.urandom(256 * 1024)
+    os.pwrite(rw_fd, content, 0)
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ: room for each splice whole
+        for i, (offset, length) in enumerate(((0, 65536), (4096 + 17, 100_000), (200_000, 56_144))):
+            assert ring.prep_splice(rw_fd, offset, w, length, 100 + i)
+            assert run(ring, 1) == {100 + i: length}
+            assert os.read(r, length) == content[offset:offset + length]
+        # A splice sets its SQE's splice_fd_in; once the kernel has read the SQE, every
+        # SQE's last 24 bytes are zero again (the other requests write only the first 40).
+        sqes = bytes(ring._sqes)
+        assert all(sqes[i * 64 + 40:(i + 1) * 64] == bytes(24) for i in range(len(sqes) // 64))
+        # Past the end of the file a splice moves what there is.
+        assert ring.prep_splice(rw_fd, len(content) - 10, w, 4096, 200)
+        assert run(ring, 1) == {200: 10}
+        assert os.read(r, 4096) == content[-10:]
+        with pytest.raises(ValueError, match="offset"):
+            ring.prep_splice(rw_fd, -2, w, 4096, 201)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def _io_workers(owner: int) -> int:
+    """Kernel io_uring worker threads serving thread ``owner`` (named iou-wrk-<owner>)."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                count += f.read().strip() == f"iou-wrk-{owner}"
+        except FileNotFoundError:
+            pass
+    return count
+
+
+def test_waiting_splices_hold_a_bounded_number_of_kernel_threads() -> None:
+    # 32 splices from empty pipes all wait in io-wq; uncapped, the kernel would start a
+    # worker thread for each.  The io-wq belongs to the thread that submits: a new one
+    # here, so that no other test's workers count.
+    pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(64)]
+    sources, sinks = pipes[:32], pipes[32:]
+    made: list[tuple[Ring, int]] = []
+    submitted, finish = threading.Event(), threading.Event()
+    unblocked = False
+    ring = _ring_or_skip(64)  # skips here, not in the thread
+
+    def submit() -> None:
+        # The requests belong to this thread: it stays alive until they are done (a
+        # thread's exit cancels them).
+        made.append((ring, threading.get_native_id()))
+        for i, ((src_r, _), (_, dst_w)) in enumerate(zip(sources, sinks, strict=True)):
+            ring.prep_splice(src_r, -1, dst_w, 100, i)
+        ring.submit()
+        submitted.set()
+        finish.wait(30)
+
+    submitter = threading.Thread(target=submit)
+    submitter.start()
+    try:
+        assert submitted.wait(10)
+        time.sleep(0.5)
+        workers = _io_workers(made[0][1])
+        for _, src_w in sources:
+            os.write(src_w, b"z" * 100)
+        unblocked = True
+        assert 1 <= workers <= _uring.MAX_UNBOUND_WORKERS
+        assert wait_for(ring, 32) == dict.fromkeys(range(32), 100)
+        assert all(os.read(dst_r, 200) == b"z" * 100 for dst_r, _ in sinks)
+    finally:
+        if not unblocked:  # close() waits for the splices: let them finish
+            for _, src_w in sources:
+                os.write(src_w, b"z" * 100)
+        finish.set()
+        submitter.join()
+        ring.close()
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
