@@ -168,11 +168,12 @@ _IORING_ENTER_GETEVENTS: Final = 1 << 0
 _IORING_REGISTER_EVENTFD: Final = 4
 _IORING_REGISTER_IOWQ_MAX_WORKERS: Final = 19  # Linux 5.15
 
-#: The most kernel worker threads (io-wq, "unbound" kind) a ring may start.  Splices into
-#: pipes and writes to block devices run there; without a cap the kernel starts one per
-#: request that waits, up to the process limit, and a client with many large reads in
-#: flight would make the daemon hold that many threads.
-MAX_UNBOUND_WORKERS: Final = 8
+#: The most kernel worker threads of io-wq's "unbound" kind (splices into pipes among
+#: them) the ring's submitter may have.  Without a cap the kernel starts one for every
+#: such request that waits, up to the process limit.  As large as the splice pipe pool
+#: (blockd/aio/pipes.py, MAX_PIPES): every splice then starts at once and holds its
+#: file from the start, and a stuck backing cannot keep other devices' splices queued.
+MAX_UNBOUND_WORKERS: Final = 64
 
 # mmap offsets.
 _IORING_OFF_SQ_RING: Final = 0
@@ -508,15 +509,13 @@ class Ring:
             err = ctypes.get_errno()
             raise UringUnavailable(err, f"IORING_REGISTER_EVENTFD: {os.strerror(err)}")
         # [bounded, unbounded]: 0 leaves the bounded kind (regular files) as the kernel
-        # sizes it; the kernel writes back the previous values.
+        # sizes it; the kernel writes back the previous values.  Older kernels (before
+        # 5.15) refuse it: the ring still works, and the pipe pool bounds the splices.
         counts = (ctypes.c_uint32 * 2)(0, MAX_UNBOUND_WORKERS)
-        ret = _sys_register(
+        self.workers_capped = _sys_register(
             _NR_IO_URING_REGISTER, self._fd, _IORING_REGISTER_IOWQ_MAX_WORKERS,
             ctypes.addressof(counts), 2,
-        )
-        if ret < 0:
-            err = ctypes.get_errno()
-            raise UringUnavailable(err, f"IORING_REGISTER_IOWQ_MAX_WORKERS: {os.strerror(err)}")
+        ) >= 0
 
     def _teardown(self) -> None:
         for name in ("_sqes", "_cqes", "_views_mv", "_iov_mv", "_stage_mv"):

@@ -381,6 +381,10 @@ class Device:
         assert op is not None
         if op[0] == "splice":
             _, fd, pipe = op
+            if request.node is not self.node:
+                # Held across a medium change (error policy stop): its descriptor may be
+                # closed, and the number reused.  The worker's way fails it instead.
+                return False
             if pipe.held:
                 pipe.discard()  # a retried read: drop what the failed try left
             _, offset, length = request.args

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -186,9 +186,17 @@ async def _splice_read(registry: Registry, path: Path, offset: int, length: int,
         registry.workers.uring = None
 
 
+@pytest.fixture
+def disk_path(tmp_path: Path) -> Iterator[Path]:
+    """An image on the disk's file system (/tmp may be tmpfs, which is memory-backed)."""
+    path = Path("/var/tmp") / f"blockd-device-io-{os.getpid()}-{tmp_path.name}.img"
+    yield path
+    path.unlink(missing_ok=True)
+
+
 async def test_large_reads_of_a_disk_file_splice_on_io_uring(registry: Registry,
-                                                             tmp_path: Path) -> None:
-    img = tmp_path / "disk.img"
+                                                             disk_path: Path) -> None:
+    img = disk_path
     content = os.urandom(4 << 20)
     img.write_bytes(content)
     data, worker_calls = await _splice_read(registry, img, 12345, 512 << 10)
@@ -197,8 +205,8 @@ async def test_large_reads_of_a_disk_file_splice_on_io_uring(registry: Registry,
 
 
 async def test_a_short_splice_on_io_uring_is_finished_by_a_worker(registry: Registry,
-                                                                  tmp_path: Path) -> None:
-    img = tmp_path / "disk.img"
+                                                                  disk_path: Path) -> None:
+    img = disk_path
     content = os.urandom(2 << 20)
     img.write_bytes(content)
     # The node believes in 2 MiB; the file shrinks under it, so the ring's splice comes

@@ -18,6 +18,7 @@ import pytest
 
 from blockd.aio import _ring as _uring
 from blockd.aio._ring import Ring, UringUnavailable
+from blockd.aio.pipes import MAX_PIPES
 
 
 def _ring_or_skip(entries: int) -> Ring:
@@ -577,15 +578,18 @@ def _io_workers(owner: int) -> int:
 
 
 def test_waiting_splices_hold_a_bounded_number_of_kernel_threads() -> None:
-    # 32 splices from empty pipes all wait in io-wq; uncapped, the kernel would start a
-    # worker thread for each.  The io-wq belongs to the thread that submits: a new one
-    # here, so that no other test's workers count.
-    pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(64)]
-    sources, sinks = pipes[:32], pipes[32:]
+    # More splices than the cap, from empty pipes: they all wait in io-wq, where the
+    # kernel would otherwise start a worker thread for each.  The io-wq belongs to the
+    # thread that submits: a new one here, so that no other test's workers count.
+    n = _uring.MAX_UNBOUND_WORKERS + 16
+    pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(2 * n)]
+    sources, sinks = pipes[:n], pipes[n:]
     made: list[tuple[Ring, int]] = []
     submitted, finish = threading.Event(), threading.Event()
     unblocked = False
-    ring = _ring_or_skip(64)  # skips here, not in the thread
+    ring = _ring_or_skip(2 * n)  # skips here, not in the thread
+    assert ring.workers_capped
+    assert _uring.MAX_UNBOUND_WORKERS >= MAX_PIPES  # every splice of the pool starts at once
 
     def submit() -> None:
         # The requests belong to this thread: it stays alive until they are done (a
@@ -607,7 +611,7 @@ def test_waiting_splices_hold_a_bounded_number_of_kernel_threads() -> None:
             os.write(src_w, b"z" * 100)
         unblocked = True
         assert 1 <= workers <= _uring.MAX_UNBOUND_WORKERS
-        assert wait_for(ring, 32) == dict.fromkeys(range(32), 100)
+        assert wait_for(ring, n) == dict.fromkeys(range(n), 100)
         assert all(os.read(dst_r, 200) == b"z" * 100 for dst_r, _ in sinks)
     finally:
         if not unblocked:  # close() waits for the splices: let them finish
