@@ -405,8 +405,9 @@ class Ring:
         self._ops: dict[int, _Entry] = {}
         self._unsubmitted = 0
         # SQ positions of splices whose SQE tail (splice_fd_in) is not zero: cleared once
-        # the kernel has read them, because the other preps write only the head and a
-        # write reads that field too (write_stream).
+        # the kernel has read them, because the other preps write only the head and the
+        # same bytes mean other things to other opcodes (recent kernels give writes a
+        # write_stream there; on 6.18 a stale value did not disturb file writes).
         self._tails_set: list[int] = []
 
         params = _Params()
