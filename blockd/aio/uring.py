@@ -69,14 +69,7 @@ class UringIo:
 
     def fdatasync(self, fd: int, done: Completion) -> bool:
         """Queue an fdatasync; False when the ring is full or broken."""
-        if self._broken:
-            return False
-        tag = self._tag(done)
-        if not self._ring.prep_fsync(fd, tag, datasync=True):
-            del self._callbacks[tag]
-            return False
-        self._schedule_submit()
-        return True
+        return self._queue(done, lambda tag: self._ring.prep_fsync(fd, tag, datasync=True))
 
     def splice(self, fd_in: int, off_in: int, pipe_w: int, length: int,
                done: Completion) -> bool:
@@ -84,10 +77,16 @@ class UringIo:
 
         The kernel's io-wq worker does it (it may wait for the disk): no Python thread.
         """
+        return self._queue(
+            done, lambda tag: self._ring.prep_splice(fd_in, off_in, pipe_w, length, tag))
+
+    def _queue(self, done: Completion, prep: Callable[[int], bool]) -> bool:
+        """Tag ``done``, have ``prep(tag)`` fill an SQE, and submit at the end of the turn;
+        False (nothing queued) when the ring is full or broken."""
         if self._broken:
             return False
         tag = self._tag(done)
-        if not self._ring.prep_splice(fd_in, off_in, pipe_w, length, tag):
+        if not prep(tag):
             del self._callbacks[tag]
             return False
         self._schedule_submit()
