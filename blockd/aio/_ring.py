@@ -866,6 +866,35 @@ class Ring:
             self._clear_read_tails(new_head)
         return (new_head - head) & _U32
 
+    def discard_queued(self) -> list[int]:
+        """Take back every request prepared but not taken by the kernel; their user_data.
+
+        For a caller whose :meth:`submit` raised: those requests will never run, so
+        their buffers are released now.  Requests the kernel took are untouched: they
+        still complete, and :meth:`reap` still reports them.
+        """
+        if self._closed:
+            raise ValueError("io_uring Ring is closed")
+        head = self._sq_head.value
+        dropped = []
+        position = head
+        while position != self._sqe_tail:
+            base = (position & self._sq_mask) * _SQE_SIZE
+            user_data = _SQE_HEAD_STRUCT.unpack_from(self._sqes, base)[-1]
+            entry = self._ops.pop(user_data)
+            if isinstance(entry, int):
+                self._free_slots.append(entry)
+            else:
+                self._release(entry)
+            dropped.append(user_data)
+            position = (position + 1) & _U32
+        if self._tails_set:
+            self._clear_read_tails(self._sqe_tail)  # the dropped splices' tails too
+        self._sqe_tail = head
+        self._sq_tail.value = head  # the kernel reads the tail only in io_uring_enter
+        self._unsubmitted = 0
+        return dropped
+
     def reap(self) -> list[tuple[int, int]]:
         """``(user_data, res)`` for every completion available now; never waits.
 

@@ -108,13 +108,14 @@ class UringIo:
         try:
             self._ring.submit()
         except OSError as exc:
-            # Not a transient refusal (those leave requests queued): the ring is
-            # unusable.  Fail what waits on it and send everything else to threads.
+            # Not a transient refusal (those leave requests queued): the ring takes
+            # nothing more, and new requests go to threads.  What it had not taken
+            # fails now.  What it had taken still runs in the kernel, on buffers and
+            # pipes its callers hold, so those wait for their completions as before.
             log.error("io_uring submission failed: %s; using worker threads from now on", exc)
             self._broken = True
-            waiting, self._callbacks = self._callbacks, {}
-            for done in waiting.values():
-                done(-(exc.errno or errno.EIO))
+            for tag in self._ring.discard_queued():
+                self._callbacks.pop(tag)(-(exc.errno or errno.EIO))
             return
         if self._ring.queued:  # the kernel took only part: try again next turn
             self._schedule_submit()
@@ -135,7 +136,7 @@ class UringIo:
         completed = self._ring.reap()
         for tag, result in completed:
             done = self._callbacks.pop(tag, None)
-            if done is not None:  # None: already failed when the ring broke
+            if done is not None:
                 done(result)
         return bool(completed)
 

@@ -736,12 +736,13 @@ class Device:
 
         assert node.splice_read is not None
         # A backing that may wait (not memory-backed) splices on io_uring where the node
-        # has a plain descriptor for it: the kernel's io-wq worker waits, not a Python
-        # thread (the hand-off to a worker thread cost about a quarter of the CPU per MiB).
+        # has a plain descriptor for it (Node.splice_fd): the kernel's io-wq worker
+        # waits, not a Python thread (the hand-off to a worker thread cost about a
+        # quarter of the CPU per MiB).
         self._submit(_Request(
             IoKind.READ, length, pipe.fill, (node.splice_read, offset, length), filled,
             node, node.driver.memory_backed,
-            uring=("splice", node.ring_fd, pipe) if node.ring_fd >= 0 else None,
+            uring=("splice", node.splice_fd, pipe) if node.splice_fd >= 0 else None,
         ))
 
     def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> None:

@@ -86,6 +86,10 @@ class Node:
     write_now: Callable[..., int] | None = field(init=False)
     # The driver's zero-copy read into a pipe, if it has one (see blockd.aio.pipes).
     splice_read: Callable[[int, int, int], int] | None = field(init=False)
+    # Where io_uring may run that splice instead (the backing may wait, and the
+    # driver's splice_read is a plain splice(2) from it), or -1.  Read-only nodes
+    # have one too: a splice only reads.
+    splice_fd: int = field(init=False)
     # io_uring's plan for a write or a flush, if the driver has a descriptor for it.
     uring_write: Callable[[Sequence[Buffer], bool], tuple[int, Sequence[Buffer], int] | None] \
         | None = field(init=False)
@@ -116,6 +120,10 @@ class Node:
             if isinstance(driver, SpliceReader) and driver.can_splice
             else None
         )
+        self.splice_fd = (
+            driver.splice_plain_fd()
+            if isinstance(driver, SpliceReader) and driver.can_splice
+            and not driver.memory_backed else -1)
         self.reads_zeroes = isinstance(driver, ZeroReader) and driver.reads_zeroes
         self.set_permissions = (
             driver.set_permissions if isinstance(driver, PermissionLocks) else None)

@@ -239,6 +239,11 @@ class SpliceReader(Protocol):
         """Move up to ``length`` bytes at ``offset`` into the pipe; 0 at the end."""
         ...
 
+    def splice_plain_fd(self) -> int:
+        """The descriptor :meth:`splice_read` splices from and does nothing more with
+        (io_uring may then splice instead), or -1."""
+        ...
+
 
 @runtime_checkable
 class UringTarget(Protocol):

@@ -604,6 +604,10 @@ class HostCdromDriver(HostDeviceDriver):
         """Like :meth:`preadv`, into a pipe."""
         return self._from_disc(super().splice_read, offset, length, pipe_fd)
 
+    def splice_plain_fd(self) -> int:
+        """None: a disc's splices need the medium check and the ENOMEDIUM translation."""
+        return -1
+
     def _from_disc(self, read: Callable[..., int], *args: object) -> int:
         """Run a read of the disc; a failure because the disc is gone becomes ENOMEDIUM."""
         self._check_medium()

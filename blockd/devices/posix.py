@@ -426,6 +426,11 @@ class PosixDriver:
         """
         return os.splice(self._fd, pipe_fd, length, offset_src=offset)
 
+    def splice_plain_fd(self) -> int:
+        """See SpliceReader: :meth:`splice_read` is one splice(2) from this descriptor
+        (read-only nodes included: a splice only reads)."""
+        return self._fd if self.can_splice else -1
+
     def pwritev(self, offset: int, buffers: Sequence[Buffer], fua: bool = False) -> int:
         """Write all of ``buffers`` at ``offset``; with ``fua`` the data is durable on return.
 

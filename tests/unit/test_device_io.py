@@ -147,7 +147,8 @@ async def test_ignored_read_error_returns_zeroes_not_stale_memory(
 
 
 async def _splice_read(registry: Registry, path: Path, offset: int, length: int,
-                       shrink_to: int | None = None) -> tuple[bytes, list[object]]:
+                       shrink_to: int | None = None,
+                       read_only: bool = False) -> tuple[bytes, list[object]]:
     """A large read with pipes on a disk file, io_uring on; the bytes and the worker calls."""
     uring = UringIo.create()
     if uring is None:
@@ -164,9 +165,9 @@ async def _splice_read(registry: Registry, path: Path, offset: int, length: int,
     pipes = PipePool(limit=1)
     try:
         await registry.add_node(NodeOptions(driver="file", node_name="f0",
-                                            filename=str(path)))
+                                            filename=str(path), read_only=read_only))
         dev = registry.add_device("hd", "hd0", "f0")
-        assert dev.node is not None and dev.node.ring_fd >= 0
+        assert dev.node is not None and dev.node.splice_fd >= 0
         if shrink_to is not None:
             os.truncate(path, shrink_to)
         got: asyncio.Future[object] = asyncio.get_running_loop().create_future()
@@ -202,6 +203,19 @@ async def test_large_reads_of_a_disk_file_splice_on_io_uring(registry: Registry,
     data, worker_calls = await _splice_read(registry, img, 12345, 512 << 10)
     assert data == content[12345:12345 + (512 << 10)]
     assert worker_calls == []  # no Python thread: the kernel's io-wq did the splice
+
+
+async def test_large_reads_of_a_read_only_disk_file_splice_on_io_uring(
+        registry: Registry, disk_path: Path) -> None:
+    # A read-only node has no descriptor for io_uring writes (Node.ring_fd), but a
+    # splice only reads: it takes the ring route too.
+    img = disk_path
+    content = os.urandom(1 << 20)
+    img.write_bytes(content)
+    data, worker_calls = await _splice_read(registry, img, 4096, 256 << 10, read_only=True)
+    assert registry.nodes["f0"].ring_fd == -1
+    assert data == content[4096:4096 + (256 << 10)]
+    assert worker_calls == []
 
 
 async def test_a_short_splice_on_io_uring_is_finished_by_a_worker(registry: Registry,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import fcntl
@@ -19,6 +20,7 @@ import pytest
 from blockd.aio import _ring as _uring
 from blockd.aio._ring import Ring, UringUnavailable
 from blockd.aio.pipes import MAX_PIPES
+from blockd.aio.uring import UringIo
 
 
 def _ring_or_skip(entries: int) -> Ring:
@@ -620,6 +622,57 @@ def test_waiting_splices_hold_a_bounded_number_of_kernel_threads() -> None:
         finish.set()
         submitter.join()
         ring.close()
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+
+
+async def test_a_broken_ring_fails_only_what_the_kernel_had_not_taken() -> None:
+    # A splice the kernel took waits in io-wq on an empty pipe.  Then io_uring_enter
+    # fails for good: the request it had not taken fails at once, the one it had
+    # keeps its pipe and its callback until the kernel completes it.
+    uring = UringIo.create()
+    if uring is None:
+        pytest.skip("io_uring unavailable here")
+    ring = uring._ring
+    pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(4)]  # blocking: the splice waits
+    (src_a, src_a_w), (dst_a, dst_a_w), (src_b, _), (_, dst_b_w) = pipes
+    results: dict[str, int] = {}
+    fed = False
+    try:
+        assert uring.splice(src_a, -1, dst_a_w, 100, lambda res: results.setdefault("a", res))
+        uring.submit_now()
+        assert ring.pending == 1 and ring.queued == 0
+        real_enter = ring._enter
+        ring._enter = lambda *args: -errno.EBADF  # type: ignore[method-assign]
+        assert uring.splice(src_b, -1, dst_b_w, 100, lambda res: results.setdefault("b", res))
+        uring.submit_now()
+        ring._enter = real_enter  # type: ignore[method-assign]
+        assert results == {"b": -errno.EBADF}
+        assert ring.pending == 1 and ring.queued == 0
+        assert not uring.splice(src_b, -1, dst_b_w, 100, lambda res: None)  # threads now
+        os.write(src_a_w, b"a" * 100)
+        fed = True
+        for _ in range(500):
+            if "a" in results:
+                break
+            await asyncio.sleep(0.01)
+        assert results == {"b": -errno.EBADF, "a": 100}
+        assert os.read(dst_a, 200) == b"a" * 100
+        assert ring.pending == 0
+        # The dropped SQE left nothing behind: the ring still runs what it is given.
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            os.write(w, b"x" * 10)
+            assert ring.prep_splice(r, -1, dst_a_w, 10, 7)
+            assert run(ring, 1) == {7: 10}
+        finally:
+            os.close(r)
+            os.close(w)
+    finally:
+        if not fed:  # close() waits for the splice: let it finish
+            os.write(src_a_w, b"a" * 100)
+        uring.close()
         for r, w in pipes:
             os.close(r)
             os.close(w)
