@@ -49,7 +49,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import sub
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = [
     "DEFAULT_LATENCY_BOUNDARIES_NS",
@@ -802,8 +802,19 @@ class BlockAcctStats:
         c.bins = [0] * (len(checked) + 1)
 
 
+def _no_time() -> int:
+    return 0
+
+
 class NoAccounting(BlockAcctStats):
-    """Counts nothing.  Only for measuring what accounting costs (``BLOCKD_NO_ACCOUNTING=1``)."""
+    """Counts nothing.  Only for measuring what accounting costs (``BLOCKD_NO_ACCOUNTING=1``).
+
+    It reads no clock either: a request's clock readings are accounting's cost too.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.clock = _no_time
 
     def start(self, kind: IoKind, nbytes: int) -> AcctCookie:
         return AcctCookie(kind, nbytes, 0)

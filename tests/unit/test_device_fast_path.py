@@ -321,4 +321,5 @@ async def test_accounting_off_counts_nothing(registry: Registry, shm_image: Path
     assert dev.try_read(0, bytearray(4096)) == 4096 and dev.try_write(0, b"y" * 4096, False)
     assert _counts(dev) == (0, 0, 0, 0, 0, 0, 0, 0, 0)
     assert dev.stats.success_log(IoKind.READ) is None
+    assert dev.stats.clock() == 0  # no clock is read either (that is accounting's cost too)
     assert shm_image.read_bytes()[:4096] == b"y" * 4096
