@@ -171,9 +171,10 @@ _IORING_REGISTER_IOWQ_MAX_WORKERS: Final = 19  # Linux 5.15
 #: The most kernel worker threads of io-wq's "unbound" kind (splices into pipes among
 #: them) the ring's submitter may have.  Without a cap the kernel starts one for every
 #: such request that waits, up to the process limit.  As large as the splice pipe pool
-#: (blockd/aio/pipes.py, MAX_PIPES): every splice then starts at once and holds its
-#: file from the start, and a stuck backing cannot keep other devices' splices queued.
-MAX_UNBOUND_WORKERS: Final = 64
+#: can be (blockd/aio/pipes.py, MAX_PIPES): every splice then starts at once and holds
+#: its file from the start, and a stuck backing cannot keep other devices' splices
+#: queued.
+MAX_UNBOUND_WORKERS: Final = 256
 
 # mmap offsets.
 _IORING_OFF_SQ_RING: Final = 0

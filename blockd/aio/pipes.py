@@ -17,8 +17,16 @@ and a write that are in flight together, and a client cannot issue a write that
 depends on a read before it has received that read's data, so no client can
 tell.
 
-The pool is bounded (pipes cost two descriptors each); when it is empty, or a
-read is bigger than a pipe, the caller uses the copying path.
+The pool is bounded twice.  Each pipe costs two descriptors, so there are at
+most :data:`MAX_PIPES` (fewer under a low descriptor limit: :func:`pool_limit`).
+And the kernel charges a pipe's capacity, in pages, to its user (unprivileged
+users get ``pipe-user-pages-soft``, 16,384 pages by default, across all their
+pipes), so a pipe is sized to its read, a power of two from 64 KiB to 1 MiB,
+and all of them together hold at most :data:`PAGE_BUDGET` pages: 64 pipes for
+1 MiB reads, 256 for nbdcopy's 256 KiB ones.  A read takes the smallest free
+pipe that fits; a new one is made while both bounds allow, after closing free
+pipes too small to be of use.  When nothing is left, or a read is bigger than
+the biggest pipe, the caller uses the copying path.
 """
 
 from __future__ import annotations
@@ -34,8 +42,11 @@ __all__ = ["MIN_SPLICE", "Pipe", "PipePool"]
 log = logging.getLogger(__name__)
 
 MIN_SPLICE = 64 * 1024  # below this a copy is cheaper than two splices
-PIPE_BYTES = 1 << 20  # capacity asked for each pipe (Linux's default pipe-max-size)
-MAX_PIPES = 64
+PIPE_BYTES = 1 << 20  # the biggest pipe (Linux's default pipe-max-size), the biggest splice
+# As many as nbdcopy keeps in flight (4 connections of 64 requests): with 64 pipes,
+# 44 % of its reads found none free and were copied, at 1.8x the CPU per MiB.
+MAX_PIPES = 256
+PAGE_BUDGET = 16384  # pages in all the pool's pipes: Linux's default pipe-user-pages-soft
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -150,15 +161,43 @@ class Pipe:
         self.r = self.w = -1
 
 
-class PipePool:
-    """At most ``limit`` pipes, made on first need and reused; loop thread only."""
+def pool_limit(fd_limit: int) -> int:
+    """How many pipes a daemon with this descriptor limit pools: two descriptors each,
+    at most an eighth of the limit (64 under the usual soft limit of 1,024)."""
+    return min(MAX_PIPES, fd_limit // 16)
 
-    def __init__(self, limit: int = MAX_PIPES, capacity: int = PIPE_BYTES) -> None:
+
+class PipePool:
+    """At most ``limit`` pipes holding at most ``page_budget`` pages, each sized to a
+    read (a power of two of pages, up to ``capacity``), made on first need and reused;
+    loop thread only."""
+
+    def __init__(self, limit: int = MAX_PIPES, capacity: int = PIPE_BYTES,
+                 page_budget: int = PAGE_BUDGET) -> None:
         self._limit = limit
-        self._capacity = capacity
-        self._free: list[Pipe] = []
+        self._budget = page_budget
+        self._min_pages = max(1, MIN_SPLICE // PAGE)
+        self._max_pages = capacity // PAGE  # lowered if the system refuses pipes this big
+        # Free pipes by size in pages, smallest first (the sizes a read may ask for).
+        self._free: dict[int, list[Pipe]] = {}
+        size = self._min_pages
+        while size < self._max_pages:
+            self._free[size] = []
+            size *= 2
+        self._free[self._max_pages] = []
         self._count = 0
-        self._broken = limit <= 0
+        self._pages = 0  # in every pipe made and not closed
+        self._broken = limit <= 0 or self._max_pages < self._min_pages
+
+    @property
+    def count(self) -> int:
+        """Pipes made and not closed (in use or free)."""
+        return self._count
+
+    @property
+    def pages(self) -> int:
+        """Their capacity in pages, what the kernel charges the daemon's user for."""
+        return self._pages
 
     def get(self, offset: int, length: int) -> Pipe | None:
         """An empty pipe that takes ``length`` bytes from ``offset``, or None (copy instead).
@@ -166,31 +205,62 @@ class PipePool:
         A pipe holds one page (or part of one) per slot, so an unaligned read
         needs a slot more than its length suggests.
         """
-        if self._broken or _slots(offset, length) > self._capacity // PAGE:
+        slots = _slots(offset, length)
+        if self._broken or slots > self._max_pages:
             return None
-        if self._free:
-            return self._free.pop()
-        if self._count >= self._limit:
-            return None
+        for size, free in self._free.items():
+            if size >= slots and free:
+                return free.pop()
+        size = self._min_pages
+        while size < slots:
+            size *= 2
+        size = min(size, self._max_pages)
+        while self._count >= self._limit or self._pages + size > self._budget:
+            if not self._close_a_free_pipe():
+                return None
         try:
-            pipe = Pipe(self._capacity)
+            pipe = Pipe(size * PAGE)
         except OSError as exc:  # out of descriptors: copy instead
             log.info("no pipe for a spliced read: %s", exc)
             return None
-        if pipe.capacity < self._capacity:
+        if pipe.capacity < size * PAGE:
+            # The system will not give this user pipes this big (pipe-max-size, or its
+            # pipes' pages are over pipe-user-pages-soft): ask for smaller ones from now on.
             pipe.close()
-            self._broken = True  # the system will not give us big pipes: stop trying
+            self._max_pages = size // 2
+            self._broken = self._max_pages < self._min_pages
+            log.info("pipes of %d KiB refused; splicing reads of up to %d KiB",
+                     size * PAGE >> 10, self._max_pages * PAGE >> 10)
             return None
         self._count += 1
+        self._pages += size
         return pipe
+
+    def _close_a_free_pipe(self) -> bool:
+        """Close one free pipe, the biggest (none fits the read that asks); False if none."""
+        for free in reversed(self._free.values()):
+            if free:
+                self._forget(free.pop())
+                return True
+        return False
+
+    def _forget(self, pipe: Pipe) -> None:
+        self._count -= 1
+        self._pages -= pipe.capacity // PAGE
+        pipe.close()
 
     def put(self, pipe: Pipe) -> None:
         """Take a pipe back; one that still holds data is emptied first."""
         if pipe.held:
             pipe.discard()
-        self._free.append(pipe)
+        free = self._free.get(pipe.capacity // PAGE)
+        if free is None:  # bigger than the pool makes now (the system refused that size)
+            self._forget(pipe)
+        else:
+            free.append(pipe)
 
     def close(self) -> None:
-        for pipe in self._free:
-            pipe.close()
-        self._free.clear()
+        for free in self._free.values():
+            for pipe in free:
+                self._forget(pipe)
+            free.clear()

@@ -22,6 +22,7 @@ from collections.abc import Awaitable
 
 from blockd import __version__
 from blockd.aio.addresses import resolves_to_loopback
+from blockd.aio.pipes import PipePool, pool_limit
 from blockd.aio.tls import TlsError
 from blockd.aio.uring import UringIo
 from blockd.aio.workers import ControlExecutor, IoWorkers
@@ -118,6 +119,7 @@ class Daemon:
         # Descriptors for clients: each NBD client a socket (and pipes while splicing),
         # each QMP session one; the rest for devices, listeners and the executor.
         self.nbd.connection_budget = max(8, (self.fd_limit - 64) // 3)
+        self.nbd.pipes = PipePool(limit=pool_limit(self.fd_limit))
         self.qmp_max_sessions = min(DEFAULT_MAX_SESSIONS, max(4, self.fd_limit // 16))
         self.context.limits = self._limits
         self.dispatcher = Dispatcher(self.table, self.context)

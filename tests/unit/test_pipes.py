@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from blockd.aio.pipes import PAGE, Pipe, PipePool
+from blockd.aio import pipes
+from blockd.aio.pipes import MAX_PIPES, PAGE, Pipe, PipePool, pool_limit
 from blockd.devices.base import NodeOptions
 from blockd.devices.file import FileDriver
 
@@ -134,3 +135,66 @@ def test_pool_refuses_what_does_not_fit_and_is_bounded() -> None:
     pool.put(again)
     pool.put(second)
     pool.close()
+
+
+def test_pipes_are_sized_to_their_reads_within_a_page_budget() -> None:
+    if PAGE != 4096:
+        pytest.fail(f"the sizes below assume 4 KiB pages, not {PAGE}")
+    pool = PipePool(limit=4, capacity=MiB, page_budget=400)
+    try:
+        assert pool.get(0, 65536).capacity == 65536  # type: ignore[union-attr]
+        assert pool.get(0, 65536 + 1).capacity == 128 << 10  # type: ignore[union-attr]
+        assert pool.get(100, 256 << 10).capacity == 512 << 10  # type: ignore[union-attr]
+        assert (pool.count, pool.pages) == (3, 16 + 32 + 128)
+        pool.close()
+        pool = PipePool(limit=4, capacity=MiB, page_budget=200)
+        first, second = pool.get(0, 256 << 10), pool.get(0, 256 << 10)
+        assert first is not None and second is not None and pool.pages == 64 + 64
+        # 128 pages more would be over the budget while both are in use...
+        assert pool.get(0, 512 << 10) is None
+        pool.put(second)
+        # ...a free pipe that is big enough serves a smaller read...
+        again = pool.get(0, 65536)
+        assert again is second
+        pool.put(again)
+        pool.put(first)
+        # ...and free pipes too small for a read are closed to make room for one that fits.
+        big = pool.get(0, 512 << 10)
+        assert big is not None and big.capacity == 512 << 10
+        assert (first.r == -1) != (second.r == -1)  # one of them closed
+        assert (pool.count, pool.pages) == (2, 64 + 128)
+        pool.put(big)
+    finally:
+        pool.close()
+    assert (pool.count, pool.pages) == (0, 0)
+
+
+def test_a_refused_pipe_size_makes_the_pool_ask_for_smaller_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    refused: list[int] = []
+
+    class SmallPipe(Pipe):  # a system that gives this user pipes of 256 KiB at most
+        def __init__(self, capacity: int) -> None:
+            super().__init__(min(capacity, 256 << 10))
+            if capacity > 256 << 10:
+                refused.append(capacity)
+
+    monkeypatch.setattr(pipes, "Pipe", SmallPipe)
+    pool = PipePool(limit=8, capacity=MiB)
+    try:
+        assert pool.get(0, MiB) is None and refused == [MiB]
+        assert pool.get(0, MiB) is None and refused == [MiB]  # not asked again
+        assert pool.get(0, 300 << 10) is None and refused == [MiB, 512 << 10]
+        pipe = pool.get(0, 256 << 10)
+        assert pipe is not None and pipe.capacity == 256 << 10
+        assert (pool.count, pool.pages) == (1, (256 << 10) // PAGE)
+        pool.put(pipe)
+    finally:
+        pool.close()
+
+
+def test_the_pool_takes_an_eighth_of_the_descriptor_limit_at_most() -> None:
+    assert pool_limit(256) == 16
+    assert pool_limit(1024) == 64
+    assert pool_limit(1 << 20) == MAX_PIPES == 256

@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import platform
+import resource
 import select
 import sys
 import tempfile
@@ -66,7 +67,9 @@ def wait_for(ring: Ring, count: int, timeout: float = 10.0) -> dict[int, int]:
             return results
         left = deadline - time.monotonic()
         assert left > 0, f"only {len(results)} of {count} completions after {timeout}s"
-        select.select([ring.eventfd], [], [], left)
+        poller = select.poll()  # not select(): a test may hold descriptors above 1,023
+        poller.register(ring.eventfd, select.POLLIN)
+        poller.poll(left * 1000)
 
 
 def run(ring: Ring, count: int) -> dict[int, int]:
@@ -579,11 +582,22 @@ def _io_workers(owner: int) -> int:
     return count
 
 
-def test_waiting_splices_hold_a_bounded_number_of_kernel_threads() -> None:
+@pytest.fixture
+def many_descriptors() -> Iterator[None]:
+    """The soft descriptor limit raised to the hard one for a test (as the daemon does)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_waiting_splices_hold_a_bounded_number_of_kernel_threads(many_descriptors: None) -> None:
     # More splices than the cap, from empty pipes: they all wait in io-wq, where the
     # kernel would otherwise start a worker thread for each.  The io-wq belongs to the
     # thread that submits: a new one here, so that no other test's workers count.
     n = _uring.MAX_UNBOUND_WORKERS + 16
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 4 * n + 64:
+        pytest.fail(f"the test needs {4 * n + 64} descriptors; the hard limit is lower")
     pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(2 * n)]
     sources, sinks = pipes[:n], pipes[n:]
     made: list[tuple[Ring, int]] = []
