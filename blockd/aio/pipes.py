@@ -35,6 +35,7 @@ import errno
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Callable
 
 __all__ = ["MIN_SPLICE", "Pipe", "PipePool"]
@@ -47,6 +48,7 @@ PIPE_BYTES = 1 << 20  # the biggest pipe (Linux's default pipe-max-size), the bi
 # 44 % of its reads found none free and were copied, at 1.8x the CPU per MiB.
 MAX_PIPES = 256
 PAGE_BUDGET = 16384  # pages in all the pool's pipes: Linux's default pipe-user-pages-soft
+REFUSED_PAUSE = 1.0  # seconds without new pipes after the kernel refused one its size
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -106,9 +108,11 @@ class Pipe:
     def add_zeroes(self, length: int) -> None:
         """Append zeroes (for a short or failed-but-ignored read).
 
-        An empty pipe always has room.  After a short splice it usually has,
-        but an unaligned range that ended early can leave the pipe a slot short:
-        that read fails with EIO (the backing shrank under a running node).
+        An empty pipe always has room.  After a short splice it may not: a pipe has
+        about the slots its read needs (see PipePool), and a splice that ended in
+        the middle of a page took a whole slot for part of one, so that read fails
+        with EIO (the backing shrank under a running node, to a size that is not a
+        whole number of pages).
         """
         zeroes = bytes(min(length, 64 * 1024))
         while length > 0:
@@ -161,6 +165,15 @@ class Pipe:
         self.r = self.w = -1
 
 
+def _pipe_max_size() -> int:
+    """The biggest pipe an unprivileged process may ask for (/proc/sys/fs/pipe-max-size)."""
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return PIPE_BYTES
+
+
 def pool_limit(fd_limit: int) -> int:
     """How many pipes a daemon with this descriptor limit pools: two descriptors each,
     at most an eighth of the limit (64 under the usual soft limit of 1,024)."""
@@ -173,11 +186,13 @@ class PipePool:
     loop thread only."""
 
     def __init__(self, limit: int = MAX_PIPES, capacity: int = PIPE_BYTES,
-                 page_budget: int = PAGE_BUDGET) -> None:
+                 page_budget: int = PAGE_BUDGET, clock: Callable[[], float] = time.monotonic,
+                 ) -> None:
         self._limit = limit
         self._budget = page_budget
+        self._clock = clock
         self._min_pages = max(1, MIN_SPLICE // PAGE)
-        self._max_pages = capacity // PAGE  # lowered if the system refuses pipes this big
+        self._max_pages = min(capacity, _pipe_max_size()) // PAGE
         # Free pipes by size in pages, smallest first (the sizes a read may ask for).
         self._free: dict[int, list[Pipe]] = {}
         size = self._min_pages
@@ -187,6 +202,7 @@ class PipePool:
         self._free[self._max_pages] = []
         self._count = 0
         self._pages = 0  # in every pipe made and not closed
+        self._grow_after = 0.0  # no new pipe before then (the kernel refused one)
         self._broken = limit <= 0 or self._max_pages < self._min_pages
 
     @property
@@ -215,34 +231,44 @@ class PipePool:
         while size < slots:
             size *= 2
         size = min(size, self._max_pages)
-        while self._count >= self._limit or self._pages + size > self._budget:
-            if not self._close_a_free_pipe():
-                return None
+        if not self._room_for(size) or self._clock() < self._grow_after:
+            return None
         try:
             pipe = Pipe(size * PAGE)
         except OSError as exc:  # out of descriptors: copy instead
             log.info("no pipe for a spliced read: %s", exc)
             return None
         if pipe.capacity < size * PAGE:
-            # The system will not give this user pipes this big (pipe-max-size, or its
-            # pipes' pages are over pipe-user-pages-soft): ask for smaller ones from now on.
+            # The kernel charges pipes to their user, and this user's are over its
+            # budget (pipe-user-pages-soft; other processes of the user count too):
+            # make do with the pipes there are, and ask again in a while.
             pipe.close()
-            self._max_pages = size // 2
-            self._broken = self._max_pages < self._min_pages
-            log.info("pipes of %d KiB refused; splicing reads of up to %d KiB",
-                     size * PAGE >> 10, self._max_pages * PAGE >> 10)
+            self._grow_after = self._clock() + REFUSED_PAUSE
+            log.info("a pipe of %d KiB refused; no new pipes for %g s",
+                     size * PAGE >> 10, REFUSED_PAUSE)
             return None
         self._count += 1
-        self._pages += size
+        self._pages += pipe.capacity // PAGE
         return pipe
 
-    def _close_a_free_pipe(self) -> bool:
-        """Close one free pipe, the biggest (none fits the read that asks); False if none."""
+    def _room_for(self, size: int) -> bool:
+        """Make room for a pipe of ``size`` pages, closing free pipes (all too small for
+        the read that asks) if that is enough; False, closing none, if it is not."""
+        free_count = sum(len(free) for free in self._free.values())
+        free_pages = sum(size * len(free) for size, free in self._free.items())
+        if (self._count - free_count >= self._limit
+                or self._pages - free_pages + size > self._budget):
+            return False
+        while self._count >= self._limit or self._pages + size > self._budget:
+            self._close_a_free_pipe()
+        return True
+
+    def _close_a_free_pipe(self) -> None:
+        """Close one free pipe, the biggest (there is one: see :meth:`_room_for`)."""
         for free in reversed(self._free.values()):
             if free:
                 self._forget(free.pop())
-                return True
-        return False
+                return
 
     def _forget(self, pipe: Pipe) -> None:
         self._count -= 1
@@ -254,7 +280,7 @@ class PipePool:
         if pipe.held:
             pipe.discard()
         free = self._free.get(pipe.capacity // PAGE)
-        if free is None:  # bigger than the pool makes now (the system refused that size)
+        if free is None:  # a size the pool does not ask for (the kernel rounded it)
             self._forget(pipe)
         else:
             free.append(pipe)

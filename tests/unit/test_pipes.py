@@ -169,27 +169,53 @@ def test_pipes_are_sized_to_their_reads_within_a_page_budget() -> None:
     assert (pool.count, pool.pages) == (0, 0)
 
 
-def test_a_refused_pipe_size_makes_the_pool_ask_for_smaller_ones(
+def test_a_refused_pipe_pauses_growth_and_keeps_the_pipes_there_are(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    refused: list[int] = []
+    made: list[int] = []
+    over_budget = [False]
 
-    class SmallPipe(Pipe):  # a system that gives this user pipes of 256 KiB at most
+    class ChargedPipe(Pipe):  # the kernel gives a user over its pipe budget 2 pages
         def __init__(self, capacity: int) -> None:
-            super().__init__(min(capacity, 256 << 10))
-            if capacity > 256 << 10:
-                refused.append(capacity)
+            super().__init__(2 * PAGE if over_budget[0] else capacity)
+            made.append(capacity)
 
-    monkeypatch.setattr(pipes, "Pipe", SmallPipe)
-    pool = PipePool(limit=8, capacity=MiB)
+    now = [100.0]
+    monkeypatch.setattr(pipes, "Pipe", ChargedPipe)
+    pool = PipePool(limit=8, capacity=MiB, clock=lambda: now[0])
     try:
-        assert pool.get(0, MiB) is None and refused == [MiB]
-        assert pool.get(0, MiB) is None and refused == [MiB]  # not asked again
-        assert pool.get(0, 300 << 10) is None and refused == [MiB, 512 << 10]
-        pipe = pool.get(0, 256 << 10)
-        assert pipe is not None and pipe.capacity == 256 << 10
-        assert (pool.count, pool.pages) == (1, (256 << 10) // PAGE)
-        pool.put(pipe)
+        first = pool.get(0, 256 << 10)
+        assert first is not None
+        pool.put(first)
+        over_budget[0] = True
+        assert pool.get(0, MiB) is None and len(made) == 2  # refused
+        assert pool.get(0, MiB) is None and len(made) == 2  # not asked again at once...
+        assert pool.get(0, 65536) is first  # ...and the pipes there are still serve
+        pool.put(first)
+        now[0] += pipes.REFUSED_PAUSE
+        over_budget[0] = False
+        big = pool.get(0, MiB)  # asked again after the pause
+        assert big is not None and big.capacity == MiB and len(made) == 3
+        assert (pool.count, pool.pages) == (2, (256 << 10) // PAGE + MiB // PAGE)
+        pool.put(big)
+    finally:
+        pool.close()
+
+
+def test_the_smallest_free_pipe_that_fits_serves_and_no_pipe_is_closed_in_vain() -> None:
+    pool = PipePool(limit=4, capacity=MiB, page_budget=MiB // PAGE + 64)
+    try:
+        big, small = pool.get(0, MiB), pool.get(0, 256 << 10)
+        assert big is not None and small is not None
+        pool.put(big)
+        pool.put(small)
+        assert pool.get(0, 65536) is small
+        assert pool.get(0, 65536) is big
+        pool.put(small)
+        # In use alone, big leaves no room for 512 KiB: the free small pipe stays open.
+        assert pool.get(0, 512 << 10) is None
+        assert small.r != -1 and (pool.count, pool.pages) == (2, MiB // PAGE + 64)
+        pool.put(big)
     finally:
         pool.close()
 

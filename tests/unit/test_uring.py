@@ -641,6 +641,31 @@ def test_waiting_splices_hold_a_bounded_number_of_kernel_threads(many_descriptor
             os.close(w)
 
 
+def test_discarded_requests_release_everything_they_held(ring: Ring, rw_fd: int) -> None:
+    # What a broken ring's caller does with the requests the kernel never took.
+    stage = _uring.STAGE_SIZE
+    large = bytearray(stage + 1)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        space = ring.space
+        assert ring.prep_write(rw_fd, b"s" * 512, 0, user_data=1)  # staged in a slot
+        assert ring.prep_write(rw_fd, large, 4096, user_data=2)  # pinned
+        assert ring.prep_splice(rw_fd, 0, w, 4096, user_data=3)  # sets the SQE's tail
+        assert ring.queued == 3 and ring.space == space - 3
+        assert sorted(ring.discard_queued()) == [1, 2, 3]
+        assert (ring.queued, ring.pending, ring.space) == (0, 0, space)
+        large.extend(b"x")  # no longer exported (BufferError while pinned)
+        sqes = bytes(ring._sqes)
+        assert all(sqes[i * 64 + 40:(i + 1) * 64] == bytes(24) for i in range(len(sqes) // 64))
+        # The positions are reused, and the user_data with them.
+        assert ring.prep_write(rw_fd, b"t" * 512, 0, user_data=1)
+        assert run(ring, 1) == {1: 512}
+        assert os.pread(rw_fd, 512, 0) == b"t" * 512
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 async def test_a_broken_ring_fails_only_what_the_kernel_had_not_taken() -> None:
     # A splice the kernel took waits in io-wq on an empty pipe.  Then io_uring_enter
     # fails for good: the request it had not taken fails at once, the one it had
