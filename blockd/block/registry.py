@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -35,6 +36,8 @@ T = TypeVar("T")
 
 _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 _QOM_PREFIX = "/machine/peripheral/"
+log = logging.getLogger(__name__)
+
 QUIESCE_TIMEOUT = 30.0
 """Seconds a node's close waits for the requests running in its driver."""
 
@@ -63,6 +66,8 @@ class Registry:
         self.nodes: dict[str, Node] = {}
         self.devices: dict[str, Device] = {}
         self.exports: dict[str, Export] = {}
+        # Deleted nodes whose requests outlived blockdev-del's wait: closed once idle.
+        self._closing: set[asyncio.Task[None]] = set()
 
     def limit_hit(self, name: str) -> None:
         self.limit_hits[name] = self.limit_hits.get(name, 0) + 1
@@ -111,7 +116,9 @@ class Registry:
         """blockdev-del: close and forget a free, monitor-owned node.
 
         ``implicit`` deletes a node blockd opened itself (a medium that
-        blockdev-change-medium opened, once it is removed again).
+        blockdev-change-medium opened, once it is removed again).  Waits up to
+        :data:`QUIESCE_TIMEOUT` for requests in its driver; if some are left, the
+        node is gone at once and its driver is closed when they end.
         """
         node = self.nodes.get(name)
         if node is None:
@@ -121,9 +128,23 @@ class Registry:
         if not node.monitor_owned and not implicit:
             raise InUse(f"Node {name} is not owned by the monitor")
         del self.nodes[name]
-        await node.wait_idle(QUIESCE_TIMEOUT)
+        if not await node.wait_idle(QUIESCE_TIMEOUT):
+            # Its requests still run, or wait for a worker thread or io-wq, which look
+            # the descriptor up when they start: closing now could hand its number to
+            # another open under them.  The node is gone; its descriptor goes later.
+            log.warning("node %s: requests still running %g s after blockdev-del; it is "
+                        "closed when they end", name, QUIESCE_TIMEOUT)
+            task = asyncio.ensure_future(self._close_once_idle(node))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            return
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, node.driver.close)
+
+    async def _close_once_idle(self, node: Node) -> None:
+        while not await node.wait_idle(QUIESCE_TIMEOUT):
+            pass
+        await asyncio.get_running_loop().run_in_executor(self.executor, node.driver.close)
 
     # -- devices ----------------------------------------------------------------
 

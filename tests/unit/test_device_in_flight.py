@@ -180,3 +180,31 @@ def test_the_control_executor_runs_calls_on_daemon_threads() -> None:
     assert queued.cancelled() and executor.busy == 2 and not stuck.done()
     gate.set()
     assert stuck.result(5) is True
+
+
+async def test_a_deleted_node_with_requests_left_is_closed_only_when_they_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A queued request looks its descriptor up when it starts: closing the node under
+    # it could hand the number to another open.
+    from blockd.block import registry as registry_module
+    from blockd.devices.base import NodeOptions
+    from blockd.events import EventBus
+
+    monkeypatch.setattr(registry_module, "QUIESCE_TIMEOUT", 0.05)
+    registry = Registry(executor=ThreadPoolExecutor(1), bus=EventBus())
+    node = await registry.add_node(NodeOptions(driver="null-co", node_name="n0"))
+    closed: list[bool] = []
+    monkeypatch.setattr(node.driver, "close", lambda: closed.append(True))
+    node.in_flight = 1  # a request still in the driver
+    await registry.del_node("n0")
+    assert "n0" not in registry.nodes
+    await asyncio.sleep(0.2)  # several of the (shortened) waits
+    assert closed == []
+    node.in_flight = 0
+    node.wake_idle()
+    for _ in range(100):
+        if closed:
+            break
+        await asyncio.sleep(0.01)
+    assert closed == [True]
