@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 
 MIN_SPLICE = 64 * 1024  # below this a copy is cheaper than two splices
 PIPE_BYTES = 1 << 20  # the biggest pipe (Linux's default pipe-max-size), the biggest splice
-# As many as nbdcopy keeps in flight (4 connections of 64 requests): with 64 pipes,
-# 44 % of its reads found none free and were copied, at 1.8x the CPU per MiB.
+# As many reads as nbdcopy keeps in flight at most (64 on each of up to 4 connections,
+# one per thread: 128 on 2 CPUs).  With 64 pipes about half of its reads found none
+# free and were copied: 1.5-1.8x the CPU per MiB of splicing them all.
 MAX_PIPES = 256
 PAGE_BUDGET = 16384  # pages in all the pool's pipes: Linux's default pipe-user-pages-soft
 REFUSED_PAUSE = 1.0  # seconds without new pipes after the kernel refused one its size
