@@ -207,6 +207,16 @@ class PipePool:
         self._broken = limit <= 0 or self._max_pages < self._min_pages
 
     @property
+    def limit(self) -> int:
+        """The most pipes the pool holds."""
+        return self._limit
+
+    @property
+    def page_budget(self) -> int:
+        """The most pages all its pipes hold together."""
+        return self._budget
+
+    @property
     def count(self) -> int:
         """Pipes made and not closed (in use or free)."""
         return self._count

@@ -277,6 +277,8 @@ class Daemon:
                 "nbd-in-flight-requests": self.nbd.limits.in_flight,
                 "nbd-in-flight-bytes": self.nbd.limits.in_flight_bytes,
                 "nbd-unsent-reply-bytes": self.nbd.limits.unsent,
+                "nbd-splice-pipes": self.nbd.pipes.limit,
+                "nbd-splice-pipe-pages": self.nbd.pipes.page_budget,
                 "nbd-handshake-timeout-ms": _ms(self.nbd.limits.handshake_timeout),
                 "nbd-message-timeout-ms": _ms(self.nbd.limits.message_timeout),
                 "stall-timeout-ms": _ms(self.config.limits.stall_timeout),

@@ -295,6 +295,9 @@ async def test_a_low_descriptor_limit_still_serves_and_caps_clients(tmp_path: Pa
         qmp = await d.client()
         limits: Any = await qmp.execute("blockd-query-limits")
         assert limits["limits"]["fd-limit"] == 256
+        # Splice pipes: two descriptors each, an eighth of the limit at most.
+        assert limits["limits"]["nbd-splice-pipes"] == 16
+        assert limits["limits"]["nbd-splice-pipe-pages"] == 16384
         cap = limits["limits"]["nbd-connections"]
         assert 8 <= cap < 256 // 2
         clients = []
@@ -331,6 +334,7 @@ async def test_a_low_descriptor_limit_still_serves_and_caps_clients(tmp_path: Pa
         qmp = await raised.client()
         limits = await qmp.execute("blockd-query-limits")
         assert limits["limits"]["fd-limit"] == 4096
+        assert limits["limits"]["nbd-splice-pipes"] == 256
         await qmp.disconnect()
     finally:
         assert raised.stop() == 0
