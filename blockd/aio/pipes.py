@@ -193,7 +193,8 @@ class PipePool:
         self._budget = page_budget
         self._clock = clock
         self._min_pages = max(1, MIN_SPLICE // PAGE)
-        self._max_pages = min(capacity, _pipe_max_size()) // PAGE
+        # Any pipe may have its default size (16 pages) whatever pipe-max-size says.
+        self._max_pages = min(capacity, max(_pipe_max_size(), 16 * PAGE)) // PAGE
         # Free pipes by size in pages, smallest first (the sizes a read may ask for).
         self._free: dict[int, list[Pipe]] = {}
         size = self._min_pages
@@ -242,7 +243,7 @@ class PipePool:
         while size < slots:
             size *= 2
         size = min(size, self._max_pages)
-        if not self._room_for(size) or self._clock() < self._grow_after:
+        if self._clock() < self._grow_after or not self._room_for(size):
             return None
         try:
             pipe = Pipe(size * PAGE)
@@ -271,15 +272,17 @@ class PipePool:
                 or self._pages - free_pages + size > self._budget):
             return False
         while self._count >= self._limit or self._pages + size > self._budget:
-            self._close_a_free_pipe()
+            if not self._close_a_free_pipe():
+                return False  # cannot happen (counted above), but never spin
         return True
 
-    def _close_a_free_pipe(self) -> None:
-        """Close one free pipe, the biggest (there is one: see :meth:`_room_for`)."""
+    def _close_a_free_pipe(self) -> bool:
+        """Close one free pipe, the biggest; False if there is none."""
         for free in reversed(self._free.values()):
             if free:
                 self._forget(free.pop())
-                return
+                return True
+        return False
 
     def _forget(self, pipe: Pipe) -> None:
         self._count -= 1

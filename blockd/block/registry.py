@@ -66,8 +66,9 @@ class Registry:
         self.nodes: dict[str, Node] = {}
         self.devices: dict[str, Device] = {}
         self.exports: dict[str, Export] = {}
-        # Deleted nodes whose requests outlived blockdev-del's wait: closed once idle.
-        self._closing: set[asyncio.Task[None]] = set()
+        # Deleted nodes whose requests outlived blockdev-del's wait, by id: each with the
+        # task that closes it once idle.
+        self._closing: dict[int, tuple[Node, asyncio.Task[None]]] = {}
 
     def limit_hit(self, name: str) -> None:
         self.limit_hits[name] = self.limit_hits.get(name, 0) + 1
@@ -135,8 +136,8 @@ class Registry:
             log.warning("node %s: requests still running %g s after blockdev-del; it is "
                         "closed when they end", name, QUIESCE_TIMEOUT)
             task = asyncio.ensure_future(self._close_once_idle(node))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._closing[id(node)] = (node, task)
+            task.add_done_callback(lambda _: self._closing.pop(id(node), None))
             return
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, node.driver.close)
@@ -144,7 +145,15 @@ class Registry:
     async def _close_once_idle(self, node: Node) -> None:
         while not await node.wait_idle(QUIESCE_TIMEOUT):
             pass
-        await asyncio.get_running_loop().run_in_executor(self.executor, node.driver.close)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, node.driver.close)
+        except OSError as exc:
+            log.warning("node %s: closing it after its last request failed: %s", node.name, exc)
+
+    @property
+    def closing(self) -> list[Node]:
+        """Deleted nodes whose driver is closed once their last requests end."""
+        return [node for node, _ in self._closing.values()]
 
     # -- devices ----------------------------------------------------------------
 
@@ -286,7 +295,8 @@ class Registry:
 
         A node whose requests are still in its driver when the time is up is left
         open (closing it under a running call could hand its descriptor number to
-        another open); the names of those nodes are returned.
+        another open); the names of those nodes are returned, deleted nodes still
+        waiting for their last requests (:attr:`closing`) among them.
         """
         for device in self.devices.values():
             device.detach()
@@ -294,6 +304,7 @@ class Registry:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         nodes, self.nodes = list(self.nodes.values()), {}
+        closing = list(self._closing.values())
         left_open: list[str] = []
         for node in nodes:
             if not await node.wait_idle(max(0.0, deadline - loop.time())):
@@ -307,6 +318,13 @@ class Registry:
                 left_open.append(node.name)
             except OSError:
                 pass
+        for node, task in closing:  # deleted, and closed by their task once idle
+            try:
+                await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                task.cancel()
+                self._closing.pop(id(node), None)
+                left_open.append(node.name)
         return left_open
 
 

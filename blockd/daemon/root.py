@@ -379,7 +379,7 @@ class Daemon:
     async def _drain(self, timeout: float) -> list[str]:
         """Wait for the requests still running in drivers, for at most ``timeout``;
         the names of the nodes still busy then."""
-        nodes = list(self.registry.nodes.values())
+        nodes = list(self.registry.nodes.values()) + self.registry.closing
         idle = await asyncio.gather(*(n.wait_idle(timeout) for n in nodes))
         return [node.name for node, done in zip(nodes, idle, strict=True) if not done]
 

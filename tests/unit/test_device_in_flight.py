@@ -208,3 +208,36 @@ async def test_a_deleted_node_with_requests_left_is_closed_only_when_they_end(
             break
         await asyncio.sleep(0.01)
     assert closed == [True]
+
+
+async def test_shutdown_waits_for_deleted_nodes_too_and_names_those_left_open(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from blockd.block import registry as registry_module
+    from blockd.devices.base import NodeOptions
+    from blockd.events import EventBus
+
+    monkeypatch.setattr(registry_module, "QUIESCE_TIMEOUT", 0.05)
+    registry = Registry(executor=ThreadPoolExecutor(1), bus=EventBus())
+    stuck = await registry.add_node(NodeOptions(driver="null-co", node_name="stuck"))
+    ending = await registry.add_node(NodeOptions(driver="null-co", node_name="ending"))
+    closed: list[str] = []
+    monkeypatch.setattr(stuck.driver, "close", lambda: closed.append("stuck"))
+
+    def close_fails() -> None:
+        closed.append("ending")
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(ending.driver, "close", close_fails)
+    stuck.in_flight = ending.in_flight = 1
+    await registry.del_node("stuck")
+    await registry.del_node("ending")
+    assert {n.name for n in registry.closing} == {"stuck", "ending"}
+    ending.in_flight = 0
+    ending.wake_idle()
+    with caplog.at_level(logging.WARNING):
+        assert await registry.close_all(timeout=0.3) == ["stuck"]
+    assert closed == ["ending"]  # the stuck one is left open, not closed under its request
+    assert "node ending: closing it after its last request failed" in caplog.text
+    assert registry.closing == []
+

@@ -202,6 +202,30 @@ def test_a_refused_pipe_pauses_growth_and_keeps_the_pipes_there_are(
         pool.close()
 
 
+def test_no_free_pipe_is_closed_while_growth_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
+    over_budget = [False]
+
+    class ChargedPipe(Pipe):
+        def __init__(self, capacity: int) -> None:
+            super().__init__(2 * PAGE if over_budget[0] else capacity)
+
+    monkeypatch.setattr(pipes, "Pipe", ChargedPipe)
+    small = (256 << 10) // PAGE
+    pool = PipePool(limit=8, capacity=MiB, page_budget=small + MiB // PAGE - 1,
+                    clock=lambda: 0.0)
+    try:
+        first = pool.get(0, 256 << 10)
+        assert first is not None
+        pool.put(first)
+        over_budget[0] = True
+        assert pool.get(0, 512 << 10) is None  # refused (room there was): growth pauses
+        # 1 MiB would need the free pipe closed; while growth pauses that gains nothing.
+        assert pool.get(0, MiB) is None
+        assert first.r != -1 and (pool.count, pool.pages) == (1, small)
+    finally:
+        pool.close()
+
+
 def test_the_smallest_free_pipe_that_fits_serves_and_no_pipe_is_closed_in_vain() -> None:
     pool = PipePool(limit=4, capacity=MiB, page_budget=MiB // PAGE + 64)
     try:
