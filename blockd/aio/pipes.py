@@ -176,8 +176,8 @@ def _pipe_max_size() -> int:
 
 
 def pool_limit(fd_limit: int) -> int:
-    """How many pipes a daemon with this descriptor limit pools: two descriptors each,
-    at most an eighth of the limit (64 under the usual soft limit of 1,024)."""
+    """How many pipes a daemon with this descriptor limit pools: a sixteenth of it (with
+    two descriptors each, an eighth of it), 256 at most; 64 under a soft limit of 1,024."""
     return min(MAX_PIPES, fd_limit // 16)
 
 
@@ -267,7 +267,7 @@ class PipePool:
         """Make room for a pipe of ``size`` pages, closing free pipes (all too small for
         the read that asks) if that is enough; False, closing none, if it is not."""
         free_count = sum(len(free) for free in self._free.values())
-        free_pages = sum(size * len(free) for size, free in self._free.items())
+        free_pages = sum(pages * len(free) for pages, free in self._free.items())
         if (self._count - free_count >= self._limit
                 or self._pages - free_pages + size > self._budget):
             return False
