@@ -236,13 +236,12 @@ class PipePool:
         slots = _slots(offset, length)
         if self._broken or slots > self._max_pages:
             return None
-        for size, free in self._free.items():
-            if size >= slots and free:
-                return free.pop()
-        size = self._min_pages
-        while size < slots:
-            size *= 2
-        size = min(size, self._max_pages)
+        size = 0  # the smallest size that fits: a new pipe's, if no free one fits
+        for pages, free in self._free.items():
+            if pages >= slots:
+                if free:
+                    return free.pop()
+                size = size or pages
         if self._clock() < self._grow_after or not self._room_for(size):
             return None
         try:

@@ -115,15 +115,11 @@ class Node:
     def __post_init__(self) -> None:
         driver = self.driver
         self.nowait_read = driver.preadv_nowait if isinstance(driver, NowaitReader) else None
-        self.splice_read = (
-            driver.splice_read
-            if isinstance(driver, SpliceReader) and driver.can_splice
-            else None
-        )
+        splicer = driver if isinstance(driver, SpliceReader) and driver.can_splice else None
+        self.splice_read = splicer.splice_read if splicer is not None else None
         self.splice_fd = (
-            driver.splice_plain_fd()
-            if isinstance(driver, SpliceReader) and driver.can_splice
-            and not driver.memory_backed else -1)
+            splicer.splice_plain_fd()
+            if splicer is not None and not driver.memory_backed else -1)
         self.reads_zeroes = isinstance(driver, ZeroReader) and driver.reads_zeroes
         self.set_permissions = (
             driver.set_permissions if isinstance(driver, PermissionLocks) else None)

@@ -605,7 +605,7 @@ class HostCdromDriver(HostDeviceDriver):
         return self._from_disc(super().splice_read, offset, length, pipe_fd)
 
     def splice_plain_fd(self) -> int:
-        """None: a disc's splices need the medium check and the ENOMEDIUM translation."""
+        """-1: a disc's splices need the medium check and the ENOMEDIUM translation."""
         return -1
 
     def _from_disc(self, read: Callable[..., int], *args: object) -> int:
