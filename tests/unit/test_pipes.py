@@ -169,31 +169,45 @@ def test_pipes_are_sized_to_their_reads_within_a_page_budget() -> None:
     assert (pool.count, pool.pages) == (0, 0)
 
 
-def test_a_refused_pipe_pauses_growth_and_keeps_the_pipes_there_are(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    made: list[int] = []
-    over_budget = [False]
+class ChargedPipes:
+    """Pipes as the kernel makes them for a user whose pipes are, or are not, over its
+    budget (pipe-user-pages-soft): then it gives 2 pages whatever is asked."""
 
-    class ChargedPipe(Pipe):  # the kernel gives a user over its pipe budget 2 pages
+    def __init__(self) -> None:
+        self.over_budget = False
+        self.made: list[int] = []  # the capacities asked for
+
+
+@pytest.fixture
+def charged(monkeypatch: pytest.MonkeyPatch) -> ChargedPipes:
+    state = ChargedPipes()
+
+    class ChargedPipe(Pipe):
         def __init__(self, capacity: int) -> None:
-            super().__init__(2 * PAGE if over_budget[0] else capacity)
-            made.append(capacity)
+            super().__init__(2 * PAGE if state.over_budget else capacity)
+            state.made.append(capacity)
 
-    now = [100.0]
     monkeypatch.setattr(pipes, "Pipe", ChargedPipe)
+    return state
+
+
+def test_a_refused_pipe_pauses_growth_and_keeps_the_pipes_there_are(
+    charged: ChargedPipes,
+) -> None:
+    made = charged.made
+    now = [100.0]
     pool = PipePool(limit=8, capacity=MiB, clock=lambda: now[0])
     try:
         first = pool.get(0, 256 << 10)
         assert first is not None
         pool.put(first)
-        over_budget[0] = True
+        charged.over_budget = True
         assert pool.get(0, MiB) is None and len(made) == 2  # refused
         assert pool.get(0, MiB) is None and len(made) == 2  # not asked again at once...
         assert pool.get(0, 65536) is first  # ...and the pipes there are still serve
         pool.put(first)
         now[0] += pipes.REFUSED_PAUSE
-        over_budget[0] = False
+        charged.over_budget = False
         big = pool.get(0, MiB)  # asked again after the pause
         assert big is not None and big.capacity == MiB and len(made) == 3
         assert (pool.count, pool.pages) == (2, (256 << 10) // PAGE + MiB // PAGE)
@@ -202,14 +216,7 @@ def test_a_refused_pipe_pauses_growth_and_keeps_the_pipes_there_are(
         pool.close()
 
 
-def test_no_free_pipe_is_closed_while_growth_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
-    over_budget = [False]
-
-    class ChargedPipe(Pipe):
-        def __init__(self, capacity: int) -> None:
-            super().__init__(2 * PAGE if over_budget[0] else capacity)
-
-    monkeypatch.setattr(pipes, "Pipe", ChargedPipe)
+def test_no_free_pipe_is_closed_while_growth_pauses(charged: ChargedPipes) -> None:
     small = (256 << 10) // PAGE
     pool = PipePool(limit=8, capacity=MiB, page_budget=small + MiB // PAGE - 1,
                     clock=lambda: 0.0)
@@ -217,7 +224,7 @@ def test_no_free_pipe_is_closed_while_growth_pauses(monkeypatch: pytest.MonkeyPa
         first = pool.get(0, 256 << 10)
         assert first is not None
         pool.put(first)
-        over_budget[0] = True
+        charged.over_budget = True
         assert pool.get(0, 512 << 10) is None  # refused (room there was): growth pauses
         # 1 MiB would need the free pipe closed; while growth pauses that gains nothing.
         assert pool.get(0, MiB) is None
