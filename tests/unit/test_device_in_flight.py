@@ -2,7 +2,9 @@
 
 A null-co node with a latency runs its reads on the I/O workers; a gate in front of
 its driver holds them like storage that stopped answering, so the tests see exactly
-how many calls a device lets into its driver and what happens to the rest.
+how many calls a device lets into its driver and what happens to the rest, and that
+a node deleted (or the daemon stopped) with requests still in it is never closed under
+them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from blockd.aio.workers import ControlExecutor, IoWorkers
+from blockd.block import registry as registry_module
 from blockd.block.device import Device
 from blockd.block.registry import Registry
 from blockd.devices.base import NodeOptions
@@ -187,10 +190,6 @@ async def test_a_deleted_node_with_requests_left_is_closed_only_when_they_end(
 ) -> None:
     # A queued request looks its descriptor up when it starts: closing the node under
     # it could hand the number to another open.
-    from blockd.block import registry as registry_module
-    from blockd.devices.base import NodeOptions
-    from blockd.events import EventBus
-
     monkeypatch.setattr(registry_module, "QUIESCE_TIMEOUT", 0.05)
     registry = Registry(executor=ThreadPoolExecutor(1), bus=EventBus())
     node = await registry.add_node(NodeOptions(driver="null-co", node_name="n0"))
@@ -213,10 +212,6 @@ async def test_a_deleted_node_with_requests_left_is_closed_only_when_they_end(
 async def test_shutdown_waits_for_deleted_nodes_too_and_names_those_left_open(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from blockd.block import registry as registry_module
-    from blockd.devices.base import NodeOptions
-    from blockd.events import EventBus
-
     monkeypatch.setattr(registry_module, "QUIESCE_TIMEOUT", 0.05)
     registry = Registry(executor=ThreadPoolExecutor(1), bus=EventBus())
     stuck = await registry.add_node(NodeOptions(driver="null-co", node_name="stuck"))
