@@ -37,6 +37,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Literal
 
+import folio_sizes  # a sibling: the loop backing's page cache, logged after the pre-warm
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_PEER = REPO_ROOT / "bench" / "reference_peer.py"
 MiB = 1 << 20
@@ -246,9 +248,13 @@ WORKLOADS: dict[str, Workload] = {w.key: w for w in [
 ]}
 DEFAULT_WORKLOADS = ["rr4k-qd1", "rr4k-qd32", "rw4k-qd32", "sr1m-qd4",
                      "fio-rr4k-qd32", "fio-rw4k-qd32", "nbdcopy"]
-BACKINGS = ["file", "tmpfs", "loop", "null"]
+BACKINGS = ["file", "tmpfs", "loop", "null"]  # the default set
+# loop4k: the loop device with its cache warmed page by page (4 KiB folios), opt-in.
+EXTRA_BACKINGS = ["loop4k"]
+LOOP_BACKINGS = ("loop", "loop4k")
 BACKING_LABELS = {"file": "file (ext4)", "tmpfs": "file (tmpfs)",
-                  "loop": "loop (warm bdev cache)", "null": "null-co"}
+                  "loop": "loop (warm bdev cache)", "loop4k": "loop (cache of 4 KiB folios)",
+                  "null": "null-co"}
 
 
 @dataclass
@@ -549,6 +555,31 @@ def _prewarm(path: str) -> None:
             pass
 
 
+def _prewarm_pages(path: str) -> None:
+    """Warm the cache one page at a time, readahead off: it holds single-page folios.
+
+    What the cache already holds is dropped first (pages probed at attach were read
+    ahead into bigger folios).  Large reads instead (:func:`_prewarm`) leave folios of
+    up to 2 MiB, and a 4 KiB buffered write into a block device walks the buffer heads
+    of its whole folio (bench/folio_sizes.py).
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        page = bytearray(4096)
+        for offset in range(0, size, len(page)):
+            os.preadv(fd, [page], offset)
+    finally:
+        os.close(fd)
+
+
+def prewarm_for(kind: str) -> Callable[[str], None]:
+    """How a backing's cache is warmed, at setup and again before each round."""
+    return _prewarm_pages if kind == "loop4k" else _prewarm
+
+
 def cached_path(blockdev: str) -> str | None:
     """The file or device whose page cache a ``--blockdev`` string reads, if any."""
     for option in blockdev.split(","):
@@ -612,7 +643,7 @@ def backing(kind: str, size: int) -> Iterator[str]:
         if kind in ("file", "tmpfs"):
             yield f"driver=file,filename={path},locking=off"
             return
-        if kind != "loop":
+        if kind not in LOOP_BACKINGS:
             raise BenchError(f"unknown backing {kind!r}")
         dev = subprocess.run(["losetup", "--direct-io=off", "-f", "--show", str(path)],
                              check=True, capture_output=True, text=True).stdout.strip()
@@ -623,8 +654,10 @@ def backing(kind: str, size: int) -> Iterator[str]:
             holder = subprocess.Popen(["sleep", "infinity"], stdin=f,
                                       start_new_session=True)
         clean.callback(lambda: _stop_holder(holder))
-        _log(f"loop: {dev} over {path}, holder pid {holder.pid}; pre-warming")
-        _prewarm(dev)
+        _log(f"{kind}: {dev} over {path}, holder pid {holder.pid}; pre-warming")
+        prewarm_for(kind)(dev)
+        cache = folio_sizes.describe(folio_sizes.folio_sizes(dev))
+        _log(f"{kind}: page cache by folio size: {cache}")
         yield f"driver=host_device,filename={dev},locking=off"
 
 
@@ -759,6 +792,7 @@ class Runner:
                     what = {"fio": "runtime (s)", "nbdcopy": "copies"}.get(wl.tool, "count")
                     _log(f"{kind}/{wl.key}/{peer.spec.label}: {what} {param}")
             warm = cached_path(blockdev)
+            prewarm = prewarm_for(kind)
             for rnd in range(opts.repeats):
                 order = peers if rnd % 2 == 0 else peers[::-1]
                 if warm is not None:
@@ -767,7 +801,7 @@ class Runner:
                     # the standard VM evicts what was not touched for about a minute)
                     # would otherwise turn a "warm" run into disk reads, for
                     # whichever peer comes late.
-                    _prewarm(warm)
+                    prewarm(warm)
                 for wl in opts.workloads:
                     for peer in order:
                         key = (kind, wl.key, peer.spec.label)
@@ -957,7 +991,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="256 MiB backings, ~1 s runs, 3 repeats (a smoke test)")
     ap.add_argument("--backings", default=",".join(BACKINGS),
-                    help=f"comma-separated subset of {','.join(BACKINGS)}")
+                    help=f"comma-separated subset of {','.join(BACKINGS + EXTRA_BACKINGS)} "
+                         f"(default {','.join(BACKINGS)})")
     ap.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
                     help="comma-separated workload keys, or 'all'")
     ap.add_argument("--repeats", type=int, default=None,
@@ -988,8 +1023,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def make_options(ns: argparse.Namespace) -> Options:
     backings = [b for b in ns.backings.split(",") if b]
     for b in backings:
-        if b not in BACKINGS:
-            raise BenchError(f"unknown backing {b!r} (choose from {', '.join(BACKINGS)})")
+        if b not in BACKINGS + EXTRA_BACKINGS:
+            raise BenchError(f"unknown backing {b!r} "
+                             f"(choose from {', '.join(BACKINGS + EXTRA_BACKINGS)})")
     keys = list(WORKLOADS) if ns.workloads == "all" else [
         w for w in ns.workloads.split(",") if w]
     for k in keys:
@@ -1024,7 +1060,7 @@ def make_options(ns: argparse.Namespace) -> Options:
 
 def check_tools(opts: Options) -> None:
     needed: set[str] = {wl.tool for wl in opts.workloads}
-    if "loop" in opts.backings:
+    if any(kind in LOOP_BACKINGS for kind in opts.backings):
         needed.add("losetup")
         if os.geteuid() != 0:
             raise BenchError("the loop backing needs root (or drop it: --backings "

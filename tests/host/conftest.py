@@ -42,6 +42,16 @@ class LoopDevice:
 LoopFactory = Callable[..., LoopDevice]
 
 
+def drop_cache(path: Path) -> None:
+    """Write back ``path`` and drop its pages from the page cache: its next reads go to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def _detach(path: str) -> None:
     for attempt in range(50):
         result = subprocess.run(["losetup", "-d", path], capture_output=True, text=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import drop_cache
 from daemons import BlockdFactory, DaemonProcess
 from fusefs import FuseFs, fuse_available, mounted_fuse
 from qemu.qmp import ExecuteError, QMPClient
@@ -111,15 +112,6 @@ def _fds_into(pid: int, directory: Path) -> list[str]:
     return found
 
 
-def _drop_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def _exit_within(d: DaemonProcess, seconds: float) -> tuple[int, float]:
     t0 = time.monotonic()
     try:
@@ -139,7 +131,7 @@ async def test_a_device_whose_storage_hangs_holds_only_its_cap_and_others_are_se
     and metrics), logged once for the burst, and quit still ends within its bound."""
     fast = tmp_path / "fast.img"
     fast.write_bytes(b"\x5a" * MiB)
-    _drop_cache(fast)  # its read must go to an I/O thread, not come from the page cache
+    drop_cache(fast)  # its read must go to an I/O thread, not come from the page cache
     sock = str(tmp_path / "nbd.sock")
     with fuse({"slow.img": 64 * MiB}) as fs:
         d = blockd_factory(
