@@ -25,6 +25,8 @@ import mmap
 import os
 import struct
 import sys
+from collections.abc import Iterator
+from typing import BinaryIO
 
 __all__ = ["describe", "folio_sizes"]
 
@@ -34,6 +36,8 @@ _PFN_MASK = (1 << 55) - 1
 _KPF_COMPOUND_TAIL = 1 << 16
 _PROT_READ = 1
 _MAP_SHARED = 1
+_MADV_DONTNEED = 4
+_CHUNK = 1 << 16  # pages looked at at once
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -41,6 +45,7 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
                        ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 def folio_sizes(path: str) -> collections.Counter[int]:
@@ -63,33 +68,50 @@ def folio_sizes(path: str) -> collections.Counter[int]:
 
 
 def _count(addr: int, pages: int) -> collections.Counter[int]:
-    cached = (ctypes.c_ubyte * pages)()
-    if _libc.mincore(addr, pages * _PAGE, cached) != 0:
-        raise OSError(ctypes.get_errno(), "mincore")
-    for i in range(pages):
-        if cached[i] & 1:
-            _ = ctypes.c_ubyte.from_address(addr + i * _PAGE).value  # a read maps the page
-    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-        pagemap.seek(addr // _PAGE * 8)
-        entries = struct.unpack(f"{pages}Q", pagemap.read(pages * 8))
-    if any(e & _PRESENT and not e & _PFN_MASK for e in entries):
-        raise PermissionError("frame numbers are hidden: run as root")
     sizes: collections.Counter[int] = collections.Counter()
-    run = 0  # pages of the folio being counted
-    with open("/proc/kpageflags", "rb", buffering=0) as kpageflags:
-        for entry in entries:
-            tail = False
-            if entry & _PRESENT:
-                kpageflags.seek((entry & _PFN_MASK) * 8)
-                tail = bool(struct.unpack("Q", kpageflags.read(8))[0] & _KPF_COMPOUND_TAIL)
-            if run and not tail:
-                sizes[run * _PAGE] += 1
-                run = 0
-            if entry & _PRESENT:
-                run += 1
+    run = 0  # pages of the folio being counted (it may go on into the next chunk)
+    with (open("/proc/self/pagemap", "rb", buffering=0) as pagemap,
+          open("/proc/kpageflags", "rb", buffering=0) as kpageflags):
+        for first in range(0, pages, _CHUNK):
+            count = min(_CHUNK, pages - first)
+            for tail in _tails(addr + first * _PAGE, count, pagemap, kpageflags):
+                if run and not tail:
+                    sizes[run * _PAGE] += 1
+                    run = 0
+                if tail is not None:
+                    run += 1
     if run:
         sizes[run * _PAGE] += 1
     return sizes
+
+
+def _tails(addr: int, count: int, pagemap: BinaryIO,
+           kpageflags: BinaryIO) -> Iterator[bool | None]:
+    """For each page of a chunk: None if not cached, else whether it is a folio's tail.
+
+    The chunk's cached pages are mapped while it is read, then unmapped again
+    (``MADV_DONTNEED`` on a file mapping drops the page tables, not the cache), so
+    a large device needs no more than a chunk's page tables and entries at once.
+    """
+    cached = (ctypes.c_ubyte * count)()
+    if _libc.mincore(addr, count * _PAGE, cached) != 0:
+        raise OSError(ctypes.get_errno(), "mincore")
+    try:
+        for i in range(count):
+            if cached[i] & 1:
+                _ = ctypes.c_ubyte.from_address(addr + i * _PAGE).value  # a read maps it
+        pagemap.seek(addr // _PAGE * 8)
+        entries = struct.unpack(f"{count}Q", pagemap.read(count * 8))
+    finally:
+        _libc.madvise(addr, count * _PAGE, _MADV_DONTNEED)
+    if any(e & _PRESENT and not e & _PFN_MASK for e in entries):
+        raise PermissionError("frame numbers are hidden: run as root")
+    for entry in entries:
+        if not entry & _PRESENT:
+            yield None
+            continue
+        kpageflags.seek((entry & _PFN_MASK) * 8)
+        yield bool(struct.unpack("Q", kpageflags.read(8))[0] & _KPF_COMPOUND_TAIL)
 
 
 def describe(sizes: collections.Counter[int]) -> str:
