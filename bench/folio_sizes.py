@@ -7,11 +7,14 @@ warmed by large reads (readahead builds folios of up to 2 MiB) each write costs 
 kernel tens of microseconds, whichever server issues it; on a cache of 4 KiB folios
 a few.  ``nbd_bench.py`` logs this histogram for its loop backing after the pre-warm.
 
-How: the cached pages are mapped (``mmap`` + ``mincore``, no I/O: uncached pages
-are left alone), their frame numbers read from ``/proc/self/pagemap``, and each
-frame's ``KPF_COMPOUND_TAIL`` flag from ``/proc/kpageflags``: a folio is a head
-page and the tail pages after it.  Both files need root for frame numbers; without
-them :func:`folio_sizes` raises PermissionError.  Run as::
+How: the file is mapped with ``MADV_RANDOM`` (touching a page then starts no
+readahead), only the pages ``mincore`` finds cached are touched, their frame
+numbers are read from ``/proc/self/pagemap`` and each frame's ``KPF_COMPOUND_TAIL``
+flag from ``/proc/kpageflags``: a folio is a head page and the tail pages after it.
+A page evicted between ``mincore`` and the touch is read back in, alone.
+``/proc/kpageflags`` needs root and frame numbers ``CAP_SYS_ADMIN``; without them
+:func:`folio_sizes` raises PermissionError.  A block device nobody holds open has
+no cache to count (the kernel drops it at the last close).  Run as::
 
     sudo .venv/bin/python bench/folio_sizes.py /dev/loop0
 """
@@ -25,8 +28,6 @@ import mmap
 import os
 import struct
 import sys
-from collections.abc import Iterator
-from typing import BinaryIO
 
 __all__ = ["describe", "folio_sizes"]
 
@@ -36,6 +37,7 @@ _PFN_MASK = (1 << 55) - 1
 _KPF_COMPOUND_TAIL = 1 << 16
 _PROT_READ = 1
 _MAP_SHARED = 1
+_MADV_RANDOM = 1
 _MADV_DONTNEED = 4
 _CHUNK = 1 << 16  # pages looked at at once
 
@@ -53,13 +55,15 @@ def folio_sizes(path: str) -> collections.Counter[int]:
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
-        pages = size // _PAGE
+        pages = -(-size // _PAGE)  # a partial last page is cached as a whole one
         if not pages:
             return collections.Counter()
         addr = _libc.mmap(None, pages * _PAGE, _PROT_READ, _MAP_SHARED, fd, 0)
         if addr in (None, ctypes.c_void_p(-1).value):
             raise OSError(ctypes.get_errno(), f"mmap {path}")
         try:
+            if _libc.madvise(addr, pages * _PAGE, _MADV_RANDOM) != 0:
+                raise OSError(ctypes.get_errno(), "madvise")
             return _count(addr, pages)
         finally:
             _libc.munmap(addr, pages * _PAGE)
@@ -70,28 +74,33 @@ def folio_sizes(path: str) -> collections.Counter[int]:
 def _count(addr: int, pages: int) -> collections.Counter[int]:
     sizes: collections.Counter[int] = collections.Counter()
     run = 0  # pages of the folio being counted (it may go on into the next chunk)
-    with (open("/proc/self/pagemap", "rb", buffering=0) as pagemap,
-          open("/proc/kpageflags", "rb", buffering=0) as kpageflags):
-        for first in range(0, pages, _CHUNK):
-            count = min(_CHUNK, pages - first)
-            for tail in _tails(addr + first * _PAGE, count, pagemap, kpageflags):
-                if run and not tail:
-                    sizes[run * _PAGE] += 1
-                    run = 0
-                if tail is not None:
-                    run += 1
+    pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        kpageflags = os.open("/proc/kpageflags", os.O_RDONLY)
+        try:
+            for first in range(0, pages, _CHUNK):
+                count = min(_CHUNK, pages - first)
+                for tail in _tails(addr + first * _PAGE, count, pagemap, kpageflags):
+                    if run and not tail:
+                        sizes[run * _PAGE] += 1
+                        run = 0
+                    if tail is not None:
+                        run += 1
+        finally:
+            os.close(kpageflags)
+    finally:
+        os.close(pagemap)
     if run:
         sizes[run * _PAGE] += 1
     return sizes
 
 
-def _tails(addr: int, count: int, pagemap: BinaryIO,
-           kpageflags: BinaryIO) -> Iterator[bool | None]:
+def _tails(addr: int, count: int, pagemap: int, kpageflags: int) -> list[bool | None]:
     """For each page of a chunk: None if not cached, else whether it is a folio's tail.
 
-    The chunk's cached pages are mapped while it is read, then unmapped again
-    (``MADV_DONTNEED`` on a file mapping drops the page tables, not the cache), so
-    a large device needs no more than a chunk's page tables and entries at once.
+    The chunk's cached pages are mapped while their frames are looked up, then
+    unmapped again (``MADV_DONTNEED`` on a file mapping drops the page tables, not
+    the cache), so a large device needs no more than a chunk's page tables at once.
     """
     cached = (ctypes.c_ubyte * count)()
     if _libc.mincore(addr, count * _PAGE, cached) != 0:
@@ -100,18 +109,24 @@ def _tails(addr: int, count: int, pagemap: BinaryIO,
         for i in range(count):
             if cached[i] & 1:
                 _ = ctypes.c_ubyte.from_address(addr + i * _PAGE).value  # a read maps it
-        pagemap.seek(addr // _PAGE * 8)
-        entries = struct.unpack(f"{count}Q", pagemap.read(count * 8))
+        raw = os.pread(pagemap, count * 8, addr // _PAGE * 8)
+        if len(raw) != count * 8:
+            raise OSError(f"short read of /proc/self/pagemap: {len(raw)} of {count * 8}")
+        entries = struct.unpack(f"{count}Q", raw)
+        if any(e & _PRESENT and not e & _PFN_MASK for e in entries):
+            raise PermissionError("frame numbers are hidden: needs CAP_SYS_ADMIN")
+        # While the pages are still mapped: their frames cannot change hands meanwhile.
+        return [bool(_flags(kpageflags, e & _PFN_MASK) & _KPF_COMPOUND_TAIL)
+                if e & _PRESENT else None for e in entries]
     finally:
         _libc.madvise(addr, count * _PAGE, _MADV_DONTNEED)
-    if any(e & _PRESENT and not e & _PFN_MASK for e in entries):
-        raise PermissionError("frame numbers are hidden: run as root")
-    for entry in entries:
-        if not entry & _PRESENT:
-            yield None
-            continue
-        kpageflags.seek((entry & _PFN_MASK) * 8)
-        yield bool(struct.unpack("Q", kpageflags.read(8))[0] & _KPF_COMPOUND_TAIL)
+
+
+def _flags(kpageflags: int, pfn: int) -> int:
+    raw = os.pread(kpageflags, 8, pfn * 8)
+    if len(raw) != 8:
+        raise OSError(f"no flags for frame {pfn} in /proc/kpageflags")
+    return int.from_bytes(raw, "little")
 
 
 def describe(sizes: collections.Counter[int]) -> str:

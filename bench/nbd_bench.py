@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import importlib.metadata
 import json
 import math
@@ -27,6 +28,7 @@ import shlex
 import shutil
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -558,13 +560,17 @@ def _prewarm(path: str) -> None:
 def _prewarm_pages(path: str) -> None:
     """Warm the cache one page at a time, readahead off: it holds single-page folios.
 
-    What the cache already holds is dropped first (pages probed at attach were read
-    ahead into bigger folios).  Large reads instead (:func:`_prewarm`) leave folios of
-    up to 2 MiB, and a 4 KiB buffered write into a block device walks the buffer heads
-    of its whole folio (bench/folio_sizes.py).
+    What the cache already holds is written back and dropped first (pages probed at
+    attach were read ahead into bigger folios; the last round's writes are dirty).
+    The device stays locked meanwhile (``flock``), which udev honours: its probe, which
+    reads ahead, waits until every page is cached.  Large reads instead
+    (:func:`_prewarm`) leave folios of up to 2 MiB, and a 4 KiB buffered write into a
+    block device walks the buffer heads of its whole folio (bench/folio_sizes.py).
     """
     fd = os.open(path, os.O_RDONLY)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.fdatasync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         size = os.lseek(fd, 0, os.SEEK_END)
@@ -656,7 +662,10 @@ def backing(kind: str, size: int) -> Iterator[str]:
         clean.callback(lambda: _stop_holder(holder))
         _log(f"{kind}: {dev} over {path}, holder pid {holder.pid}; pre-warming")
         prewarm_for(kind)(dev)
-        cache = folio_sizes.describe(folio_sizes.folio_sizes(dev))
+        try:
+            cache = folio_sizes.describe(folio_sizes.folio_sizes(dev))
+        except (OSError, ValueError, struct.error) as err:  # a diagnostic: never the run's end
+            cache = f"unavailable ({err})"
         _log(f"{kind}: page cache by folio size: {cache}")
         yield f"driver=host_device,filename={dev},locking=off"
 
@@ -1063,7 +1072,7 @@ def check_tools(opts: Options) -> None:
     if any(kind in LOOP_BACKINGS for kind in opts.backings):
         needed.add("losetup")
         if os.geteuid() != 0:
-            raise BenchError("the loop backing needs root (or drop it: --backings "
+            raise BenchError("the loop backings need root (or drop them: --backings "
                              "file,tmpfs,null)")
     for p in opts.peers:  # a reference peer needs the server it runs, not just Python
         needed.add(p.argv[2] if p.argv[1:2] == (str(REFERENCE_PEER),) else p.argv[0])

@@ -18,16 +18,28 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20
 
 
+def most(cached: int, *, of: int) -> bool:
+    """All of ``of`` bytes cached, but for a few pages the kernel may have evicted again.
+
+    The standard VM runs DAMON's pageout scheme, and udev's change event after
+    losetup can drop a device's cache; either takes a few pages at any time.  Never
+    more than ``of``: a folio counted twice shows.
+    """
+    return 0.9 * of <= cached <= of
+
+
 @pytest.fixture
 def dropped(tmp_path: Path) -> Iterator[Path]:
     """A 64 MiB file on the disk's file system with none of it in the page cache."""
     if os.geteuid() != 0:
         pytest.skip("needs root: frame numbers in /proc/self/pagemap")
     path = Path("/var/tmp") / f"blockd-folios-{os.getpid()}-{tmp_path.name}.img"
-    path.write_bytes(os.urandom(64 * MiB))
-    drop_cache(path)
-    yield path
-    path.unlink()
+    try:
+        path.write_bytes(os.urandom(64 * MiB))
+        drop_cache(path)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def test_pages_read_one_at_a_time_are_single_page_folios(dropped: Path) -> None:
@@ -40,21 +52,30 @@ def test_pages_read_one_at_a_time_are_single_page_folios(dropped: Path) -> None:
             os.pread(fd, 1, offset)
     finally:
         os.close(fd)
-    assert fs.folio_sizes(str(dropped)) == {PAGE: 4 * MiB // PAGE}
+    cached = fs.folio_sizes(str(dropped))
+    assert set(cached) == {PAGE} and most(cached[PAGE] * PAGE, of=4 * MiB), cached
 
 
 def test_every_cached_byte_is_counted_once(dropped: Path) -> None:
-    fd = os.open(dropped, os.O_RDONLY)
-    try:
-        os.pread(fd, 16 * MiB, 16 * MiB)  # readahead may cache more, and in bigger folios
-        cached = fs.folio_sizes(str(dropped))
-    finally:
-        os.close(fd)
-    total = sum(size * count for size, count in cached.items())
-    assert 16 * MiB <= total <= 64 * MiB, cached
+    # Read whole, in bulk: readahead may build bigger folios, never beyond the end.
+    dropped.read_bytes()
+    cached = fs.folio_sizes(str(dropped))
+    assert most(sum(size * count for size, count in cached.items()), of=64 * MiB), cached
     assert all(size % PAGE == 0 and (size // PAGE) & (size // PAGE - 1) == 0
                for size in cached), cached  # folios are powers of two pages
-    print(f"after a 16 MiB read: {fs.describe(cached)}")
+    print(f"after reading it whole: {fs.describe(cached)}")
+
+
+def test_a_partial_last_page_counts_as_a_page(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: /proc/kpageflags")
+    path = Path("/var/tmp") / f"blockd-folios-{os.getpid()}-{tmp_path.name}-tail.img"
+    try:
+        path.write_bytes(b"x" * (3 * PAGE + 100))  # written, so all of it is cached
+        cached = fs.folio_sizes(str(path))
+        assert sum(size * count for size, count in cached.items()) == 4 * PAGE, cached
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def test_describe_says_sizes_counts_and_total() -> None:
@@ -71,11 +92,29 @@ def test_the_loop4k_backing_is_warmed_in_single_page_folios(loop_device: LoopFac
     holder = os.open(dev, os.O_RDONLY)  # the cache lives while the device is open
     try:
         nb.prewarm_for("loop4k")(dev)
-        assert fs.folio_sizes(dev) == {PAGE: 32 * MiB // PAGE}
+        paged = fs.folio_sizes(dev)
+        assert set(paged) == {PAGE} and most(paged[PAGE] * PAGE, of=32 * MiB), paged
         os.posix_fadvise(holder, 0, 0, os.POSIX_FADV_DONTNEED)
         nb.prewarm_for("loop")(dev)
         bulk = fs.folio_sizes(dev)
-        assert sum(size * count for size, count in bulk.items()) == 32 * MiB, bulk
+        assert most(sum(size * count for size, count in bulk.items()), of=32 * MiB), bulk
         print(f"read-warmed in bulk: {fs.describe(bulk)}")
     finally:
         os.close(holder)
+
+
+def test_huge_pages_are_counted_as_one_folio_each(tmp_path: Path) -> None:
+    """tmpfs with huge=always caches a written file in 2 MiB folios: a head and 511 tails."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: mount, /proc/kpageflags")
+    if not Path("/sys/kernel/mm/transparent_hugepage").exists():
+        pytest.skip("this kernel has no transparent huge pages")
+    mountpoint = tmp_path / "huge"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M,huge=always", "none",
+                    str(mountpoint)], check=True)
+    try:
+        (mountpoint / "f").write_bytes(os.urandom(8 * MiB))
+        assert fs.folio_sizes(str(mountpoint / "f")) == {2 * MiB: 4}
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)

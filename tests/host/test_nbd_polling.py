@@ -26,6 +26,15 @@ def uring_works() -> bool:
     return os.environ.get("BLOCKD_IO_URING") != "0"
 
 
+def cpu_stalled_us() -> int | None:
+    """The kernel's total of time some task waited for a CPU (PSI), or None without PSI."""
+    try:
+        some = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    return int(some.rsplit("total=", 1)[1])
+
+
 def start(blockd_factory: BlockdFactory, tmp_path: Path) -> tuple[DaemonProcess, Path, str]:
     # On the disk's file system, so that writes go through io_uring (not tmpfs's inline path).
     img = Path("/var/tmp") / f"blockd-polling-{os.getpid()}-{tmp_path.name}.img"
@@ -67,17 +76,21 @@ async def test_qd1_requests_are_caught_by_polling(blockd_factory: BlockdFactory,
     """A 1 ms window catches most requests of a QD1 client while a CPU is free.
 
     Each round has two requests to catch, and with io_uring also the write's
-    completion.  Polling rightly pauses while tasks wait for a CPU, and a busy
-    test machine makes rounds slow just then, so no share of pause-free time
-    predicts the hits of a run that paused.  Each attempt is counted on its own,
-    and starts after any pause of the one before; the first one in which polling
-    never paused must catch most requests.
+    completion (a hit is a socket read or a completion polling caught, so a write
+    whose payload comes in a read of its own counts twice).  Polling rightly
+    pauses while tasks wait for a CPU, and a busy test machine makes rounds slow
+    just then, so no share of pause-free time predicts the hits of a run that
+    paused.  Each attempt is counted on its own, and starts after any pause of
+    the one before; the first one in which polling never paused must catch most
+    requests.  If every attempt paused, the kernel must have seen tasks wait for
+    a CPU meanwhile (a pause on a machine without any wait is a bug).
     """
     monkeypatch.setenv("BLOCKD_POLL_MAX_NS", window)
     d, img, sock = start(blockd_factory, tmp_path)
     per_round = 3 if uring_works() else 2
     attempts: list[tuple[float, float, float]] = []  # (hits, pauses, seconds polled)
     before = (0.0, 0.0, 0.0)
+    stalled_before = cpu_stalled_us()
     try:
         for _ in range(ATTEMPTS if window != "0" else 1):
             written: Any = await asyncio.to_thread(ping_pong, sock, ROUNDS)
@@ -101,8 +114,10 @@ async def test_qd1_requests_are_caught_by_polling(blockd_factory: BlockdFactory,
     elif paused == 0:
         assert hits > 0.6 * per_round * ROUNDS, attempts
         assert seconds > 0
-    # Otherwise the machine was busy throughout: polling rightly paused in every
-    # attempt, and only the bytes and the counts below are left to check.
+    else:  # busy throughout: polling paused in every attempt, rightly if tasks waited
+        stalled = cpu_stalled_us()
+        assert stalled is not None and stalled_before is not None, "paused without PSI"
+        assert stalled > stalled_before, ("paused, but no task waited for a CPU", attempts)
     qmp = await d.client()
     stats = next(e["stats"] for e in await qmp.execute("query-blockstats")
                  if e["device"] == "e0")
