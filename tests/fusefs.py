@@ -5,13 +5,14 @@ kernel has none): the kernel's FUSE client is real, so a process that opens, sta
 reads a file here waits in the kernel, uninterruptibly, until the file system answers.
 The file system holds one directory with regular files of given sizes, whose data
 reads as zeroes.  :meth:`FuseFs.hold` makes it keep the requests of one kind (``open``:
-the lookup of a name, which every open and stat starts with; ``read``) unanswered;
+the lookup of a name, which every open and stat starts with; ``read``; ``fsync``)
+unanswered;
 :meth:`FuseFs.release` answers what it kept and stops holding.  A held request whose
 process is killed is let go (answered EINTR when the kernel asks to interrupt it), as a
 hard NFS mount lets a killed process go; nothing else ends the wait.  Closing unmounts
 (lazily) and aborts the connection, so anything still waiting fails with ENOTCONN.
 
-Only what Linux's FUSE client needs for lookup, getattr, open, read, flush and
+Only what Linux's FUSE client needs for lookup, getattr, open, read, fsync, flush and
 release is spoken (protocol 7.31, no writes); anything else gets ENOSYS.
 Mounting needs root and /dev/fuse.
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 
 __all__ = ["FuseFs", "fuse_available", "mounted_fuse"]
 
-_LOOKUP, _FORGET, _GETATTR, _OPEN, _READ, _STATFS, _RELEASE = 1, 2, 3, 14, 15, 17, 18
+_LOOKUP, _FORGET, _GETATTR, _OPEN, _READ, _STATFS, _RELEASE, _FSYNC = 1, 2, 3, 14, 15, 17, 18, 20
 _FLUSH, _INIT, _OPENDIR, _READDIR, _RELEASEDIR, _INTERRUPT = 25, 26, 27, 28, 29, 36
 _BATCH_FORGET = 42
 _NO_REPLY = frozenset({_FORGET, _BATCH_FORGET})
@@ -39,6 +40,7 @@ _IN_HEADER = struct.Struct("=IIQQIIIHH")  # len opcode unique nodeid uid gid pid
 _OUT_HEADER = struct.Struct("=IiQ")  # len error unique
 _ATTR = struct.Struct("=QQQQQQIIIIIIIIII")  # fuse_attr
 _ROOT = 1
+_KINDS = {_LOOKUP: "open", _READ: "read", _FSYNC: "fsync"}  # what hold() can keep
 
 
 def fuse_available() -> str | None:
@@ -57,7 +59,7 @@ class FuseFs:
         self.mountpoint = mountpoint
         self._names = list(files)
         self._sizes = dict(files)
-        self._held: dict[str, list[tuple[int, int, bytes]]] = {"open": [], "read": []}
+        self._held: dict[str, list[tuple[int, int, bytes]]] = {"open": [], "read": [], "fsync": []}
         self._holding: set[str] = set()
         self._lock = threading.Lock()
         self.waiting = threading.Condition(self._lock)  # notified when a request is held
@@ -79,7 +81,7 @@ class FuseFs:
     # -- control ------------------------------------------------------------------
 
     def hold(self, kind: str) -> None:
-        """Leave requests of ``kind`` ("open" or "read") unanswered from now on."""
+        """Leave requests of ``kind`` ("open", "read" or "fsync") unanswered from now on."""
         with self._lock:
             self._holding.add(kind)
 
@@ -128,7 +130,7 @@ class FuseFs:
             if opcode == _INTERRUPT:
                 self._interrupt(struct.unpack_from("=Q", body)[0])
                 continue
-            kind = "open" if opcode == _LOOKUP else "read" if opcode == _READ else None
+            kind = _KINDS.get(opcode)
             with self._lock:
                 if kind is not None and kind in self._holding:
                     self._held[kind].append((opcode, unique, nodeid.to_bytes(8, "little")
@@ -195,7 +197,7 @@ class FuseFs:
             _fh, offset, size = struct.unpack_from("=QQI", body)
             total = self._sizes[self._names[nodeid - 2]]
             return bytes(max(0, min(size, total - offset)))
-        if opcode in (_RELEASE, _RELEASEDIR, _FLUSH):
+        if opcode in (_RELEASE, _RELEASEDIR, _FLUSH, _FSYNC):
             return b""
         if opcode == _READDIR:
             return b""

@@ -175,6 +175,13 @@ _IORING_REGISTER_IOWQ_MAX_WORKERS: Final = 19  # Linux 5.15
 #: its file from the start, and a stuck backing cannot keep other devices' splices
 #: queued.
 MAX_UNBOUND_WORKERS: Final = 256
+#: The same for the "bounded" kind: buffered writes to block devices and every fsync
+#: (writes to one regular file wait for each other anyway).  The kernel's default is 4
+#: per CPU, shared by every device on the ring, so a few fsyncs that never return (a
+#: hard NFS mount, a disk that stopped answering) would hold up all other devices'
+#: writes.  io-wq starts another worker only when a running one blocks with work
+#: queued, so a high cap costs nothing while requests complete.
+MAX_BOUNDED_WORKERS: Final = 256
 
 # mmap offsets.
 _IORING_OFF_SQ_RING: Final = 0
@@ -510,10 +517,10 @@ class Ring:
         if ret < 0:
             err = ctypes.get_errno()
             raise UringUnavailable(err, f"IORING_REGISTER_EVENTFD: {os.strerror(err)}")
-        # [bounded, unbounded]: 0 leaves the bounded kind (regular files) as the kernel
-        # sizes it; the kernel writes back the previous values.  Older kernels (before
-        # 5.15) refuse it: the ring still works, and the pipe pool bounds the splices.
-        counts = (ctypes.c_uint32 * 2)(0, MAX_UNBOUND_WORKERS)
+        # [bounded, unbounded], for the submitting thread's io-wq.  Older kernels (before
+        # 5.15) refuse it: the ring still works at the kernel's caps, and the pipe pool
+        # bounds the splices.
+        counts = (ctypes.c_uint32 * 2)(MAX_BOUNDED_WORKERS, MAX_UNBOUND_WORKERS)
         self.workers_capped = _sys_register(
             _NR_IO_URING_REGISTER, self._fd, _IORING_REGISTER_IOWQ_MAX_WORKERS,
             ctypes.addressof(counts), 2,
@@ -564,6 +571,15 @@ class Ring:
             self._ops.clear()
             self._unsubmitted = 0
             self._teardown()
+
+    def abandon(self) -> None:
+        """Give up the ring without waiting: for a process about to exit with requests stuck.
+
+        Nothing is released: the kernel may still use the buffers, mappings and
+        pipes of requests in flight, and cancels them when the process exits.
+        :meth:`close` (and the garbage collector) then do nothing.
+        """
+        self._closed = True
 
     def __enter__(self) -> Self:
         return self

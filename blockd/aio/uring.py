@@ -10,6 +10,10 @@ kernel in one system call.
 
 Where io_uring cannot be set up (old kernel, seccomp, non-x86_64, or
 ``BLOCKD_IO_URING=0``) nothing uses this, and requests go to the worker threads.
+
+Stuck requests hold a kernel worker each (the ring raises io-wq's caps, see
+``MAX_BOUNDED_WORKERS``), not the others'.  At shutdown a ring that still has
+some is given up (:meth:`UringIo.abandon`), not waited for.
 """
 
 from __future__ import annotations
@@ -105,6 +109,8 @@ class UringIo:
 
     def _submit(self) -> None:
         self._submit_scheduled = False
+        if self._broken:
+            return  # broken, given up or closed since this was scheduled
         try:
             self._ring.submit()
         except OSError as exc:
@@ -140,7 +146,14 @@ class UringIo:
                 done(result)
         return bool(completed)
 
+    def abandon(self) -> None:
+        """Stop watching and give the ring up with requests stuck in it (see Ring.abandon)."""
+        self._loop.remove_reader(self._ring.eventfd)
+        self._broken = True
+        self._ring.abandon()
+
     def close(self) -> None:
         """Stop watching, wait for what is in flight, release the ring."""
         self._loop.remove_reader(self._ring.eventfd)
+        self._broken = True
         self._ring.close()

@@ -356,7 +356,9 @@ class Daemon:
         if left_open:
             abandoned.append(f"nodes left open: {', '.join(left_open)}")
         if self.workers.uring is not None:
-            if not busy:  # closing the ring waits for what it has in flight
+            if busy:  # closing the ring would wait for what is stuck in it
+                self.workers.uring.abandon()
+            else:
                 self.workers.uring.close()
             self.workers.uring = None
         stuck_threads = self.workers.close(timeout=left())

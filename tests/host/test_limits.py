@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import drop_cache
+from conftest import LoopFactory, drop_cache
 from daemons import BlockdFactory, DaemonProcess
 from fusefs import FuseFs, fuse_available, mounted_fuse
 from qemu.qmp import ExecuteError, QMPClient
@@ -31,7 +31,7 @@ MiB = 1 << 20
 IHAVEOPT = b"IHAVEOPT"
 OPT_GO, REP_ACK, REP_INFO = 7, 1, 3
 REQUEST_MAGIC, SIMPLE_REPLY_MAGIC = 0x25609513, 0x67446698
-CMD_READ = 0
+CMD_READ, CMD_WRITE, CMD_FLUSH = 0, 1, 3
 
 
 @pytest.fixture
@@ -76,6 +76,14 @@ class Nbd:
         self.writer.write(b"".join(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ,
                                                first_cookie + n, offset, length)
                                    for n, offset in enumerate(offsets)))
+
+    def flushes(self, cookies: range) -> None:
+        self.writer.write(b"".join(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_FLUSH,
+                                               cookie, 0, 0) for cookie in cookies))
+
+    def write(self, cookie: int, offset: int, data: bytes) -> None:
+        self.writer.write(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, cookie, offset,
+                                      len(data)) + data)
 
     async def reply(self, length: int) -> tuple[int, int]:
         magic, error, cookie = struct.unpack(">IIQ", await self.read(16))
@@ -169,6 +177,49 @@ async def test_a_device_whose_storage_hangs_holds_only_its_cap_and_others_are_se
         assert code == 0, d.stderr()
         assert "left behind" in d.stderr() and "I/O still running on slow" in d.stderr()
         print(f"quit took {took:.1f} s with stuck I/O (bound 3 s)")
+
+
+async def test_flushes_that_never_return_hold_up_no_other_device(
+    blockd_factory: BlockdFactory, tmp_path: Path, fuse: Any, loop_device: LoopFactory
+) -> None:
+    """Flushes of a file whose fsync never returns wait in the kernel's io-wq workers,
+    which every device's writes to block devices (and every flush) share: 4 per CPU
+    of them once took them all, and another device's write waited for ever, and then
+    quit did, in the ring's close.  Now each stuck request holds a worker of its own,
+    and the ring is given up at shutdown."""
+    flushes = 4 * (os.cpu_count() or 1) + 8  # more than the kernel's default cap
+    fast = str(loop_device(size=16 * MiB))
+    sock = str(tmp_path / "nbd.sock")
+    with fuse({"slow.img": 16 * MiB}) as fs:
+        d = blockd_factory(
+            "--blockdev", f"driver=file,node-name=slow,filename={fs.path('slow.img')},"
+                          "locking=off",
+            "--blockdev", f"driver=host_device,node-name=fast,filename={fast}",
+            "--nbd-server", f"addr.type=unix,addr.path={sock}",
+            "--export", "type=nbd,id=slow,node-name=slow,name=slow,writable=on",
+            "--export", "type=nbd,id=fast,node-name=fast,name=fast,writable=on",
+            "--config", _limits_config(tmp_path, shutdown_timeout=3,
+                                       device_in_flight=flushes + 8))
+        fs.hold("fsync")
+        stuck = await Nbd.connect(sock, b"slow")
+        stuck.flushes(range(flushes))
+        assert await asyncio.to_thread(fs.wait_held, "fsync", 1, 10), d.stderr()
+        await asyncio.sleep(0.5)  # let them all reach the kernel
+        other = await Nbd.connect(sock, b"fast")
+        other.write(7, 0, b"\xa5" * 4096)
+        try:
+            assert await asyncio.wait_for(other.reply(0), 10) == (0, 7)
+        except TimeoutError:
+            raise AssertionError(f"the other device's write was not answered "
+                                 f"({fs.held('fsync')} flushes held)") from None
+        qmp = await d.client()
+        await qmp.execute("quit")
+        code, _ = _exit_within(d, 3 + 10)
+        assert code == 0, d.stderr()
+        for client in (stuck, other):
+            client.writer.close()
+    with open(fast, "rb") as f:
+        assert f.read(4096) == b"\xa5" * 4096
 
 
 async def test_an_open_that_hangs_times_out_and_never_takes_the_control_path_down(

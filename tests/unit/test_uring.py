@@ -715,3 +715,14 @@ async def test_a_broken_ring_fails_only_what_the_kernel_had_not_taken() -> None:
         for r, w in pipes:
             os.close(r)
             os.close(w)
+
+
+def test_io_wq_may_give_every_stuck_request_a_worker_of_its_own(ring: Ring) -> None:
+    # Read back the submitting thread's caps (zeroes change nothing; the kernel writes
+    # back what is in force): both kinds as many as MAX_*_WORKERS, not the kernel's
+    # default of 4 bounded workers per CPU that a few stuck fsyncs would fill.
+    counts = (ctypes.c_uint32 * 2)(0, 0)
+    assert _uring._sys_register(
+        _uring._NR_IO_URING_REGISTER, ring._fd, _uring._IORING_REGISTER_IOWQ_MAX_WORKERS,
+        ctypes.addressof(counts), 2) >= 0
+    assert list(counts) == [_uring.MAX_BOUNDED_WORKERS, _uring.MAX_UNBOUND_WORKERS]
