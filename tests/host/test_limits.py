@@ -25,13 +25,12 @@ import pytest
 from conftest import LoopFactory, drop_cache
 from daemons import BlockdFactory, DaemonProcess
 from fusefs import FuseFs, fuse_available, mounted_fuse
+from nbdwire import CMD_FLUSH, CMD_READ, CMD_WRITE, SIMPLE_MAGIC, request_bytes
 from qemu.qmp import ExecuteError, QMPClient
 
 MiB = 1 << 20
 IHAVEOPT = b"IHAVEOPT"
 OPT_GO, REP_ACK, REP_INFO = 7, 1, 3
-REQUEST_MAGIC, SIMPLE_REPLY_MAGIC = 0x25609513, 0x67446698
-CMD_READ, CMD_WRITE, CMD_FLUSH = 0, 1, 3
 
 
 @pytest.fixture
@@ -73,21 +72,18 @@ class Nbd:
         return await asyncio.wait_for(self.reader.readexactly(n), 10)
 
     def reads(self, first_cookie: int, offsets: list[int], length: int = 4096) -> None:
-        self.writer.write(b"".join(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ,
-                                               first_cookie + n, offset, length)
+        self.writer.write(b"".join(request_bytes(CMD_READ, first_cookie + n, offset, length)
                                    for n, offset in enumerate(offsets)))
 
     def flushes(self, cookies: range) -> None:
-        self.writer.write(b"".join(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_FLUSH,
-                                               cookie, 0, 0) for cookie in cookies))
+        self.writer.write(b"".join(request_bytes(CMD_FLUSH, cookie, 0, 0) for cookie in cookies))
 
     def write(self, cookie: int, offset: int, data: bytes) -> None:
-        self.writer.write(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, cookie, offset,
-                                      len(data)) + data)
+        self.writer.write(request_bytes(CMD_WRITE, cookie, offset, len(data), payload=data))
 
     async def reply(self, length: int) -> tuple[int, int]:
         magic, error, cookie = struct.unpack(">IIQ", await self.read(16))
-        assert magic == SIMPLE_REPLY_MAGIC
+        assert magic == SIMPLE_MAGIC
         if not error:
             await self.read(length)
         return error, cookie
