@@ -253,6 +253,7 @@ DEFAULT_WORKLOADS = ["rr4k-qd1", "rr4k-qd32", "rw4k-qd32", "sr1m-qd4",
 BACKINGS = ["file", "tmpfs", "loop", "null"]  # the default set
 # loop4k: the loop device with its cache warmed page by page (4 KiB folios), opt-in.
 EXTRA_BACKINGS = ["loop4k"]
+ALL_BACKINGS = BACKINGS + EXTRA_BACKINGS
 LOOP_BACKINGS = ("loop", "loop4k")
 BACKING_LABELS = {"file": "file (ext4)", "tmpfs": "file (tmpfs)",
                   "loop": "loop (warm bdev cache)", "loop4k": "loop (cache of 4 KiB folios)",
@@ -1000,7 +1001,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="256 MiB backings, ~1 s runs, 3 repeats (a smoke test)")
     ap.add_argument("--backings", default=",".join(BACKINGS),
-                    help=f"comma-separated subset of {','.join(BACKINGS + EXTRA_BACKINGS)} "
+                    help=f"comma-separated subset of {','.join(ALL_BACKINGS)} "
                          f"(default {','.join(BACKINGS)})")
     ap.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
                     help="comma-separated workload keys, or 'all'")
@@ -1032,9 +1033,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def make_options(ns: argparse.Namespace) -> Options:
     backings = [b for b in ns.backings.split(",") if b]
     for b in backings:
-        if b not in BACKINGS + EXTRA_BACKINGS:
-            raise BenchError(f"unknown backing {b!r} "
-                             f"(choose from {', '.join(BACKINGS + EXTRA_BACKINGS)})")
+        if b not in ALL_BACKINGS:
+            raise BenchError(f"unknown backing {b!r} (choose from {', '.join(ALL_BACKINGS)})")
     keys = list(WORKLOADS) if ns.workloads == "all" else [
         w for w in ns.workloads.split(",") if w]
     for k in keys:

@@ -124,7 +124,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=20000,
                     help="requests counted per run (1 MiB reads: a tenth)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per peer and workload")
-    ap.add_argument("--backing", default="tmpfs", choices=nb.BACKINGS + nb.EXTRA_BACKINGS)
+    ap.add_argument("--backing", default="tmpfs", choices=nb.ALL_BACKINGS)
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--json", metavar="FILE", help="write every count")
     return ap.parse_args(argv)
