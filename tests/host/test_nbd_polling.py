@@ -13,7 +13,7 @@ from nbdclients import libnbd
 from test_metrics import one, scrape
 
 from blockd.aio._ring import Ring, UringUnavailable
-from blockd.aio.polling import PAUSE_NS
+from blockd.aio.polling import PAUSE_NS, CpuPressure
 
 MiB = 1 << 20
 
@@ -24,15 +24,6 @@ def uring_works() -> bool:
     except UringUnavailable:
         return False
     return os.environ.get("BLOCKD_IO_URING") != "0"
-
-
-def cpu_stalled_us() -> int | None:
-    """The kernel's total of time some task waited for a CPU (PSI), or None without PSI."""
-    try:
-        some = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-    except (OSError, IndexError):
-        return None
-    return int(some.rsplit("total=", 1)[1])
 
 
 def start(blockd_factory: BlockdFactory, tmp_path: Path) -> tuple[DaemonProcess, Path, str]:
@@ -90,7 +81,8 @@ async def test_qd1_requests_are_caught_by_polling(blockd_factory: BlockdFactory,
     per_round = 3 if uring_works() else 2
     attempts: list[tuple[float, float, float]] = []  # (hits, pauses, seconds polled)
     before = (0.0, 0.0, 0.0)
-    stalled_before = cpu_stalled_us()
+    pressure = CpuPressure()  # only its reading of the kernel's total (PSI)
+    stalled_before = pressure.stalled_us()
     try:
         for _ in range(ATTEMPTS if window != "0" else 1):
             written: Any = await asyncio.to_thread(ping_pong, sock, ROUNDS)
@@ -115,7 +107,7 @@ async def test_qd1_requests_are_caught_by_polling(blockd_factory: BlockdFactory,
         assert hits > 0.6 * per_round * ROUNDS, attempts
         assert seconds > 0
     else:  # busy throughout: polling paused in every attempt, rightly if tasks waited
-        stalled = cpu_stalled_us()
+        stalled = pressure.stalled_us()
         assert stalled is not None and stalled_before is not None, "paused without PSI"
         assert stalled > stalled_before, ("paused, but no task waited for a CPU", attempts)
     qmp = await d.client()
