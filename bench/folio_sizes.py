@@ -28,8 +28,9 @@ import mmap
 import os
 import struct
 import sys
+from collections.abc import Mapping
 
-__all__ = ["describe", "folio_sizes"]
+__all__ = ["cached_bytes", "describe", "folio_sizes"]
 
 _PAGE = mmap.PAGESIZE
 _PRESENT = 1 << 63
@@ -129,11 +130,16 @@ def _flags(kpageflags: int, pfn: int) -> int:
     return int.from_bytes(raw, "little")
 
 
-def describe(sizes: collections.Counter[int]) -> str:
+def cached_bytes(sizes: Mapping[int, int]) -> int:
+    """What the folios of a :func:`folio_sizes` count hold together."""
+    return sum(size * count for size, count in sizes.items())
+
+
+def describe(sizes: Mapping[int, int]) -> str:
     """One line: '4 KiB: 1092, 2048 KiB: 201 (1024 MiB cached)'."""
     if not sizes:
         return "nothing cached"
-    cached = sum(size * count for size, count in sizes.items())
+    cached = cached_bytes(sizes)
     parts = ", ".join(f"{size // 1024} KiB: {count}" for size, count in sorted(sizes.items()))
     return f"{parts} ({cached / (1 << 20):.0f} MiB cached)"
 
