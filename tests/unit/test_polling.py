@@ -70,19 +70,32 @@ MS = 1_000_000
 
 
 def test_tasks_waiting_for_a_cpu_pause_polling(tmp_path: Path) -> None:
+    window_us = CHECK_NS // 1000
     path = pressure(tmp_path, 1_000)
     cpu = CpuPressure(str(path))
     assert cpu.stalled_us() == 1_000
-    assert cpu.check(1000 * MS) is False  # a first reading has nothing to compare with
-    pressure(tmp_path, 1_000 + 500)  # 0.5 ms of 10 ms: 5 %
-    assert cpu.check(1010 * MS) is False
-    pressure(tmp_path, 1_500 + 2_000)  # 2 ms of 10 ms: 20 %
-    assert cpu.check(1020 * MS) is True and cpu.pauses == 1
+    t = 1000 * MS
+    assert cpu.check(t) is False  # a first reading has nothing to compare with
+    pressure(tmp_path, 1_000 + window_us * 15 // 100)  # 15 %: a QD1 client's own share
+    assert cpu.check(t + CHECK_NS - 1) is False  # not read before the window ends
+    t += CHECK_NS
+    assert cpu.check(t) is False
+    stalled = 1_000 + window_us * 15 // 100 + window_us * 25 // 100  # 25 % of the next
+    pressure(tmp_path, stalled)
+    t += CHECK_NS
+    assert cpu.check(t) is True and cpu.pauses == 1
     pressure(tmp_path, 0)  # not read again during the pause
-    assert cpu.check(1020 * MS + PAUSE_NS - 1) is True
-    pressure(tmp_path, 3_500 + 1_000)  # 1 ms over the 200 ms pause: 0.5 %
-    assert cpu.check(1020 * MS + PAUSE_NS) is False and cpu.pauses == 1
-    assert cpu.check(1020 * MS + PAUSE_NS + CHECK_NS - 1) is False  # kept until the next
+    assert cpu.check(t + PAUSE_NS - 1) is True
+    # Tasks waited all through the pause, but the pause is not judged: polling resumes.
+    stalled += PAUSE_NS // 1000
+    pressure(tmp_path, stalled)
+    t += PAUSE_NS
+    assert cpu.check(t) is False and cpu.pauses == 1
+    assert cpu.check(t + CHECK_NS - 1) is False  # kept until the next reading
+    # The first window after the pause is judged as any other.
+    pressure(tmp_path, stalled + window_us * 30 // 100)
+    t += CHECK_NS
+    assert cpu.check(t) is True and cpu.pauses == 2
 
 
 def test_without_pressure_information_nothing_pauses(tmp_path: Path) -> None:
