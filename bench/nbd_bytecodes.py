@@ -155,7 +155,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"nbd_bytecodes: unknown workloads {unknown}", file=sys.stderr)
         return 2
+    if ns.requests < 10:
+        print("nbd_bytecodes: --requests must be at least 10", file=sys.stderr)
+        return 2
     trees = [t.resolve() for t in ns.tree or [nb.REPO_ROOT]]
+    # A tree without blockd would not fail: Python would find an installed blockd instead.
+    missing = [str(t) for t in trees if not (t / "blockd" / "__main__.py").is_file()]
+    if missing:
+        print(f"nbd_bytecodes: no blockd/__main__.py in {', '.join(missing)}", file=sys.stderr)
+        return 2
     results: dict[str, dict[str, dict[str, float]]] = {}
     workdir = Path(tempfile.mkdtemp(prefix="nbd-bytecodes-"))
     try:
@@ -164,8 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out = workdir / f"counts-{n}.json"
                 peer = nb.Peer(traced_spec(tree, out), blockdev, workdir, f"b{n}")
                 nb._log(f"{tree}: starting under the bytecode tracer")
-                peer.start(timeout=120)
                 try:
+                    peer.start(timeout=120)  # inside: a start that fails is stopped too
                     for wl in workloads:
                         count = ns.requests // 10 if wl.startswith("sr1m") else ns.requests
                         per_req = per_request(measure(peer, out, WORKLOADS[wl], count), count)

@@ -24,8 +24,8 @@ a QD1 client on 2 vCPUs, polling cut 4 KiB reads from 24k to 17k IOPS).
 information: the share of time in which some task waited for a CPU.  A QD1
 client and a server that does not poll make some of that themselves, each
 woken by the other (about 11 % of the time on a 2-vCPU VM, against 2 % while
-polling and about 28 % beside one busy process): the threshold sits above it,
-and the time of a pause is never judged, or a pause would renew itself.
+polling and about 28 % beside one busy process): the threshold sits above it, or
+the reading after a pause, made without polling, would renew the pause for good.
 
 ``AdaptivePoll`` only keeps the arithmetic; the server does the polling.
 """
@@ -46,6 +46,9 @@ START_NS = 8_000  # the first window once waits are seen to be short
 CHECK_NS = 100_000_000  # how often the CPU pressure is read (shorter windows see bursts)
 PAUSE_NS = 200_000_000  # no polling for this long once tasks were seen waiting for a CPU
 STALL_SHARE = 0.20  # ... in more than this share of the time since the last reading
+# A reading longer than this after the last (polling was not asked for meanwhile) judges
+# nothing: the time between is stale, and only starts the next window.
+_LONGEST_WINDOW_NS = PAUSE_NS + CHECK_NS
 
 
 class AdaptivePoll:
@@ -82,9 +85,10 @@ class CpuPressure:
     The kernel's ``some`` line counts, in microseconds, the time in which at
     least one task was runnable but had no CPU.  A reading every ``CHECK_NS``
     compares its growth with the time passed; above ``STALL_SHARE`` polling
-    pauses for ``PAUSE_NS``.  The reading at the end of a pause only starts the
-    next window: the pause itself, without polling, is not what is judged.
-    Without pressure information (a kernel without PSI) nothing ever pauses.
+    pauses for ``PAUSE_NS``, and the reading at the end of the pause judges the
+    pause the same way.  A reading long after the last (nobody asked meanwhile)
+    only starts a new window.  Without pressure information (a kernel without
+    PSI) nothing ever pauses.
     """
 
     def __init__(self, path: str = "/proc/pressure/cpu") -> None:
@@ -100,12 +104,9 @@ class CpuPressure:
             return self.contended
         stalled = self.stalled_us()
         last, self._last = self._last, (None if stalled is None else (now_ns, stalled))
-        if self.contended:  # the pause is over: polling resumes, and is judged from here
-            self.contended = False
-            self._next_ns = now_ns + CHECK_NS
-            return False
         self.contended = (
-            stalled is not None and last is not None and now_ns > last[0]
+            stalled is not None and last is not None
+            and 0 < now_ns - last[0] <= _LONGEST_WINDOW_NS  # else: only a new window starts
             and (stalled - last[1]) * 1000 > STALL_SHARE * (now_ns - last[0])
         )
         if self.contended:

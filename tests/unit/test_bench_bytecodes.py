@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections import Counter
+from pathlib import Path
 
 import benchscripts
 
@@ -20,12 +21,13 @@ def _loop(n: int) -> int:
 
 def _counted(n: int) -> Counter[str]:
     counts: Counter[str] = Counter()
+    before = sys.gettrace(), threading.gettrace()  # a coverage tool's or debugger's
     nbc.count_bytecodes(counts)
     try:
         _loop(n)
     finally:
-        sys.settrace(None)
-        threading.settrace(None)  # type: ignore[arg-type]
+        sys.settrace(before[0])
+        threading.settrace(before[1])  # type: ignore[arg-type]
     return counts
 
 
@@ -46,6 +48,11 @@ def test_counting_stops_with_the_tracer() -> None:
     before = dict(counts)
     _loop(100)
     assert dict(counts) == before
+
+
+def test_a_tree_without_blockd_is_refused(tmp_path: Path) -> None:
+    assert nbc.main(["--tree", str(tmp_path), "--backing", "tmpfs"]) == 2
+    assert nbc.main(["--requests", "5"]) == 2
 
 
 def test_counts_per_request_are_ranked_biggest_first() -> None:

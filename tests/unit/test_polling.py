@@ -71,31 +71,56 @@ MS = 1_000_000
 
 def test_tasks_waiting_for_a_cpu_pause_polling(tmp_path: Path) -> None:
     window_us = CHECK_NS // 1000
-    path = pressure(tmp_path, 1_000)
-    cpu = CpuPressure(str(path))
-    assert cpu.stalled_us() == 1_000
+    pause_us = PAUSE_NS // 1000
+    stalled = 1_000
+    pressure(tmp_path, stalled)
+    cpu = CpuPressure(str(tmp_path / "cpu"))
+    assert cpu.stalled_us() == stalled
     t = 1000 * MS
     assert cpu.check(t) is False  # a first reading has nothing to compare with
-    pressure(tmp_path, 1_000 + window_us * 15 // 100)  # 15 %: a QD1 client's own share
+    pressure(tmp_path, stalled + window_us)  # 100 %: it would pause, if it were read
     assert cpu.check(t + CHECK_NS - 1) is False  # not read before the window ends
+    stalled += window_us * 15 // 100  # 15 %: what a QD1 client makes on its own
+    pressure(tmp_path, stalled)
     t += CHECK_NS
     assert cpu.check(t) is False
-    stalled = 1_000 + window_us * 15 // 100 + window_us * 25 // 100  # 25 % of the next
+    stalled += window_us * 25 // 100
     pressure(tmp_path, stalled)
     t += CHECK_NS
     assert cpu.check(t) is True and cpu.pauses == 1
     pressure(tmp_path, 0)  # not read again during the pause
     assert cpu.check(t + PAUSE_NS - 1) is True
-    # Tasks waited all through the pause, but the pause is not judged: polling resumes.
-    stalled += PAUSE_NS // 1000
+    # The pause is judged as any window: 11 % (an unpolled QD1 client's own) ends it ...
+    stalled += pause_us * 11 // 100
     pressure(tmp_path, stalled)
     t += PAUSE_NS
     assert cpu.check(t) is False and cpu.pauses == 1
     assert cpu.check(t + CHECK_NS - 1) is False  # kept until the next reading
-    # The first window after the pause is judged as any other.
-    pressure(tmp_path, stalled + window_us * 30 // 100)
+    stalled += window_us * 30 // 100
+    pressure(tmp_path, stalled)
     t += CHECK_NS
     assert cpu.check(t) is True and cpu.pauses == 2
+    # ... and 28 % (beside a busy process) renews it.
+    stalled += pause_us * 28 // 100
+    pressure(tmp_path, stalled)
+    t += PAUSE_NS
+    assert cpu.check(t) is True and cpu.pauses == 3
+
+
+def test_a_reading_long_after_the_last_only_starts_a_window(tmp_path: Path) -> None:
+    """Nobody asked for a while: what the machine did meanwhile is not held against polling."""
+    window_us = CHECK_NS // 1000
+    pressure(tmp_path, 0)
+    cpu = CpuPressure(str(tmp_path / "cpu"))
+    t = 1000 * MS
+    assert cpu.check(t) is False
+    t += 10 * PAUSE_NS  # two seconds later, tasks waited all through them
+    stalled = 10 * PAUSE_NS // 1000
+    pressure(tmp_path, stalled)
+    assert cpu.check(t) is False and cpu.pauses == 0
+    stalled += window_us * 30 // 100  # the window it started is judged
+    pressure(tmp_path, stalled)
+    assert cpu.check(t + CHECK_NS) is True and cpu.pauses == 1
 
 
 def test_without_pressure_information_nothing_pauses(tmp_path: Path) -> None:
@@ -116,7 +141,7 @@ def test_the_kernel_reports_busy_processes_as_cpu_pressure() -> None:
     try:
         began = time.monotonic_ns()
         cpu.check(began)
-        time.sleep(0.3)
+        time.sleep(CHECK_NS * 2 / 1e9)  # one window, not so long that it only starts one
         paused = cpu.check(max(time.monotonic_ns(), began + CHECK_NS))
     finally:
         for p in spinners:
