@@ -5,8 +5,8 @@
 function ran them, and a sampling profiler's shares move with the machine's load.
 This runs blockd under a tracer that counts every bytecode it executes
 (``sys.settrace`` with opcode events), per function, while ``qemu-img bench`` sends
-requests: for the same code and workload the counts come out nearly the same on any
-machine, so two trees can be compared function by function.
+requests: for the same code and workload the counts come out within a few per cent on
+any machine, so two trees can be compared function by function.
 
 The tracer makes blockd some tens of times slower.  Busy-polling is off (a spin
 would count waiting as work), and what depends on timing (requests per received
@@ -40,6 +40,7 @@ import nbd_bench as nb  # the same backings and command line as the timed benchm
 from nbd_instructions import WARMUP, WORKLOADS, bench, peer_pid
 
 TRACE_FLAG = "--trace-into"  # how a peer started by this script knows it is the traced one
+SETTLE_S = 0.5  # for the traced daemon to finish with a client that has gone
 
 
 def count_bytecodes(counts: Counter[str]) -> None:
@@ -116,8 +117,10 @@ def measure(peer: nb.Peer, out: Path, args: Sequence[str], count: int) -> dict[s
     """The counts of one run of ``count`` requests (after a warm-up)."""
     pid = peer_pid(peer)
     bench(peer.uri, args, min(WARMUP, count))
+    time.sleep(SETTLE_S)  # the warm-up's connection is torn down before the zero ...
     os.kill(pid, signal.SIGUSR1)
     bench(peer.uri, args, count)
+    time.sleep(SETTLE_S)  # ... and the measured one's within the count, every time
     out.unlink(missing_ok=True)
     os.kill(pid, signal.SIGUSR2)
     for _ in range(400):  # the handler runs when the loop thread next runs Python
