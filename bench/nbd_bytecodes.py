@@ -27,6 +27,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -37,7 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nbd_bench as nb  # the same backings and command line as the timed benchmark
-from nbd_instructions import WARMUP, WORKLOADS, bench, peer_pid
+from nbd_instructions import WARMUP, WORKLOADS, bench, peer_pid, requests_for
 
 TRACE_FLAG = "--trace-into"  # how a peer started by this script knows it is the traced one
 SETTLE_S = 0.5  # for the traced daemon to finish with a client that has gone
@@ -62,7 +63,6 @@ def count_bytecodes(counts: Counter[str]) -> None:
 
         return on_event
 
-    import threading
     threading.settrace(on_call)
     sys.settrace(on_call)
 
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try:
                     peer.start(timeout=120)  # inside: a start that fails is stopped too
                     for wl in workloads:
-                        count = ns.requests // 10 if wl.startswith("sr1m") else ns.requests
+                        count = requests_for(wl, ns.requests)
                         per_req = per_request(measure(peer, out, WORKLOADS[wl], count), count)
                         results.setdefault(str(tree), {})[wl] = per_req
                         print(format_report(str(tree), wl, per_req, ns.top))

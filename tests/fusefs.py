@@ -59,7 +59,7 @@ class FuseFs:
         self.mountpoint = mountpoint
         self._names = list(files)
         self._sizes = dict(files)
-        self._held: dict[str, list[tuple[int, int, bytes]]] = {"open": [], "read": [], "fsync": []}
+        self._held: dict[str, list[tuple[int, int, bytes]]] = {k: [] for k in _KINDS.values()}
         self._holding: set[str] = set()
         self._lock = threading.Lock()
         self.waiting = threading.Condition(self._lock)  # notified when a request is held

@@ -54,3 +54,8 @@ def test_the_table_gives_medians_and_ratios_to_the_first_peer() -> None:
     assert rows[0] == "| workload | blockd | qsd | blockd/qsd |"
     assert rows[2] == "| rr4k-qd32 | 31,000 | 61,000 | 0.51x |"
     assert rows[3] == "| rr4k-qd1 | - | 1 | - |"
+
+
+def test_1_mib_reads_count_a_tenth_of_the_requests() -> None:
+    assert ni.requests_for("sr1m-qd4", 20_000) == 2_000
+    assert ni.requests_for("rw4k-qd32", 20_000) == 20_000
