@@ -763,21 +763,19 @@ class Ring:
             self._refuse(user_data, offset)
         if self._unsubmitted >= self.sq_entries or len(ops) >= self.cq_entries:
             return False
-        try:
-            nbytes = len(buf)  # items: a cast view's copy below fails
-        except TypeError:
-            nbytes = -1  # not sized: pinning says what it is
         slot = self._free_slots.pop()
         entry: _Entry = slot  # a bare slot: nothing to release but the slot
-        if 0 <= nbytes <= STAGE_SIZE:
-            stage_off = slot * STAGE_SIZE
-            try:
+        stage_off = slot * STAGE_SIZE
+        try:
+            nbytes = len(buf)  # items: a cast view's copy below fails
+            staged = nbytes <= STAGE_SIZE
+            if staged:
                 self._stage_mv[stage_off : stage_off + nbytes] = buf
-            except (TypeError, ValueError):  # not plain bytes (a cast or strided view)
-                nbytes = -1
-            else:
-                addr = self._stage_base + stage_off
-        if not 0 <= nbytes <= STAGE_SIZE:
+        except (TypeError, ValueError):  # not sized, or not plain bytes (cast, strided)
+            staged = False  # pinning says what it is
+        if staged:
+            addr = self._stage_base + stage_off
+        else:
             views_off = slot * _IOV_INLINE * _PYBUF_SIZE
             views_addr = self._views_base + views_off
             try:

@@ -22,6 +22,7 @@ import asyncio
 import errno
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from blockd.aio._ring import BufferLike, Ring, UringUnavailable
 
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 
 Completion = Callable[[int], None]  # the result: a count, or -errno
 _MAX_TAG = 1 << 63
+_PLAIN: Any = object()  # write()'s ``arg`` when ``done`` takes the result alone
+
+
+def _plain(done: Completion, result: int) -> None:
+    done(result)
 
 
 class UringIo:
@@ -39,7 +45,8 @@ class UringIo:
     def __init__(self, ring: Ring, loop: asyncio.AbstractEventLoop) -> None:
         self._ring = ring
         self._loop = loop
-        self._callbacks: dict[int, Completion] = {}
+        # By tag: (fn, arg), called as fn(arg, result) on completion.
+        self._callbacks: dict[int, tuple[Callable[[Any, int], None], Any]] = {}
         self._next = 1
         self._submit_scheduled = False
         self._broken = False
@@ -56,16 +63,21 @@ class UringIo:
         return cls(ring, asyncio.get_running_loop())
 
     def write(self, fd: int, buf: BufferLike, offset: int, rw_flags: int,
-              done: Completion) -> bool:
+              done: Callable[..., None], arg: Any = _PLAIN) -> bool:
         """Queue a write of one buffer; False when the ring is full or broken (use another
-        route).  Written out rather than through :meth:`_tag`: this is the per-write hot path."""
+        route).  Written out rather than through :meth:`_tag`: this is the per-write hot path.
+
+        The completion calls ``done(result)``, or ``done(arg, result)`` where ``arg`` is
+        given: a caller's bound method and the request's state then take the place of a
+        closure made for every write.
+        """
         if self._broken:
             return False
         tag = self._next
         self._next = tag + 1 if tag < _MAX_TAG else 1
         if not self._ring.prep_write(fd, buf, offset, tag, rw_flags):
             return False
-        self._callbacks[tag] = done
+        self._callbacks[tag] = (_plain, done) if arg is _PLAIN else (done, arg)
         if not self._submit_scheduled:
             self._submit_scheduled = True
             self._loop.call_soon(self._submit)
@@ -99,7 +111,7 @@ class UringIo:
     def _tag(self, done: Completion) -> int:
         tag = self._next
         self._next = tag + 1 if tag < _MAX_TAG else 1
-        self._callbacks[tag] = done
+        self._callbacks[tag] = (_plain, done)
         return tag
 
     def _schedule_submit(self) -> None:
@@ -121,7 +133,8 @@ class UringIo:
             log.error("io_uring submission failed: %s; using worker threads from now on", exc)
             self._broken = True
             for tag in self._ring.discard_queued():
-                self._callbacks.pop(tag)(-(exc.errno or errno.EIO))
+                fn, arg = self._callbacks.pop(tag)
+                fn(arg, -(exc.errno or errno.EIO))
             return
         if self._ring.queued:  # the kernel took only part: try again next turn
             self._schedule_submit()
@@ -140,10 +153,11 @@ class UringIo:
         """
         self._ring.drain_eventfd()
         completed = self._ring.reap()
+        pop = self._callbacks.pop
         for tag, result in completed:
-            done = self._callbacks.pop(tag, None)
-            if done is not None:
-                done(result)
+            entry = pop(tag, None)
+            if entry is not None:
+                entry[0](entry[1], result)
         return bool(completed)
 
     def abandon(self) -> None:
