@@ -127,6 +127,33 @@ async def test_polling_the_ring_completes_without_the_loop(image: Path) -> None:
         uring.close()
 
 
+async def test_a_write_with_an_argument_calls_back_with_it(image: Path) -> None:
+    """write(..., done, arg) calls done(arg, result): Device.write_on_ring's form."""
+    uring = UringIo.create()
+    if uring is None:
+        pytest.skip("io_uring cannot be set up here")
+    fd = os.open(image, os.O_RDWR)
+    try:
+        results: list[tuple[object, int]] = []
+        state = ("request", 7)
+
+        def done(arg: object, result: int) -> None:
+            results.append((arg, result))
+
+        assert uring.write(fd, b"Q" * 4096, 0, 0, done, state)
+        assert uring.write(fd, b"R" * 512, 4096, 0, done, None)  # None is an argument too
+        uring.submit_now()
+        deadline = time.monotonic() + 10
+        while len(results) < 2 and time.monotonic() < deadline:
+            uring.poll()
+        assert sorted(results, key=lambda r: r[1]) == [(None, 512), (state, 4096)]
+        assert results[0][0] is state or results[1][0] is state
+        assert os.pread(fd, 4608, 0) == b"Q" * 4096 + b"R" * 512
+    finally:
+        os.close(fd)
+        uring.close()
+
+
 async def test_a_full_ring_sends_the_write_to_the_workers(
         image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     uring, registry, _, device = await on_ring(image)
