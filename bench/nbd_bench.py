@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -174,9 +175,10 @@ class PeerRow:
     cpu_us_per_request: float | None
     cpu_us_per_mib: float | None
     server_cores: float | None  # server CPU seconds per second of client wall time
+    client_cores: float | None = None  # the client's own CPU seconds per second of its run
 
 
-PEER_COLUMNS = ["IOPS", "MB/s", "CPU us/req", "CPU us/MiB", "server cores"]
+PEER_COLUMNS = ["IOPS", "MB/s", "CPU us/req", "CPU us/MiB", "server cores", "client cores"]
 
 
 def format_peer_table(rows: Sequence[PeerRow]) -> str:
@@ -186,7 +188,8 @@ def format_peer_table(rows: Sequence[PeerRow]) -> str:
     lines = []
     for r in rows:
         figures = [(r.iops, "IOPS"), (r.mbps, "MB/s"), (r.cpu_us_per_request, "us"),
-                   (r.cpu_us_per_mib, "us"), (r.server_cores, "cores")]
+                   (r.cpu_us_per_mib, "us"), (r.server_cores, "cores"),
+                   (r.client_cores, "cores")]
         lines.append([r.backing, r.workload, r.peer,
                       *("-" if v is None else fmt_quantity(v, m) for v, m in figures)])
     return render_table(header, right, lines)
@@ -270,6 +273,7 @@ class Result:
     wall: float  # wall time of the client process(es), start to exit
     requests: int | None = None  # NBD requests of the whole run (None: not known)
     nbytes: int = 0  # bytes read or written in the whole run
+    client_cpu_s: float = 0.0  # CPU (user + system) of the client process(es)
 
 
 class BenchError(RuntimeError):
@@ -280,7 +284,20 @@ class ClientError(BenchError):
     """One client run failed; the sample is left out and the run goes on."""
 
 
-def _run_client(argv: Sequence[str], timeout: float = 300) -> tuple[str, float]:
+def _children_cpu() -> float:
+    """CPU seconds of every child (and its descendants) this process has waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run_client(argv: Sequence[str], timeout: float = 300) -> tuple[str, float, float]:
+    """Run a client to its end: its output, its wall time and its CPU seconds.
+
+    The CPU is what the client's process and everything it waited for spent, read
+    from this process's children's usage around the run (the peers, also children,
+    are waited for only when they stop, so they are not in it).
+    """
+    cpu0 = _children_cpu()
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
@@ -288,10 +305,11 @@ def _run_client(argv: Sequence[str], timeout: float = 300) -> tuple[str, float]:
     except subprocess.TimeoutExpired as err:
         raise ClientError(f"{shlex.join(argv)} did not finish in {timeout:g} s") from err
     wall = time.perf_counter() - t0
+    cpu = _children_cpu() - cpu0
     if proc.returncode != 0:
         raise ClientError(f"{shlex.join(argv)} failed ({proc.returncode}):\n"
                           f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    return proc.stdout, wall
+    return proc.stdout, wall, cpu
 
 
 _QEMU_IMG_DONE = re.compile(r"Run completed in ([0-9.]+) seconds")
@@ -305,12 +323,13 @@ def run_qemu_img(uri: str, wl: Workload, count: int, size: int) -> Result:
     if wl.write:
         argv.append("-w")
     argv.append(uri)
-    out, wall = _run_client(argv)
+    out, wall, cpu = _run_client(argv)
     m = _QEMU_IMG_DONE.search(out)
     if m is None:
         raise ClientError(f"no 'Run completed' line from {shlex.join(argv)}:\n{out[-1000:]}")
     secs = max(float(m.group(1)), 1e-3)
-    return Result(secs, count / secs, count * wl.bs / secs / 1e6, wall, count, count * wl.bs)
+    return Result(secs, count / secs, count * wl.bs / secs / 1e6, wall, count, count * wl.bs,
+                  cpu)
 
 
 def run_fio(uri: str, wl: Workload, runtime: float, size: int, outdir: Path) -> Result:
@@ -319,7 +338,7 @@ def run_fio(uri: str, wl: Workload, runtime: float, size: int, outdir: Path) -> 
             f"--rw={'randwrite' if wl.write else 'randread'}", f"--bs={wl.bs}",
             f"--iodepth={wl.qd}", f"--size={size}", f"--runtime={round(runtime * 1000)}ms",
             "--time_based", "--output-format=json", f"--output={out_path}"]
-    _, wall = _run_client(argv)
+    _, wall, cpu = _run_client(argv)
     try:
         data = json.loads(out_path.read_text())
         job = data["jobs"][0]["write" if wl.write else "read"]
@@ -330,16 +349,17 @@ def run_fio(uri: str, wl: Workload, runtime: float, size: int, outdir: Path) -> 
     if secs <= 0:
         raise ClientError(f"fio ran for 0 ms: {shlex.join(argv)}")
     return Result(secs, float(job["iops"]), float(job["bw_bytes"]) / 1e6, wall, requests,
-                  nbytes)
+                  nbytes, cpu)
 
 
 def run_nbdcopy(uri: str, copies: int, size: int) -> Result:
     t0 = time.perf_counter()
+    cpu = 0.0
     for _ in range(copies):
-        _run_client(["nbdcopy", "--no-extents", uri, "null:"])
+        cpu += _run_client(["nbdcopy", "--no-extents", uri, "null:"])[2]
     secs = time.perf_counter() - t0
     # nbdcopy picks its own request sizes and count: CPU is reported per MiB only.
-    return Result(secs, None, copies * size / secs / 1e6, secs, None, copies * size)
+    return Result(secs, None, copies * size / secs / 1e6, secs, None, copies * size, cpu)
 
 
 # --------------------------------------------------------------------------------------
@@ -690,6 +710,7 @@ class Sample:
     server_cpu_s: float | None  # the peer's CPU (every thread and process) during the run
     requests: int | None = None
     nbytes: int = 0
+    client_cpu_s: float | None = None  # the client's CPU during the run (None: not read)
 
     def value(self, metric: Metric) -> float | None:
         return self.iops if metric == "IOPS" else self.mbps
@@ -710,6 +731,13 @@ class Sample:
             return None
         return self.server_cpu_s / self.wall
 
+    def client_cores(self) -> float | None:
+        """How many CPUs the client kept busy: near 1 for a one-thread client, it was the
+        bound; with the server's cores near the machine's CPUs, the machine was."""
+        if self.client_cpu_s is None or self.wall <= 0:
+            return None
+        return self.client_cpu_s / self.wall
+
     def cpu_value(self, unit: CpuUnit) -> float | None:
         return self.cpu_us_per_request() if unit == "us/req" else self.cpu_us_per_mib()
 
@@ -717,7 +745,8 @@ class Sample:
         """The derived figures, for --json."""
         return {"cpu_us_per_request": self.cpu_us_per_request(),
                 "cpu_us_per_mib": self.cpu_us_per_mib(),
-                "server_cores": self.server_cores()}
+                "server_cores": self.server_cores(),
+                "client_cores": self.client_cores()}
 
 
 @dataclass
@@ -832,13 +861,16 @@ class Runner:
                         cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
                         s = Sample(peer.spec.label, kind, wl.key, rnd, res.iops, res.mbps,
                                    res.seconds, res.wall, param, cpu, res.requests,
-                                   res.nbytes)
+                                   res.nbytes, res.client_cpu_s)
                         self.samples.append(s)
                         value = s.value(wl.metric)
                         unit = cpu_unit(wl)
                         per = s.cpu_value(unit)
                         cpu_text = "" if per is None else (
                             f", server CPU {fmt_quantity(per, unit)} {unit.replace('us', 'µs')}")
+                        client = s.client_cores()
+                        if client is not None:
+                            cpu_text += f", client {client:.2f} cores"
                         _log(f"round {rnd + 1}/{opts.repeats} {kind}/{wl.key}/"
                              f"{peer.spec.label}: {fmt_quantity(value or 0, wl.metric)} "
                              f"{wl.metric} in {res.seconds:.2f} s{cpu_text}")
@@ -932,7 +964,7 @@ def build_peer_rows(opts: Options, samples: Sequence[Sample]) -> list[PeerRow]:
     """Every figure of every peer, as medians over the rounds."""
     getters: list[Callable[[Sample], float | None]] = [
         lambda s: s.iops, lambda s: s.mbps, Sample.cpu_us_per_request,
-        Sample.cpu_us_per_mib, Sample.server_cores]
+        Sample.cpu_us_per_mib, Sample.server_cores, Sample.client_cores]
     rows: list[PeerRow] = []
     for kind in opts.backings:
         for wl in opts.workloads:
@@ -942,10 +974,10 @@ def build_peer_rows(opts: Options, samples: Sequence[Sample]) -> list[PeerRow]:
                 if not mine:
                     continue
                 medians = [spread([get(s) for s in mine]) for get in getters]
-                iops, mbps, per_req, per_mib, cores = (
+                iops, mbps, per_req, per_mib, cores, client = (
                     None if m is None else m.median for m in medians)
                 rows.append(PeerRow(BACKING_LABELS.get(kind, kind), wl.label, peer.label,
-                                    iops, mbps, per_req, per_mib, cores))
+                                    iops, mbps, per_req, per_mib, cores, client))
     return rows
 
 
@@ -1131,7 +1163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           "less CPU than the peer divided by.\n")
     print(format_table(cpu_rows, labels, ratio_labels, target_ratio, at_most=True))
     print("Every peer: medians over the rounds (server cores: server CPU seconds per "
-          "second of client run).\n")
+          "second of client run; client cores: the client's own, from its rusage; "
+          f"this machine has {os.cpu_count()} CPUs).\n")
     print(format_peer_table(peer_rows))
     if opts.repeats < 5:
         print(f"Only {opts.repeats} rounds: the speed issue's targets are judged on "

@@ -184,7 +184,12 @@ def test_sample_cpu_per_request_and_per_mib() -> None:
     assert copy.cpu_us_per_mib() == pytest.approx(0.5e6 / 3072)
     gone = nb.Sample("qsd", "tmpfs", "rr4k-qd32", 0, 1.0, 1.0, 1.0, 1.0, 1, None, 1, 4096)
     assert gone.figures() == {"cpu_us_per_request": None, "cpu_us_per_mib": None,
-                              "server_cores": None}
+                              "server_cores": None, "client_cores": None}
+    assert s.client_cores() is None  # no client reading
+    busy = nb.Sample("qsd", "tmpfs", "rr4k-qd32", 0, 1.0, 1.0, 2.0, 2.5, 1, 1.0, 1, 4096,
+                     client_cpu_s=2.4)
+    assert busy.client_cores() == pytest.approx(2.4 / 2.5)
+    assert busy.figures()["client_cores"] == pytest.approx(0.96)
 
 
 @pytest.mark.parametrize(("value", "unit", "text"), [
@@ -214,7 +219,7 @@ def _sample(peer: str, workload: str, rnd: int, iops: float, cpu_s: float) -> ob
                          None, 256 * nb.MiB)
     return nb.Sample(peer, "tmpfs", workload, rnd, iops, iops * 4096 / 1e6,
                      100_000 / iops, 100_000 / iops, 100_000, cpu_s, 100_000,
-                     100_000 * 4096)
+                     100_000 * 4096, client_cpu_s=0.9 * 100_000 / iops)
 
 
 def _cpu_samples() -> list[object]:
@@ -279,17 +284,18 @@ def test_peer_rows_show_every_figure() -> None:
     assert blockd.cpu_us_per_request == pytest.approx(11.0)
     assert blockd.cpu_us_per_mib == pytest.approx(11.0 * 256)
     assert blockd.server_cores == pytest.approx((0.6 + 1.2 * 0.66) / 2)
+    assert blockd.client_cores == pytest.approx(0.9)
     assert rows[3].cpu_us_per_request is None and rows[3].iops is None
     text = nb.format_peer_table(rows)
     lines = text.splitlines()
     assert [c.strip() for c in lines[0].strip("|").split("|")] == [
         "backing", "workload", "peer", "IOPS", "MB/s", "CPU us/req", "CPU us/MiB",
-        "server cores"]
+        "server cores", "client cores"]
     assert [c.strip() for c in lines[2].strip("|").split("|")] == [
         "file (tmpfs)", "4K rand read QD32 (qemu-img)", "blockd", "63.0k", "258", "11.0",
-        "2,816", "0.70"]
+        "2,816", "0.70", "0.90"]
     assert [c.strip() for c in lines[5].strip("|").split("|")][3:] == [
-        "-", "4,000", "-", "500", "0.13"]
+        "-", "4,000", "-", "500", "0.13", "-"]
     assert len({len(line) for line in lines}) == 1
 
 
@@ -305,3 +311,12 @@ def test_nbdkit_runs_by_default_where_it_can() -> None:
         assert [p.label for p in opts.peers] == ["blockd", "qsd", "nbdkit"]
     else:
         assert "nbdkit" in opts.skipped
+
+
+def test_run_client_reads_the_clients_own_cpu() -> None:
+    spin = [sys.executable, "-c",
+            "import time\nt = time.process_time() + 0.3\nwhile time.process_time() < t: pass"]
+    _, wall, cpu = nb._run_client(spin)
+    assert 0.25 <= cpu <= wall + 0.05
+    _, wall, cpu = nb._run_client([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    assert wall >= 0.3 and cpu < 0.2  # waiting is not CPU
