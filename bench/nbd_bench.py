@@ -733,7 +733,7 @@ class Sample:
 
     def client_cores(self) -> float | None:
         """How many CPUs the client kept busy: near 1 for a one-thread client, it was the
-        bound; with the server's cores near the machine's CPUs, the machine was."""
+        bound; with server and client cores adding up to the machine's CPUs, the machine was."""
         if self.client_cpu_s is None or self.wall <= 0:
             return None
         return self.client_cpu_s / self.wall
