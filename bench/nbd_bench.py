@@ -273,7 +273,7 @@ class Result:
     wall: float  # wall time of the client process(es), start to exit
     requests: int | None = None  # NBD requests of the whole run (None: not known)
     nbytes: int = 0  # bytes read or written in the whole run
-    client_cpu_s: float = 0.0  # CPU (user + system) of the client process(es)
+    client_cpu_s: float | None = None  # CPU (user + system) of the client process(es)
 
 
 class BenchError(RuntimeError):
